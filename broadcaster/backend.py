@@ -1,0 +1,179 @@
+"""The narrow interface every backend implements (memory, Redis, Redis Cluster).
+
+A backend numbers and stores events (publish), fans them out to the listeners of a
+conversation inside this process (subscribe), and answers reads (head, history,
+state, presence). It knows nothing of websockets, profiles or connections: the
+:class:`broadcaster.hub.Hub` builds those on top of it.
+
+Delivery contract towards listeners:
+
+* listeners of a conversation are called synchronously, in the event loop, with
+  each decoded :class:`Envelope` in the order the backend received them; a
+  listener must not block;
+* a payload that cannot be decoded is counted in ``stats.decode_errors`` and
+  skipped; it never stops delivery;
+* after the backend lost and regained its subscription connection it calls every
+  reconnect callback (the hub then repairs each conversation from history); while
+  disconnected ``connected`` is false;
+* ``subscribe`` returns once the subscription is active: every event published
+  after it returns reaches the listener (unless the connection drops, which the
+  reconnect callbacks report).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from broadcaster.envelope import Envelope, PublishRequest, PublishResult
+
+Listener = Callable[[Envelope], None]
+ReconnectCallback = Callable[[], Awaitable[None]]
+
+DEFAULT_HISTORY_SIZE = 1000
+DEFAULT_HISTORY_TTL = 86400
+DEFAULT_STATE_MAX_ENTRIES = 10_000
+DEFAULT_IDEMPOTENCY_TTL_AUTO = 300
+"""Seconds an auto-generated id is remembered: long enough to cover retries."""
+
+
+@dataclass(slots=True)
+class BackendSettings:
+    """Tuning shared by every backend."""
+
+    history_size: int = DEFAULT_HISTORY_SIZE
+    history_ttl: int = DEFAULT_HISTORY_TTL
+    state_max_entries: int = DEFAULT_STATE_MAX_ENTRIES
+    max_data_bytes: int = 1024 * 1024
+    unsubscribe_delay: float = 2.0
+    """Seconds a channel stays subscribed after its last listener left (absorbs churn)."""
+
+
+@dataclass(slots=True)
+class BackendStats:
+    """Counters a backend keeps; the gateway exports them as metrics."""
+
+    decode_errors: int = 0
+    reconnects: int = 0
+    channel_subscribes: int = 0
+    channel_unsubscribes: int = 0
+    state_evictions: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Head:
+    """Where a conversation stands: its epoch and the last seq assigned (0: none yet)."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(slots=True, frozen=True)
+class HistoryPage:
+    """Events with seq > since, oldest first, at most ``limit``.
+
+    ``truncated`` is true when events after ``since`` are no longer kept (the
+    first returned event is not ``since + 1``, or none is returned although
+    ``seq > since``).
+    """
+
+    epoch: str
+    seq: int
+    events: list[Envelope]
+    truncated: bool
+
+
+@dataclass(slots=True, frozen=True)
+class StateSnapshot:
+    """Every state entry of a conversation, consistent as of ``seq``."""
+
+    epoch: str
+    seq: int
+    entities: dict[str, Envelope]
+
+
+@dataclass(slots=True, frozen=True)
+class Presence:
+    """Live connections watching a conversation, over every gateway."""
+
+    connections: int
+    by_profile: dict[str, int] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Publish, subscribe and read conversations. See the module docstring."""
+
+    settings: BackendSettings
+    stats: BackendStats
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect; must be called before anything else."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every connection and task; listeners receive nothing more."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """True while the backend can deliver live events."""
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """True if the backend answers right now (readiness)."""
+
+    @abc.abstractmethod
+    async def publish(
+        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None
+    ) -> PublishResult:
+        """Number, store and fan out one event atomically.
+
+        Raises :class:`ValidationError` before touching storage when an argument
+        breaks the contract. ``id`` defaults to a fresh random id.
+        """
+
+    @abc.abstractmethod
+    async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        """Publish several events in order, in one round trip where the backend allows.
+
+        Every request is validated before any is published.
+        """
+
+    @abc.abstractmethod
+    async def subscribe(self, conv: str, listener: Listener) -> None:
+        """Add a listener for the live events of ``conv`` (see module docstring)."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, conv: str, listener: Listener) -> None:
+        """Remove a listener; the channel itself is dropped shortly after the last one."""
+
+    @abc.abstractmethod
+    def add_reconnect_callback(self, callback: ReconnectCallback) -> None:
+        """Call ``callback`` after every re-established subscription connection."""
+
+    @abc.abstractmethod
+    async def head(self, conv: str) -> Head:
+        """The conversation's epoch and last seq; creates the epoch if it has none."""
+
+    @abc.abstractmethod
+    async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
+        """Kept events with seq > ``since`` (see :class:`HistoryPage`)."""
+
+    @abc.abstractmethod
+    async def state(self, conv: str) -> StateSnapshot:
+        """Every state entry, read atomically with the seq it is consistent at."""
+
+    @abc.abstractmethod
+    async def report_presence(self, gateway_id: str, counts: Mapping[str, Mapping[str, int]], ttl: float) -> None:
+        """Replace this gateway's connection counts ``{conv: {profile: n}}`` for those conversations.
+
+        Counts expire ``ttl`` seconds after the last report, so a dead gateway's
+        counts vanish by themselves. A zero count removes the entry.
+        """
+
+    @abc.abstractmethod
+    async def presence(self, conv: str) -> Presence:
+        """Connections watching ``conv`` over every gateway whose report has not expired."""

@@ -1,0 +1,93 @@
+"""Byte encodings: msgpack for backend payloads, orjson for client-facing JSON.
+
+The backend payload is the msgpack map of CONTRACT §6:
+``{"v": 1, "id", "conv", "seq", "type", "ts", "data", "epoch"}`` plus ``"key"``
+for state upserts. Every decoding failure raises :class:`PayloadDecodeError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import orjson
+
+from broadcaster.envelope import Envelope
+from broadcaster.errors import PayloadDecodeError, PayloadTooLarge, ValidationError
+from broadcaster.validation import is_valid_name
+
+ENVELOPE_VERSION = 1
+DEFAULT_MAX_DATA_BYTES = 1024 * 1024
+
+_JSON_STRICT = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def encode_data(data: Any, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> bytes:
+    """Validate event ``data`` and return its msgpack encoding.
+
+    ``data`` must be plain JSON (dict with str keys, list, str, int, float, bool,
+    None) and at most ``max_bytes`` once encoded as JSON; otherwise a
+    :class:`ValidationError` (or :class:`PayloadTooLarge`) is raised.
+    """
+    try:
+        as_json = orjson.dumps(data, option=_JSON_STRICT)
+    except TypeError as exc:
+        raise ValidationError("data", f"must be JSON-serialisable: {exc}") from None
+    if len(as_json) > max_bytes:
+        raise PayloadTooLarge("data", f"{len(as_json)} bytes encoded, over the limit of {max_bytes}")
+    try:
+        return msgpack.packb(data, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValidationError("data", f"must be JSON-serialisable: {exc}") from None
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    """The msgpack payload for ``env`` (what the publish script builds server-side)."""
+    body: dict[str, Any] = {
+        "v": ENVELOPE_VERSION,
+        "id": env.id,
+        "conv": env.conv,
+        "seq": env.seq,
+        "type": env.type,
+        "ts": env.ts,
+        "data": env.data,
+        "epoch": env.epoch,
+    }
+    if env.key is not None:
+        body["key"] = env.key
+    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_envelope(payload: bytes) -> Envelope:
+    """Parse a backend payload; raise :class:`PayloadDecodeError` for anything invalid."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many unrelated types on garbage
+        raise PayloadDecodeError(f"not msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(body, dict):
+        raise PayloadDecodeError("payload is not a map")
+    if body.get("v") != ENVELOPE_VERSION:
+        raise PayloadDecodeError(f"unsupported envelope version {body.get('v')!r}")
+    conv, seq, eid, etype = body.get("conv"), body.get("seq"), body.get("id"), body.get("type")
+    ts, epoch, key = body.get("ts"), body.get("epoch"), body.get("key")
+    if not is_valid_name(conv):
+        raise PayloadDecodeError("bad conv")
+    if type(seq) is not int or seq < 1:
+        raise PayloadDecodeError("bad seq")
+    if not isinstance(eid, str) or not is_valid_name(etype):
+        raise PayloadDecodeError("bad id or type")
+    if type(ts) is not int or not isinstance(epoch, str):
+        raise PayloadDecodeError("bad ts or epoch")
+    if key is not None and not is_valid_name(key):
+        raise PayloadDecodeError("bad key")
+    return Envelope(conv, seq, eid, etype, ts, body.get("data"), epoch, key)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON for client-facing objects; raises ``TypeError`` for non-JSON values."""
+    return orjson.dumps(obj)
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON; raises ``ValueError`` (``orjson.JSONDecodeError``) on bad input."""
+    return orjson.loads(data)

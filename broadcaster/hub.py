@@ -1,0 +1,493 @@
+"""The hub: subscriptions, resume, gap repair, profile rendering and dispatch.
+
+The hub is the broker half of the broker / transport split. It owns one *feed* per
+conversation watched in this process (one backend listener, ref-counted by the
+connections subscribed), keeps each feed's epoch and last delivered seq, and hands
+every subscriber the bytes of each JSON object it must send, in order, through
+:meth:`Subscriber.send`. It never touches a socket.
+
+Guarantees, per subscription (CONTRACT §3):
+
+* ``ws.subscribed`` first; then events after ``since`` (from history) or a
+  ``ws.state`` snapshot (hydrate); then live events - no gap, no duplicate. The
+  subscriber is registered on the feed *before* history is read and the live
+  events arriving meanwhile are buffered and merged by seq.
+* A feed delivers seq ``n + 1`` only after ``n``: a jump triggers a history read
+  that fills the gap first; late or repeated payloads (seq already delivered) are
+  dropped. After a backend reconnect every feed repairs from history.
+* When a conversation's epoch changes (its backend state was lost) every
+  subscriber gets ``ws.reset`` ``epoch_changed`` with seq 0, then the events of the
+  new epoch. When the gap cannot be filled because history no longer holds it,
+  ``ws.reset`` ``history_truncated`` and live from the latest seq.
+* Each event is intercepted once and rendered once per profile (filter,
+  drop_fields, enrich, JSON encode) no matter how many connections use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from broadcaster.backend import Backend, Listener
+from broadcaster.codec import dumps
+from broadcaster.envelope import Envelope
+from broadcaster.hooks import PluginContext, SubscriptionInfo
+from broadcaster.locks import KeyedLock
+from broadcaster.profiles import EnrichContext, GlobSet, Profile
+
+log = logging.getLogger("broadcaster.hub")
+
+REPAIR_PAGE = 1000
+MAX_SYNC_BUFFER = 100_000
+"""Live events buffered while a feed syncs; past this they are dropped (history refills them)."""
+
+
+class Subscriber(Protocol):
+    """A connection as the hub sees it: something that queues encoded JSON objects."""
+
+    connection_id: str
+
+    def send(self, data: bytes) -> None:
+        """Queue one encoded JSON object for the connection; must not block."""
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Counters exported as metrics."""
+
+    events_in: int = 0
+    events_delivered: int = 0
+    deliveries: int = 0
+    renders: int = 0
+    duplicates_dropped: int = 0
+    stale_dropped: int = 0
+    gap_repairs: int = 0
+    resets: int = 0
+    render_errors: int = 0
+    intercept_drops: int = 0
+
+
+_GroupKey = tuple[str, tuple[str, ...]]
+_Pending = tuple[int, bytes, bool]  # (seq, payload, is_reset)
+
+
+@dataclass(slots=True, eq=False)
+class _Member:
+    sub: Subscriber
+    group: _Group
+    position: int = 0
+    pending: list[_Pending] | None = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    profile: Profile
+    types: GlobSet | None
+    members: dict[Subscriber, _Member] = field(default_factory=dict)
+
+    def wants(self, event_type: str) -> bool:
+        return self.types is None or self.types.matches(event_type)
+
+
+@dataclass(slots=True, eq=False)
+class _Feed:
+    conv: str
+    epoch: str = ""
+    last_seq: int = 0
+    syncing: bool = True
+    buffer: list[Envelope] = field(default_factory=list)
+    groups: dict[_GroupKey, _Group] = field(default_factory=dict)
+    members: dict[Subscriber, _Member] = field(default_factory=dict)
+    sync_task: asyncio.Task[None] | None = None
+    listener: Listener = field(init=False)
+
+
+class Hub:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        gateway_id: str,
+        hooks: PluginContext | None = None,
+        on_dispatch: Callable[[Envelope], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.gateway_id = gateway_id
+        self.hooks = hooks
+        self.stats = HubStats()
+        self._on_dispatch = on_dispatch
+        self._feeds: dict[str, _Feed] = {}
+        self._feed_lock = KeyedLock()
+        self._dirty: set[str] = set()
+        backend.add_reconnect_callback(self.repair_all)
+
+    # ---- subscriptions -------------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        sub: Subscriber,
+        conv: str,
+        profile: Profile,
+        *,
+        types: GlobSet | None = None,
+        since: int | None = None,
+        epoch: str | None = None,
+        hydrate: bool = False,
+    ) -> None:
+        """Subscribe ``sub`` to ``conv``; sends ``ws.subscribed`` and what follows (module docstring).
+
+        Subscribing again to a conversation already subscribed replaces the old
+        subscription. Raises whatever the backend raises if it is unreachable; the
+        subscriber is then not registered.
+        """
+        await self.unsubscribe(sub, conv)
+        feed, member = await self._join(sub, conv, profile, types)
+        try:
+            await self._start(feed, member, since=since, epoch=epoch, hydrate=hydrate)
+        except BaseException:
+            await self._leave(feed, sub)
+            raise
+        if self.hooks is not None and self.hooks.on_subscribe_callbacks:
+            info = SubscriptionInfo(conv, profile.name, sub.connection_id)
+            await self.hooks.notify(self.hooks.on_subscribe_callbacks, info)
+
+    async def unsubscribe(self, sub: Subscriber, conv: str) -> bool:
+        """End ``sub``'s subscription to ``conv``; False if it had none."""
+        feed = self._feeds.get(conv)
+        if feed is None or sub not in feed.members:
+            return False
+        profile = feed.members[sub].group.profile.name
+        await self._leave(feed, sub)
+        if self.hooks is not None and self.hooks.on_unsubscribe_callbacks:
+            info = SubscriptionInfo(conv, profile, sub.connection_id)
+            await self.hooks.notify(self.hooks.on_unsubscribe_callbacks, info)
+        return True
+
+    async def unsubscribe_all(self, sub: Subscriber, convs: Iterable[str]) -> None:
+        """End every subscription of ``sub`` among ``convs`` (on disconnect)."""
+        for conv in list(convs):
+            await self.unsubscribe(sub, conv)
+
+    def conversations(self) -> list[str]:
+        """Conversations with at least one subscriber in this process."""
+        return list(self._feeds)
+
+    def presence_counts(self, conv: str) -> dict[str, int]:
+        """Subscribers of ``conv`` in this process, by profile."""
+        feed = self._feeds.get(conv)
+        counts: dict[str, int] = {}
+        if feed is not None:
+            for group in feed.groups.values():
+                name = group.profile.name
+                counts[name] = counts.get(name, 0) + len(group.members)
+        return counts
+
+    def take_dirty(self) -> set[str]:
+        """Conversations whose subscriber counts changed since the last call."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    async def close(self) -> None:
+        """Stop every feed; subscribers receive nothing more."""
+        for conv in list(self._feeds):
+            feed = self._feeds.pop(conv)
+            if feed.sync_task is not None:
+                feed.sync_task.cancel()
+            await self.backend.unsubscribe(conv, feed.listener)
+
+    async def _join(
+        self, sub: Subscriber, conv: str, profile: Profile, types: GlobSet | None
+    ) -> tuple[_Feed, _Member]:
+        async with self._feed_lock(conv):
+            feed = self._feeds.get(conv)
+            if feed is None:
+                feed = await self._open_feed(conv)
+            key: _GroupKey = (profile.name, types.patterns if types is not None else ())
+            group = feed.groups.get(key)
+            if group is None:
+                group = feed.groups[key] = _Group(profile, types)
+            member = _Member(sub, group)
+            group.members[sub] = member
+            feed.members[sub] = member
+            self._dirty.add(conv)
+            return feed, member
+
+    async def _leave(self, feed: _Feed, sub: Subscriber) -> None:
+        async with self._feed_lock(feed.conv):
+            member = feed.members.pop(sub, None)
+            if member is None:
+                return
+            group = member.group
+            group.members.pop(sub, None)
+            if not group.members:
+                feed.groups = {k: g for k, g in feed.groups.items() if g is not group}
+            self._dirty.add(feed.conv)
+            if feed.members or self._feeds.get(feed.conv) is not feed:
+                return
+            del self._feeds[feed.conv]
+            if feed.sync_task is not None:
+                feed.sync_task.cancel()
+            await self.backend.unsubscribe(feed.conv, feed.listener)
+
+    async def _open_feed(self, conv: str) -> _Feed:
+        """Create, subscribe and position a feed: live first (buffered), then the head."""
+        feed = _Feed(conv)
+        feed.listener = lambda env: self._on_envelope(feed, env)
+        await self.backend.subscribe(conv, feed.listener)
+        try:
+            head = await self.backend.head(conv)
+        except BaseException:
+            await self.backend.unsubscribe(conv, feed.listener)
+            raise
+        feed.epoch, feed.last_seq = head.epoch, head.seq
+        self._feeds[conv] = feed
+        self._drain(feed)
+        return feed
+
+    async def _start(
+        self, feed: _Feed, member: _Member, *, since: int | None, epoch: str | None, hydrate: bool
+    ) -> None:
+        """Send the subscription preamble, then merge the buffered live events by seq."""
+        conv, sub = feed.conv, member.sub
+        if hydrate:
+            snapshot = await self.backend.state(conv)
+            sub.send(self._control("ws.subscribed", conv, epoch=snapshot.epoch, seq=snapshot.seq))
+            entities: dict[str, Any] = {}
+            for key, env in snapshot.entities.items():
+                obj = self.shape(env, member.group.profile, member.group.types)
+                if obj is not None:
+                    entities[key] = obj
+            sub.send(self._control("ws.state", conv, epoch=snapshot.epoch, seq=snapshot.seq, entities=entities))
+            position = snapshot.seq
+        else:
+            latest, current_epoch = feed.last_seq, feed.epoch
+            sub.send(self._control("ws.subscribed", conv, epoch=current_epoch, seq=latest))
+            position = latest
+            if epoch is not None and epoch != current_epoch:
+                sub.send(self._reset(conv, "epoch_changed", current_epoch, latest))
+            elif since is not None and since >= latest:
+                position = since
+            elif since is not None:
+                position = await self._replay(feed, member, since, latest)
+        self._go_live(member, position)
+
+    async def _replay(self, feed: _Feed, member: _Member, since: int, latest: int) -> int:
+        """Send kept events with seq > since; returns the position reached (or resets)."""
+        position = since
+        while True:
+            page = await self.backend.history(feed.conv, since=position, limit=REPAIR_PAGE)
+            if page.epoch != feed.epoch:
+                member.sub.send(self._reset(feed.conv, "epoch_changed", page.epoch, page.seq))
+                return page.seq
+            if page.truncated:
+                member.sub.send(self._reset(feed.conv, "history_truncated", page.epoch, latest))
+                return latest
+            for env in page.events:
+                if env.seq > position:
+                    position = env.seq
+                    payload = self._render_bytes(env, member.group)
+                    if payload is not None:
+                        member.sub.send(payload)
+            if not page.events or position >= page.seq:
+                return position
+
+    def _go_live(self, member: _Member, position: int) -> None:
+        pending = member.pending or []
+        member.pending = None
+        send = member.sub.send
+        for seq, payload, is_reset in pending:
+            if is_reset:
+                send(payload)
+                position = seq
+            elif seq > position:
+                send(payload)
+        member.position = position
+
+    # ---- live path -----------------------------------------------------------------------
+
+    def _on_envelope(self, feed: _Feed, env: Envelope) -> None:
+        """Backend listener: deliver in seq order, repair gaps, drop what was delivered."""
+        self.stats.events_in += 1
+        if feed.syncing:
+            if len(feed.buffer) < MAX_SYNC_BUFFER:
+                feed.buffer.append(env)
+            return
+        if env.epoch == feed.epoch:
+            if env.seq == feed.last_seq + 1:
+                self._deliver(feed, env)
+                return
+            if env.seq <= feed.last_seq:
+                self.stats.duplicates_dropped += 1
+                return
+        feed.buffer.append(env)
+        self._start_sync(feed)
+
+    def _deliver(self, feed: _Feed, env: Envelope) -> None:
+        feed.last_seq = env.seq
+        self.stats.events_delivered += 1
+        if self._on_dispatch is not None:
+            self._on_dispatch(env)
+        intercepted = self._intercept(env)
+        if intercepted is None:
+            return
+        obj = intercepted.event_object()
+        rendered: dict[str, bytes | None] = {}
+        seq = env.seq
+        for group in feed.groups.values():
+            name = group.profile.name
+            if name in rendered:
+                payload = rendered[name]
+            else:
+                payload = rendered[name] = self._render(obj, intercepted, group.profile)
+            if payload is None or not group.wants(env.type):
+                continue
+            for member in group.members.values():
+                if member.pending is not None:
+                    member.pending.append((seq, payload, False))
+                elif seq > member.position:
+                    member.sub.send(payload)
+                    self.stats.deliveries += 1
+
+    def _broadcast_reset(self, feed: _Feed, reason: str, epoch: str, seq: int) -> None:
+        payload = self._reset(feed.conv, reason, epoch, seq)
+        for member in feed.members.values():
+            if member.pending is not None:
+                member.pending.append((seq, payload, True))
+            else:
+                member.sub.send(payload)
+                member.position = seq
+
+    def _start_sync(self, feed: _Feed) -> None:
+        feed.syncing = True
+        if feed.sync_task is None or feed.sync_task.done():
+            feed.sync_task = asyncio.create_task(self._sync(feed))
+
+    async def repair_all(self) -> None:
+        """Repair every feed from history (after the backend reconnected)."""
+        for feed in list(self._feeds.values()):
+            self._start_sync(feed)
+
+    async def _sync(self, feed: _Feed) -> None:
+        """Catch up from history until the buffered live events continue without a gap."""
+        self.stats.gap_repairs += 1
+        delay = 0.05
+        while self._feeds.get(feed.conv) is feed:
+            try:
+                await self._catch_up(feed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("repair of %s failed (%s); retrying in %.2fs", feed.conv, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if self._drain(feed):
+                return
+
+    async def _catch_up(self, feed: _Feed) -> None:
+        while True:
+            page = await self.backend.history(feed.conv, since=feed.last_seq, limit=REPAIR_PAGE)
+            if page.epoch != feed.epoch:
+                self.stats.resets += 1
+                feed.epoch, feed.last_seq = page.epoch, 0
+                self._broadcast_reset(feed, "epoch_changed", page.epoch, 0)
+                continue
+            if page.truncated:
+                self.stats.resets += 1
+                feed.last_seq = page.seq
+                self._broadcast_reset(feed, "history_truncated", page.epoch, page.seq)
+                return
+            for env in page.events:
+                if env.seq == feed.last_seq + 1:
+                    self._deliver(feed, env)
+            if not page.events or feed.last_seq >= page.seq:
+                return
+
+    def _drain(self, feed: _Feed) -> bool:
+        """Deliver buffered live events in seq order; False if a gap remains (sync again)."""
+        buffered, feed.buffer = sorted(feed.buffer, key=lambda e: e.seq), []
+        for index, env in enumerate(buffered):
+            if env.epoch != feed.epoch:
+                self.stats.stale_dropped += 1
+            elif env.seq <= feed.last_seq:
+                self.stats.duplicates_dropped += 1
+            elif env.seq == feed.last_seq + 1:
+                self._deliver(feed, env)
+            else:
+                feed.buffer = buffered[index:]
+                return False
+        feed.syncing = False
+        return True
+
+    # ---- rendering -----------------------------------------------------------------------
+
+    def _intercept(self, env: Envelope) -> Envelope | None:
+        if self.hooks is None:
+            return env
+        current: Envelope | None = env
+        for interceptor in self.hooks.interceptors:
+            try:
+                current = interceptor(current)  # type: ignore[arg-type]
+            except Exception:
+                log.exception("interceptor %r failed on %s seq %s; event passed on unchanged", interceptor,
+                              env.conv, env.seq)
+                continue
+            if current is None:
+                self.stats.intercept_drops += 1
+                return None
+        return current
+
+    def _shape(self, obj: dict[str, Any], env: Envelope, profile: Profile) -> dict[str, Any] | None:
+        if not profile.allows(env.type):
+            return None
+        try:
+            return profile.shape(obj, EnrichContext(profile.name, env.conv, self.gateway_id))
+        except Exception:
+            self.stats.render_errors += 1
+            log.exception("profile %s failed on %s seq %s", profile.name, env.conv, env.seq)
+            return None
+
+    def _render(self, obj: dict[str, Any], env: Envelope, profile: Profile) -> bytes | None:
+        """The bytes ``profile`` sends for ``env``, or None if it sends nothing."""
+        self.stats.renders += 1
+        shaped = self._shape(obj, env, profile)
+        if shaped is None:
+            return None
+        try:
+            return dumps(shaped)
+        except TypeError:
+            self.stats.render_errors += 1
+            log.warning("event %s seq %s is not JSON-encodable; skipped", env.conv, env.seq)
+            return None
+
+    def shape(self, env: Envelope, profile: Profile, types: GlobSet | None = None) -> dict[str, Any] | None:
+        """``env`` as ``profile`` (narrowed by ``types``) shows it, or None (HTTP reads, state, not the hot path)."""
+        intercepted = self._intercept(env)
+        if intercepted is None or (types is not None and not types.matches(env.type)):
+            return None
+        return self._shape(intercepted.event_object(), intercepted, profile)
+
+    def _render_bytes(self, env: Envelope, group: _Group) -> bytes | None:
+        """One event rendered for one group (history replay, not the hot path)."""
+        intercepted = self._intercept(env)
+        if intercepted is None or not group.wants(env.type):
+            return None
+        return self._render(intercepted.event_object(), intercepted, group.profile)
+
+    @staticmethod
+    def _control(kind: str, conv: str, **fields: Any) -> bytes:
+        return dumps({"type": kind, "conv_id": conv, **fields})
+
+    def _reset(self, conv: str, reason: str, epoch: str, seq: int) -> bytes:
+        return self._control("ws.reset", conv, reason=reason, epoch=epoch, seq=seq)
+
+
+def server_time_ms() -> int:
+    """Wall-clock milliseconds, as in ``server_time`` fields."""
+    return int(time.time() * 1000)

@@ -1,0 +1,49 @@
+"""Syntax of conversation ids and event types (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import re
+from typing import TypeGuard
+
+from broadcaster.errors import ValidationError
+
+_NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+#: Event types with this prefix are control objects; producers may not publish them.
+CONTROL_PREFIX = "ws."
+
+
+def is_valid_name(value: object) -> TypeGuard[str]:
+    """True when ``value`` is 1-128 characters of ``[A-Za-z0-9._:-]``."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def validate_conv_id(value: object) -> str:
+    """Return ``value`` if it is a valid conversation id, else raise ``ValidationError``."""
+    if not is_valid_name(value):
+        raise ValidationError("conv_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
+    return value
+
+
+def validate_event_type(value: object) -> str:
+    """Return ``value`` if producers may publish it as an event type, else raise."""
+    if not is_valid_name(value):
+        raise ValidationError("type", "must be 1-128 characters of [A-Za-z0-9._:-]")
+    if value.startswith(CONTROL_PREFIX):
+        raise ValidationError("type", f"types starting {CONTROL_PREFIX!r} are reserved for control objects")
+    return value
+
+
+def validate_event_id(value: object) -> str:
+    """Return ``value`` if it is a usable idempotency id (1-128 printable ASCII, no spaces)."""
+    if not (isinstance(value, str) and 1 <= len(value) <= 128 and value.isascii() and value.isprintable()
+            and " " not in value):
+        raise ValidationError("id", "must be 1-128 printable ASCII characters without spaces")
+    return value
+
+
+def validate_state_key(value: object) -> str:
+    """Return ``value`` if it is a valid state key (same syntax as an event type, ``ws.`` allowed)."""
+    if not is_valid_name(value):
+        raise ValidationError("key", "must be 1-128 characters of [A-Za-z0-9._:-]")
+    return value

@@ -1,0 +1,1 @@
+"""The gateway: FastAPI app, connection pool, HTTP API and CLI over the ``broadcaster`` core."""

@@ -1,0 +1,177 @@
+"""The HTTP API (CONTRACT §2): publish, history, state, presence, health, metrics.
+
+Errors are JSON ``{"error": <code>, "message": <text>}`` (plus ``"field"`` for
+invalid input) with the status codes of the contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broadcaster.errors import BackendUnavailable, PayloadTooLarge, ValidationError
+from broadcaster.profiles import GlobSet, Profile, parse_type_filter
+from broadcaster.validation import validate_conv_id
+from gateway.auth import AuthError, Grant, bearer
+from gateway.state import Gateway
+
+router = APIRouter()
+_BODY_KEYS = {"type", "data", "id", "key"}
+MAX_HISTORY_LIMIT = 1000
+JSON_OVERHEAD = 64 * 1024
+"""Bytes a publish body may carry beyond the event data (type, id, key, JSON syntax)."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return JSONResponse(body, status_code=self.status)
+
+
+def _gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+def _conv(conv_id: str) -> str:
+    try:
+        return validate_conv_id(conv_id)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid", exc.message, exc.field) from None
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(422, "invalid", f"{name} must be an integer from {low} to {high}", name)
+    return int(raw)
+
+
+def _reader(request: Request, gw: Gateway, conv: str) -> tuple[Profile, GlobSet | None]:
+    """Check the read token (when auth is on) and return the requested profile and types."""
+    token = request.query_params.get("token") or bearer(request.headers.get("authorization"))
+    try:
+        grant: Grant = gw.auth.verify(token)
+        grant.check_conv(conv)
+        name = request.query_params.get("profile", "default")
+        profile = gw.profiles.get(name)
+        if profile is None:
+            raise ApiError(404, "unknown_profile", f"unknown profile {name!r}", "profile")
+        grant.check_profile(name)
+    except AuthError as exc:
+        raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
+    try:
+        types = parse_type_filter(request.query_params.get("types"))
+    except ValidationError as exc:
+        raise ApiError(422, "invalid", exc.message, exc.field) from None
+    return profile, types
+
+
+async def _backend_call(coro: Any) -> Any:
+    try:
+        return await coro
+    except BackendUnavailable as exc:
+        raise ApiError(503, "unavailable", str(exc)) from None
+    except (ConnectionError, OSError, TimeoutError) as exc:
+        raise ApiError(503, "unavailable", f"backend unreachable: {exc.__class__.__name__}") from None
+
+
+@router.post("/v1/conversations/{conv_id}/events")
+async def publish(conv_id: str, request: Request) -> Response:
+    gw = _gateway(request)
+    try:
+        gw.publish_keys.check(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
+    conv = _conv(conv_id)
+    declared = request.headers.get("content-length")
+    limit = gw.settings.max_event_bytes + JSON_OVERHEAD
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"body over {limit} bytes")
+    body = await request.body()
+    if len(body) > limit:
+        raise ApiError(413, "too_large", f"body over {limit} bytes")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(422, "invalid", "body is not valid JSON", "body") from None
+    if not isinstance(parsed, dict) or "type" not in parsed:
+        raise ApiError(422, "invalid", 'body must be a JSON object with "type" (and "data", "id", "key")', "body")
+    unknown = set(parsed) - _BODY_KEYS
+    if unknown:
+        raise ApiError(422, "invalid", f"unknown field(s) {sorted(unknown)}", "body")
+    event_id, key = parsed.get("id"), parsed.get("key")
+    if event_id is not None and not isinstance(event_id, str):
+        raise ApiError(422, "invalid", "id must be a string", "id")
+    try:
+        result = await _backend_call(
+            gw.publisher.publish(conv, parsed["type"], parsed.get("data"), id=event_id, key=key))
+    except PayloadTooLarge as exc:
+        raise ApiError(413, "too_large", exc.message, exc.field) from None
+    except ValidationError as exc:
+        raise ApiError(422, "invalid", exc.message, exc.field) from None
+    return JSONResponse({"conv_id": result.conv_id, "seq": result.seq, "id": result.id, "epoch": result.epoch,
+                         "duplicate": result.duplicate})
+
+
+@router.get("/v1/conversations/{conv_id}/events")
+async def history(conv_id: str, request: Request) -> Response:
+    gw = _gateway(request)
+    conv = _conv(conv_id)
+    profile, types = _reader(request, gw, conv)
+    since = _int_param(request, "since", 0, 0, 10**18)
+    limit = _int_param(request, "limit", 100, 1, MAX_HISTORY_LIMIT)
+    page = await _backend_call(gw.backend.history(conv, since=since, limit=limit))
+    events = [obj for env in page.events if (obj := gw.hub.shape(env, profile, types)) is not None]
+    return JSONResponse({"conv_id": conv, "epoch": page.epoch, "seq": page.seq, "truncated": page.truncated,
+                         "events": events})
+
+
+@router.get("/v1/conversations/{conv_id}/state")
+async def state(conv_id: str, request: Request) -> Response:
+    gw = _gateway(request)
+    conv = _conv(conv_id)
+    profile, types = _reader(request, gw, conv)
+    snapshot = await _backend_call(gw.backend.state(conv))
+    entities = {key: obj for key, env in snapshot.entities.items()
+                if (obj := gw.hub.shape(env, profile, types)) is not None}
+    return JSONResponse({"conv_id": conv, "epoch": snapshot.epoch, "seq": snapshot.seq, "entities": entities})
+
+
+@router.get("/v1/conversations/{conv_id}/presence")
+async def presence(conv_id: str, request: Request) -> Response:
+    gw = _gateway(request)
+    conv = _conv(conv_id)
+    _reader(request, gw, conv)
+    found = await _backend_call(gw.backend.presence(conv))
+    return JSONResponse({"conv_id": conv, "connections": found.connections, "by_profile": found.by_profile})
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    ok, reason = await _gateway(request).ready()
+    if ok:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_gateway(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

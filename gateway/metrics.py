@@ -1,0 +1,80 @@
+"""Prometheus metrics. Counters live as plain ints in the pool, hub and backend; a
+collector reads them at scrape time, so the hot path never takes a metrics lock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.state import Gateway
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class GatewayCollector(Collector):
+    """Turns the gateway's counters into metric families on each scrape."""
+
+    def __init__(self, gateway: Callable[[], Gateway | None]) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self._gateway()
+        if gw is None:
+            return
+        pool, hub, backend = gw.pool.stats, gw.hub.stats, gw.backend.stats
+        yield GaugeMetricFamily("broadcaster_connections", "Open websocket connections", value=len(gw.pool))
+        yield GaugeMetricFamily("broadcaster_subscriptions", "Subscriptions of open connections",
+                                value=sum(len(c.convs) for c in gw.pool.connections.values()))
+        yield GaugeMetricFamily("broadcaster_conversations", "Conversations watched in this process",
+                                value=len(gw.hub.conversations()))
+        yield GaugeMetricFamily("broadcaster_queued_bytes", "Bytes queued for connections", value=pool.queued_bytes)
+        yield GaugeMetricFamily("broadcaster_draining", "1 while draining", value=int(gw.pool.draining))
+        yield GaugeMetricFamily("broadcaster_backend_connected", "1 while the backend delivers live events",
+                                value=int(gw.backend.connected))
+        counters = {
+            "broadcaster_connections_opened": ("Websocket connections accepted", pool.connections_opened),
+            "broadcaster_events_in": ("Live payloads received from the backend", hub.events_in),
+            "broadcaster_events_dispatched": ("Events dispatched in seq order", hub.events_delivered),
+            "broadcaster_events_out": ("Event objects queued to connections", hub.deliveries),
+            "broadcaster_profile_renders": ("Event renders (once per event and profile)", hub.renders),
+            "broadcaster_frames_written": ("Websocket frames written", pool.frames_written),
+            "broadcaster_objects_written": ("JSON objects written (several per frame)", pool.objects_written),
+            "broadcaster_bytes_written": ("Payload bytes written", pool.bytes_written),
+            "broadcaster_slow_consumer_closes": ("Connections closed 4408", pool.slow_consumer_closes),
+            "broadcaster_gap_repairs": ("History reads that filled a gap", hub.gap_repairs),
+            "broadcaster_resets": ("ws.reset broadcasts", hub.resets),
+            "broadcaster_backend_reconnects": ("Pub/sub reconnects", backend.reconnects),
+            "broadcaster_decode_errors": ("Payloads that could not be decoded", backend.decode_errors),
+            "broadcaster_state_evictions": ("State entries evicted by the cap", backend.state_evictions),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+        drops = CounterMetricFamily("broadcaster_drops", "Objects not delivered, by reason", labels=["reason"])
+        reasons = dict(pool.dropped)
+        reasons["duplicate"] = hub.duplicates_dropped
+        reasons["stale_epoch"] = hub.stale_dropped
+        reasons["render_error"] = hub.render_errors
+        reasons["intercepted"] = hub.intercept_drops
+        reasons["undecodable"] = backend.decode_errors
+        for reason, value in sorted(reasons.items()):
+            drops.add_metric([reason], value)
+        yield drops
+
+
+class Metrics:
+    """The registry of one gateway (not the global one: tests run several apps per process)."""
+
+    def __init__(self, gateway: Callable[[], Gateway | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(GatewayCollector(gateway))
+        self.dispatch_latency = Histogram(
+            "broadcaster_publish_to_dispatch_seconds", "From publish (event ts) to hand-off to connection queues",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram(
+            "broadcaster_queue_wait_seconds", "From first queued object to its frame being written",
+            buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -1,0 +1,150 @@
+"""Client side of the websocket protocol, without I/O: query and message parsing (CONTRACT §3).
+
+Parsers return plain dataclasses or raise :class:`ProtocolError` carrying the
+``ws.error`` code (for messages) or the close code (for the connect query).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from broadcaster.errors import ValidationError
+from broadcaster.profiles import GlobSet, parse_type_filter
+from broadcaster.validation import is_valid_name
+
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_UNKNOWN_PROFILE = 4404
+CLOSE_TOO_SLOW = 4408
+CLOSE_TOO_MANY = 4429
+CLOSE_TOO_BIG = 1009
+CLOSE_DRAINING = 1012
+MAX_EPOCH_LENGTH = 64
+
+
+class ProtocolError(Exception):
+    """Bad client input: ``code`` is a ws.error code string or an int close code."""
+
+    def __init__(self, code: str | int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True, frozen=True)
+class SubscribeRequest:
+    conv_id: str
+    since: int | None = None
+    epoch: str | None = None
+    hydrate: bool = False
+    types: GlobSet | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ConnectRequest:
+    """What the ``/ws`` query asked for; ``subscribe`` is None without ``conv_id``."""
+
+    profile: str
+    subscribe: SubscribeRequest | None
+    token: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(slots=True, frozen=True)
+class Unsubscribe:
+    conv_id: str
+
+
+ClientMessage = Ping | SubscribeRequest | Unsubscribe
+
+
+def _since(value: Any, code: str | int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ProtocolError(code, "since must be a non-negative integer")
+    if isinstance(value, str):
+        if not value.isdigit() or len(value) > 18:
+            raise ProtocolError(code, "since must be a non-negative integer")
+        return int(value)
+    if isinstance(value, int) and 0 <= value < 10**18:
+        return value
+    raise ProtocolError(code, "since must be a non-negative integer")
+
+
+def _epoch(value: Any, code: str | int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_EPOCH_LENGTH or not value.isalnum():
+        raise ProtocolError(code, "epoch must be 1-64 alphanumeric characters")
+    return value
+
+
+def _hydrate(value: Any, code: str | int) -> bool:
+    if value in (None, False, "0", "false", 0):
+        return False
+    if value in (True, "1", "true", 1):
+        return True
+    raise ProtocolError(code, "hydrate must be 1 or 0")
+
+
+def _subscribe(conv_id: Any, since: Any, epoch: Any, hydrate: Any, types: Any, code: str | int) -> SubscribeRequest:
+    if not is_valid_name(conv_id):
+        raise ProtocolError(code, "conv_id must be 1-128 characters of [A-Za-z0-9._:-]")
+    if types is not None and not isinstance(types, (str, list)):
+        raise ProtocolError(code, "types must be a comma-separated string or a list of patterns")
+    try:
+        type_filter = parse_type_filter(types) if types is not None else None
+    except ValidationError as exc:
+        raise ProtocolError(code, exc.message) from None
+    return SubscribeRequest(conv_id, _since(since, code), _epoch(epoch, code), _hydrate(hydrate, code), type_filter)
+
+
+def parse_connect_query(query: Mapping[str, str]) -> ConnectRequest:
+    """Parse the ``/ws`` query string; ProtocolError codes are close codes (4400)."""
+    profile = query.get("profile", "default")
+    if not is_valid_name(profile):
+        raise ProtocolError(CLOSE_BAD_REQUEST, "profile must be 1-128 characters of [A-Za-z0-9._:-]")
+    conv_id = query.get("conv_id")
+    subscribe = None
+    if conv_id is not None:
+        subscribe = _subscribe(conv_id, query.get("since"), query.get("epoch"), query.get("hydrate"),
+                               query.get("types"), CLOSE_BAD_REQUEST)
+    elif any(k in query for k in ("since", "epoch", "hydrate", "types")):
+        raise ProtocolError(CLOSE_BAD_REQUEST, "since, epoch, hydrate and types need conv_id")
+    return ConnectRequest(profile, subscribe, query.get("token") or None)
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Parse one client message; ProtocolError codes are ws.error code strings."""
+    if isinstance(text, str) and text.strip() == "ping":
+        return Ping()
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("bad_json", "message is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("bad_message", "message must be a JSON object")
+    kind = message.get("type")
+    if kind == "ws.ping":
+        return Ping()
+    if kind == "ws.subscribe":
+        return _subscribe(message.get("conv_id"), message.get("since"), message.get("epoch"),
+                          message.get("hydrate"), message.get("types"), "bad_subscribe")
+    if kind == "ws.unsubscribe":
+        conv_id = message.get("conv_id")
+        if not is_valid_name(conv_id):
+            raise ProtocolError("bad_unsubscribe", "conv_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        return Unsubscribe(conv_id)
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "message needs a string 'type'")
+    raise ProtocolError("unknown_type", f"unknown message type {kind[:64]!r}")

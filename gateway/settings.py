@@ -1,0 +1,132 @@
+"""Gateway options: one table drives the CLI flags, their environment variables and defaults.
+
+Every option ``--some-name`` can also be set with ``BROADCASTER_SOME_NAME``; a
+command-line option wins over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "BROADCASTER_"
+
+
+@dataclass(slots=True)
+class Settings:
+    """Everything a gateway process is configured with."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    profiles: str | None = None
+    plugin: list[str] = field(default_factory=list)
+    auth_secret: str | None = None
+    auth_public_key: str | None = None
+    publish_key: list[str] = field(default_factory=list)
+    key_prefix: str = "bc"
+    history_size: int = 1000
+    history_ttl: int = 86400
+    state_max_entries: int = 10_000
+    max_queue_bytes: int = 1024 * 1024
+    max_client_message_bytes: int = 64 * 1024
+    max_event_bytes: int = 1024 * 1024
+    max_subscriptions: int = 100
+    max_connections: int = 50_000
+    client_messages_per_second: float = 50.0
+    drain_seconds: float = 10.0
+    ping_interval: float = 20.0
+    handshake_timeout: float = 10.0
+    presence_ttl: float = 15.0
+    allowed_origins: list[str] = field(default_factory=list)
+    gateway_id: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @staticmethod
+    def env_name(option: str) -> str:
+        """``max_queue_bytes`` -> ``BROADCASTER_MAX_QUEUE_BYTES``."""
+        return ENV_PREFIX + option.upper()
+
+
+HELP: dict[str, str] = {
+    "host": "interface to listen on",
+    "port": "TCP port for HTTP and websockets",
+    "redis_url": "redis://, rediss:// or redis+cluster://host:port[,host:port]; unset = embedded memory backend",
+    "profiles": "TOML file with [profiles.NAME] tables",
+    "plugin": "module:attr of a plugin setup callable (repeatable; env: comma-separated)",
+    "auth_secret": "HS256 secret: websocket clients need a JWT",
+    "auth_public_key": "PEM file or text of an RS256/ES256 public key: websocket clients need a JWT",
+    "publish_key": "key required as 'Authorization: Bearer' to publish over HTTP (repeatable; env: comma-separated)",
+    "key_prefix": "prefix of every Redis key",
+    "history_size": "events kept per conversation",
+    "history_ttl": "seconds a conversation's history and state live after its last publish",
+    "state_max_entries": "state entries kept per conversation (oldest-updated evicted)",
+    "max_queue_bytes": "bytes queued for one connection before it is closed 4408",
+    "max_client_message_bytes": "largest websocket message accepted from a client (bigger: close 1009)",
+    "max_event_bytes": "largest event data accepted for publishing (JSON bytes; bigger: 413)",
+    "max_subscriptions": "conversations one connection may subscribe to (more: close 4429)",
+    "max_connections": "open websockets per gateway (more: HTTP 503 before the upgrade)",
+    "client_messages_per_second": "sustained client message rate (burst: 4x); faster: close 4429",
+    "drain_seconds": "on SIGTERM, time to close every connection with 1012 before exiting",
+    "ping_interval": "seconds between protocol pings to idle clients (0: off)",
+    "handshake_timeout": "seconds a client has to finish the websocket handshake",
+    "presence_ttl": "seconds a gateway's presence counts outlive its last heartbeat (heartbeat: a third of it)",
+    "allowed_origins": "Origin values allowed for browser sockets and CORS (repeatable; empty: any)",
+    "gateway_id": "name of this gateway in presence and hello (default: host-pid-random)",
+    "log_level": "debug, info, warning or error",
+    "log_format": "json or text",
+}
+
+LIST_OPTIONS = {"plugin", "publish_key", "allowed_origins"}
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    if name in LIST_OPTIONS:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if "int" in str(kind) and "str" not in str(kind):
+        return int(raw)
+    if "float" in str(kind):
+        return float(raw)
+    return raw
+
+
+def settings_from(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge defaults, environment and command-line values (CLI wins); raises ValueError on bad values."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        env_value = environ.get(Settings.env_name(f.name))
+        if env_value is not None and env_value != "":
+            try:
+                values[f.name] = _convert(f.name, env_value, f.type)
+            except ValueError:
+                raise ValueError(f"{Settings.env_name(f.name)}={env_value!r} is not a valid {f.type}") from None
+        cli_value = cli.get(f.name)
+        if cli_value is not None and cli_value != []:
+            values[f.name] = cli_value
+    settings = Settings(**values)
+    check(settings)
+    return settings
+
+
+def check(settings: Settings) -> None:
+    """Reject values that cannot work; raises ValueError naming the option."""
+    positive = ["history_size", "history_ttl", "state_max_entries", "max_queue_bytes", "max_client_message_bytes",
+                "max_event_bytes", "max_subscriptions", "max_connections", "client_messages_per_second", "presence_ttl"]
+    for name in positive:
+        if getattr(settings, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < settings.port < 65536:
+        raise ValueError("--port must be 1-65535")
+    if settings.log_format not in ("json", "text"):
+        raise ValueError("--log-format must be json or text")
+    if settings.auth_secret and settings.auth_public_key:
+        raise ValueError("give --auth-secret or --auth-public-key, not both")
+
+
+def option_names() -> Sequence[str]:
+    """Every option name (underscored), in declaration order."""
+    return [f.name for f in fields(Settings)]

@@ -1,0 +1,118 @@
+"""The composition root: one :class:`Gateway` per process wires backend, hub, pool and hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import secrets
+import socket
+import time
+from typing import Any
+
+from broadcaster.backend import Backend, BackendSettings
+from broadcaster.backends import backend_from_url
+from broadcaster.envelope import Envelope
+from broadcaster.hooks import BackendPublisher, PluginContext
+from broadcaster.hub import Hub
+from broadcaster.presence import PresenceReporter
+from broadcaster.profiles import ProfileRegistry
+from gateway.auth import Authenticator, PublishKeys
+from gateway.connection import ConnectionPool
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway")
+
+
+class StartupError(RuntimeError):
+    """A configuration problem found at start-up (bad profiles file, plugin that does not import...)."""
+
+
+def default_gateway_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def load_plugin(path: str) -> Any:
+    """Import ``module:attr``; raises StartupError naming the plugin."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise StartupError(f"--plugin {path!r}: expected module:attr")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise StartupError(f"--plugin {path!r}: {exc}") from None
+    if not callable(target):
+        raise StartupError(f"--plugin {path!r} is not callable")
+    return target
+
+
+class Gateway:
+    """Everything one gateway process runs, and its start / stop order."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None,
+                 profiles: ProfileRegistry | None = None) -> None:
+        self.settings = settings
+        self.gateway_id = settings.gateway_id or default_gateway_id()
+        if profiles is None:
+            profiles = ProfileRegistry.from_file(settings.profiles) if settings.profiles else ProfileRegistry()
+        self.profiles = profiles
+        backend_settings = BackendSettings(
+            history_size=settings.history_size, history_ttl=settings.history_ttl,
+            state_max_entries=settings.state_max_entries, max_data_bytes=settings.max_event_bytes)
+        self.backend = backend or backend_from_url(settings.redis_url, key_prefix=settings.key_prefix,
+                                                   settings=backend_settings)
+        self.publisher = BackendPublisher(self.backend)
+        self.plugins = PluginContext(self.publisher, self.gateway_id)
+        self.plugin_setups = [load_plugin(path) for path in settings.plugin]
+        self.metrics = Metrics(lambda: self)
+        self.hub = Hub(self.backend, gateway_id=self.gateway_id, hooks=self.plugins,
+                       on_dispatch=self._observe_dispatch)
+        self.pool = ConnectionPool()
+        self.auth = Authenticator(settings.auth_secret, settings.auth_public_key)
+        self.publish_keys = PublishKeys(settings.publish_key)
+        self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,
+                                         heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _observe_dispatch(self, env: Envelope) -> None:
+        self.metrics.dispatch_latency.observe(max(0.0, time.time() - env.ts / 1000))
+
+    async def start(self) -> None:
+        await self.backend.start()
+        for setup in self.plugin_setups:
+            result = setup(self.plugins)
+            if inspect.isawaitable(result):
+                await result
+        self._tasks.append(asyncio.create_task(self.presence.run()))
+        self._tasks.extend(self.plugins.start_emitters())
+        log.info("gateway %s started on the %s backend", self.gateway_id, type(self.backend).__name__)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.presence.withdraw(), timeout=2.0)
+        await self.hub.close()
+        await self.backend.close()
+
+    async def ready(self) -> tuple[bool, str]:
+        """Readiness: backend reachable and delivering, not draining."""
+        if self.pool.draining:
+            return False, "draining"
+        if not self.backend.connected:
+            return False, "backend disconnected"
+        try:
+            ok = await asyncio.wait_for(self.backend.ping(), timeout=1.0)
+        except Exception:
+            ok = False
+        return (True, "ok") if ok else (False, "backend unreachable")

@@ -1,0 +1,186 @@
+"""The ``/ws`` endpoint: handshake checks, the hello, and the client message loop (CONTRACT §3).
+
+Custom close codes need the socket accepted first (a close before accept becomes
+an HTTP 403 in uvicorn), so refusals accept and then close with their code.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket
+
+from broadcaster.codec import dumps
+from broadcaster.hub import server_time_ms
+from broadcaster.profiles import Profile
+from gateway.auth import AuthError, Grant, bearer
+from gateway.connection import Connection
+from gateway.protocol import (
+    CLOSE_DRAINING,
+    CLOSE_FORBIDDEN,
+    CLOSE_TOO_MANY,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNKNOWN_PROFILE,
+    Ping,
+    ProtocolError,
+    SubscribeRequest,
+    Unsubscribe,
+    parse_client_message,
+    parse_connect_query,
+)
+from gateway.state import Gateway
+
+log = logging.getLogger("gateway.ws")
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class RateLimiter:
+    """Token bucket: ``rate`` messages per second sustained, ``burst`` at once."""
+
+    __slots__ = ("_last", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._last = burst, time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+def _error(code: str, message: str) -> bytes:
+    return dumps({"type": "ws.error", "code": code, "message": message})
+
+
+async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
+    await websocket.accept()
+    await websocket.close(code, reason[:120])
+
+
+class Session:
+    """One accepted connection's protocol state: its grant, profile and subscriptions."""
+
+    def __init__(self, gateway: Gateway, conn: Connection, grant: Grant, profile: Profile) -> None:
+        self.gateway, self.conn, self.grant, self.profile = gateway, conn, grant, profile
+
+    async def subscribe(self, request: SubscribeRequest, *, initial: bool = False) -> None:
+        conn, gw = self.conn, self.gateway
+        try:
+            self.grant.check_conv(request.conv_id)
+        except AuthError as exc:
+            conn.close(CLOSE_FORBIDDEN, exc.message)
+            return
+        if request.conv_id not in conn.convs and len(conn.convs) >= gw.settings.max_subscriptions:
+            conn.close(CLOSE_TOO_MANY, f"more than {gw.settings.max_subscriptions} subscriptions")
+            return
+        try:
+            await gw.hub.subscribe(conn, request.conv_id, self.profile, types=request.types,
+                                   since=request.since, epoch=request.epoch, hydrate=request.hydrate)
+        except Exception as exc:
+            log.warning("subscribe %s failed: %s", request.conv_id, exc)
+            if initial:
+                conn.close(CLOSE_TRY_AGAIN_LATER, "backend unavailable")
+            else:
+                conn.send(_error("unavailable", f"cannot subscribe to {request.conv_id} right now"))
+            return
+        conn.convs.add(request.conv_id)
+
+    async def unsubscribe(self, conv_id: str) -> None:
+        await self.gateway.hub.unsubscribe(self.conn, conv_id)
+        self.conn.convs.discard(conv_id)
+        self.conn.send(dumps({"type": "ws.unsubscribed", "conv_id": conv_id}))
+
+    async def handle(self, text: str | bytes) -> None:
+        try:
+            message = parse_client_message(text)
+        except ProtocolError as exc:
+            self.conn.send(_error(str(exc.code), exc.message))
+            return
+        if isinstance(message, Ping):
+            self.conn.send(dumps({"type": "ws.pong", "server_time": server_time_ms()}))
+        elif isinstance(message, SubscribeRequest):
+            await self.subscribe(message)
+        elif isinstance(message, Unsubscribe):
+            await self.unsubscribe(message.conv_id)
+
+    async def end(self) -> None:
+        await self.gateway.hub.unsubscribe_all(self.conn, self.conn.convs)
+        self.conn.convs.clear()
+
+
+def _origin_allowed(gw: Gateway, websocket: WebSocket) -> bool:
+    origin = websocket.headers.get("origin")
+    allowed = gw.settings.allowed_origins
+    return not allowed or origin is None or origin in allowed or "*" in allowed
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """Serve one websocket from handshake to disconnect."""
+    gw: Gateway = websocket.app.state.gateway
+    if gw.pool.draining:
+        await _refuse(websocket, CLOSE_DRAINING, "gateway draining; reconnect elsewhere")
+        return
+    if len(gw.pool) >= gw.settings.max_connections:
+        await websocket.send_denial_response(JSONResponse({"error": "too many connections"}, status_code=503))
+        return
+    if not _origin_allowed(gw, websocket):
+        await websocket.send_denial_response(JSONResponse({"error": "origin not allowed"}, status_code=403))
+        return
+    try:
+        request = parse_connect_query(websocket.query_params)
+    except ProtocolError as exc:
+        await _refuse(websocket, int(exc.code), exc.message)
+        return
+    try:
+        grant = gw.auth.verify(request.token or bearer(websocket.headers.get("authorization")))
+    except AuthError as exc:
+        await _refuse(websocket, CLOSE_UNAUTHORIZED, exc.message)
+        return
+    profile = gw.profiles.get(request.profile)
+    if profile is None:
+        await _refuse(websocket, CLOSE_UNKNOWN_PROFILE, f"unknown profile {request.profile!r}")
+        return
+    try:
+        grant.check_profile(profile.name)
+    except AuthError as exc:
+        await _refuse(websocket, CLOSE_FORBIDDEN, exc.message)
+        return
+
+    await websocket.accept()
+    conn = Connection(websocket.send, secrets.token_hex(8), profile.name, gw.pool, gw.settings.max_queue_bytes,
+                      gw.metrics.queue_wait.observe)
+    gw.pool.add(conn)
+    session = Session(gw, conn, grant, profile)
+    conn.send(dumps({"type": "ws.hello", "connection_id": conn.connection_id, "gateway_id": gw.gateway_id,
+                     "profile": profile.name, "server_time": server_time_ms()}))
+    limiter = RateLimiter(gw.settings.client_messages_per_second, 4 * gw.settings.client_messages_per_second)
+    try:
+        if request.subscribe is not None:
+            await session.subscribe(request.subscribe, initial=True)
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            if conn.closing:
+                continue
+            if not limiter.allow():
+                conn.close(CLOSE_TOO_MANY, "too many messages")
+                continue
+            text = message.get("text")
+            if text is None:
+                text = message.get("bytes") or b""
+            await session.handle(text)
+    except Exception as exc:  # a broken peer must never take the gateway down
+        log.debug("connection %s ended: %s", conn.connection_id, exc)
+    finally:
+        await session.end()
+        await gw.pool.remove(conn)
+
