@@ -171,9 +171,12 @@ class ConnectionPool:
                 await asyncio.wait_for(writer, timeout=1.0)
 
     async def drain(self, seconds: float, code: int, reason: str) -> None:
-        """Close every connection with ``code``, spread over half of ``seconds``; wait for them to go."""
+        """After a short readiness grace, close every connection with ``code`` spread over half of
+        ``seconds``, then wait (until ``seconds`` have passed) for them to go."""
         self.draining = True
         deadline = time.monotonic() + seconds
+        # let load balancers see /readyz fail before sockets start closing
+        await asyncio.sleep(min(1.0, seconds / 4))
         victims = list(self.connections.values())
         spread = seconds / 2
         batch = max(1, len(victims) // 20)

@@ -1,0 +1,1 @@
+"""Example gateway plugins (load with ``--plugin examples.plugins.<module>:setup``)."""
