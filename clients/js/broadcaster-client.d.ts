@@ -1,0 +1,217 @@
+// Type declarations of @ws-broadcaster/client (broadcaster-client.js).
+
+/** An event as delivered on /ws (CONTRACT §3). */
+export interface BroadcastEvent<T = unknown> {
+  type: string;
+  conv_id: string;
+  /** Starts at 1 per conversation, +1 per publish; filtered profiles see gaps, never reordering. */
+  seq: number;
+  id: string;
+  /** Milliseconds since the epoch. */
+  ts: number;
+  data: T;
+  /** Present on state upserts; `data === null` with a key removes the entry. */
+  key?: string;
+  [field: string]: unknown;
+}
+
+export interface HelloMessage {
+  type: "ws.hello";
+  connection_id: string;
+  gateway_id: string;
+  profile: string;
+  server_time: number;
+}
+
+export interface SubscribedMessage {
+  type: "ws.subscribed";
+  conv_id: string;
+  epoch: string;
+  /** Latest seq at subscribe time. */
+  seq: number;
+}
+
+export interface UnsubscribedMessage {
+  type: "ws.unsubscribed";
+  conv_id: string;
+}
+
+export interface StateMessage {
+  type: "ws.state";
+  conv_id: string;
+  epoch: string;
+  /** The snapshot is consistent as of this seq; live events follow from seq + 1. */
+  seq: number;
+  entities: Record<string, BroadcastEvent>;
+}
+
+export interface ResetMessage {
+  type: "ws.reset";
+  conv_id: string;
+  reason: "history_truncated" | "epoch_changed";
+  epoch: string;
+  /** The client's new position: live events follow from seq + 1. */
+  seq: number;
+  /** Added by the client: true when it re-subscribes with hydrate (a "state" event follows). */
+  rehydrate: boolean;
+}
+
+export interface PongMessage {
+  type: "ws.pong";
+  server_time: number;
+}
+
+/** A ws.error from the server, or a client-side problem ("bad_frame", "token", "connect"). */
+export interface ErrorDetail {
+  type?: "ws.error";
+  code: string;
+  message: string;
+  /** The unparsable line, for code "bad_frame". */
+  line?: string;
+  error?: unknown;
+}
+
+export type ConnectionStatus = "idle" | "connecting" | "open" | "closed" | "failed";
+
+export interface StatusDetail {
+  status: Exclude<ConnectionStatus, "idle">;
+  /** The socket's URL ("connecting", "open"). */
+  url?: string;
+  /** Consecutive failed attempts before this one ("connecting"). */
+  attempt?: number;
+  /** Close code ("closed", "failed"). */
+  code?: number;
+  reason?: string;
+  /** "closed": whether the client reconnects by itself. */
+  willReconnect?: boolean;
+  /** "closed" with willReconnect: milliseconds until the next attempt. */
+  delayMs?: number;
+  /** "failed" after maxAttempts. */
+  attempts?: number;
+}
+
+export interface BroadcasterEventMap {
+  event: BroadcastEvent;
+  state: StateMessage;
+  reset: ResetMessage;
+  subscribed: SubscribedMessage;
+  unsubscribed: UnsubscribedMessage;
+  status: StatusDetail;
+  error: ErrorDetail;
+  hello: HelloMessage;
+  pong: PongMessage;
+  /** Every object received, before the client handles it. */
+  message: { type: string; [field: string]: unknown };
+}
+
+export interface BackoffOptions {
+  /** First reconnect delay (before jitter). Default 500. */
+  initialMs?: number;
+  /** Cap of the delay. Default 30000. */
+  maxMs?: number;
+  /** Growth per failed attempt. Default 2. */
+  factor?: number;
+  /** Fraction of the delay randomised away: delay * (1 - jitter * random()). Default 0.5. */
+  jitter?: number;
+  /** A connection open this long resets the attempt counter. Default 5000. */
+  resetAfterMs?: number;
+}
+
+export type TokenSource = string | null | (() => string | null | undefined | Promise<string | null | undefined>);
+
+export interface BroadcasterClientOptions {
+  /** Gateway websocket URLs (…/ws), tried round-robin. http(s) URLs are turned into ws(s); relative ones resolve against location in a browser. */
+  urls?: string | string[];
+  /** A single URL (same as `urls: [url]`). */
+  url?: string;
+  /** Profile name. Default "default". */
+  profile?: string;
+  /** Auth token (query parameter `token`); a function is called before every connect. */
+  token?: TokenSource;
+  /** WebSocket constructor; default globalThis.WebSocket (browsers, Node 22+). On Node 20 pass the `ws` package's. */
+  WebSocket?: unknown;
+  backoff?: BackoffOptions;
+  /** Send ws.ping this often while open; 0 disables. Default 25000. */
+  pingIntervalMs?: number;
+  /** Drop and reconnect when nothing arrives this long after a ping. Default 10000. */
+  pongTimeoutMs?: number;
+  /** Give up on a socket that has not opened after this long. Default 10000. */
+  connectTimeoutMs?: number;
+  /** Reconnects in a row that may fail (no connection lasting resetAfterMs) before status "failed". Default Infinity. */
+  maxAttempts?: number;
+  /** Connect on the first subscribe(). Default true. */
+  autoConnect?: boolean;
+  /** Extra query parameters for the /ws URL. */
+  params?: Record<string, string>;
+}
+
+export interface SubscribeOptions {
+  /** Globs narrowing the profile (array, or comma-separated string). */
+  types?: string | string[] | null;
+  /** Start from a ws.state snapshot; re-hydrates after a ws.reset. */
+  hydrate?: boolean;
+  /** Resume after this seq (e.g. a position saved from an earlier client). */
+  since?: number | null;
+  /** The epoch `since` belongs to. */
+  epoch?: string | null;
+}
+
+export interface Position {
+  convId: string;
+  /** Last seq delivered (or given by ws.subscribed / ws.state / ws.reset); null before the first. */
+  seq: number | null;
+  epoch: string | null;
+}
+
+export type Listener<K extends keyof BroadcasterEventMap> = (detail: BroadcasterEventMap[K], event: CustomEvent<BroadcasterEventMap[K]>) => void;
+
+export declare class BroadcasterClient extends EventTarget {
+  constructor(options: BroadcasterClientOptions);
+
+  /** The profile sent on every connect. */
+  profile: string;
+  /** Counters: sockets opened, duplicate events dropped, unparsable lines. */
+  readonly stats: { connects: number; duplicatesDropped: number; badLines: number };
+  readonly status: ConnectionStatus;
+  /** URL of the current (or last) socket, null before the first connect. */
+  readonly url: string | null;
+  /** Conversation ids currently subscribed. */
+  readonly subscriptions: string[];
+
+  /** Start connecting (no-op while running); restarts after close() or "failed". */
+  connect(): this;
+  /** Subscribe (or re-subscribe with new options, resuming from the current position). Throws TypeError on an invalid conv_id or since. */
+  subscribe(convId: string, options?: SubscribeOptions): this;
+  /** Returns false when the conversation was not subscribed. */
+  unsubscribe(convId: string): boolean;
+  /** Send ws.ping now (the answer is a "pong" event); false when not open. */
+  ping(): boolean;
+  /** Where the client stands in a conversation, or undefined when not subscribed. */
+  position(convId: string): Position | undefined;
+  /** Close for good (no reconnect) until connect() is called again; subscriptions are kept. */
+  close(code?: number, reason?: string): void;
+
+  /** Listen; returns a function that removes the listener. */
+  on<K extends keyof BroadcasterEventMap>(name: K, fn: Listener<K>): () => void;
+  off<K extends keyof BroadcasterEventMap>(name: K, fn: Listener<K>): void;
+}
+
+/** Close codes after which the client stops: 4400, 4401, 4403, 4404. */
+export declare const FATAL_CLOSE_CODES: readonly number[];
+/** 1012: the gateway is draining; the client reconnects at once to the next URL. */
+export declare const CLOSE_DRAINING: 1012;
+
+/** Reconnect delay for a 0-based attempt number. */
+export declare function backoffDelay(
+  attempt: number,
+  backoff: { initialMs: number; maxMs: number; factor: number; jitter: number },
+  random?: () => number,
+): number;
+
+/** Split one text frame into its JSON objects (NDJSON). */
+export declare function parseFrame(text: string): {
+  messages: Array<{ [field: string]: unknown }>;
+  errors: Array<{ line: string; error: unknown }>;
+};
+
+export default BroadcasterClient;

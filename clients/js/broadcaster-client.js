@@ -1,0 +1,599 @@
+// @ts-check
+/**
+ * Browser and Node client for the ws-broadcaster websocket API (/ws).
+ *
+ * One client holds one websocket to one gateway at a time and multiplexes any number of
+ * conversation subscriptions over it. It keeps, per conversation, the last seq it
+ * delivered and the conversation's epoch, so that after any disconnect it can resubscribe
+ * with `since` + `epoch` and the application sees every event exactly once, in order.
+ *
+ * No dependencies. Runs where a standard WebSocket constructor exists (browsers, Node 22+)
+ * or is passed in (Node 20: `new BroadcasterClient({ WebSocket: require('ws') })`).
+ *
+ * Wire protocol (server -> client): text frames, each holding one or more JSON objects
+ * separated by "\n". Control objects have types starting "ws.".
+ */
+
+/** Close codes after which reconnecting cannot help: the request itself is refused. */
+export const FATAL_CLOSE_CODES = Object.freeze([4400, 4401, 4403, 4404]);
+
+/** Close code of a gateway that is draining: reconnect at once, to another URL. */
+export const CLOSE_DRAINING = 1012;
+
+/** Syntax of a conversation id (the server enforces the same). */
+const CONV_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
+
+const OPEN = 1;
+const CONNECTING = 0;
+
+const DEFAULT_BACKOFF = Object.freeze({
+  initialMs: 500,
+  maxMs: 30_000,
+  factor: 2,
+  jitter: 0.5,
+  resetAfterMs: 5_000,
+});
+
+/**
+ * Delay before reconnect attempt number `attempt` (0-based): exponential growth capped at
+ * `maxMs`, then "equal jitter": a random value in [delay * (1 - jitter), delay].
+ *
+ * @param {number} attempt
+ * @param {{initialMs: number, maxMs: number, factor: number, jitter: number}} backoff
+ * @param {() => number} [random]
+ * @returns {number}
+ */
+export function backoffDelay(attempt, backoff, random = Math.random) {
+  const base = Math.min(backoff.maxMs, backoff.initialMs * Math.pow(backoff.factor, attempt));
+  const jitter = Math.min(1, Math.max(0, backoff.jitter));
+  return Math.round(base * (1 - jitter * random()));
+}
+
+/**
+ * Split one text frame into the JSON objects it carries (NDJSON). Lines that are not valid
+ * JSON objects are returned in `errors` and do not stop the others.
+ *
+ * @param {string} text
+ * @returns {{messages: any[], errors: {line: string, error: unknown}[]}}
+ */
+export function parseFrame(text) {
+  const messages = [];
+  const errors = [];
+  for (const raw of text.split("\n")) {
+    const line = raw.trim();
+    if (!line) continue;
+    try {
+      const obj = JSON.parse(line);
+      if (obj === null || typeof obj !== "object" || Array.isArray(obj)) {
+        throw new TypeError("not a JSON object");
+      }
+      messages.push(obj);
+    } catch (error) {
+      errors.push({ line, error });
+    }
+  }
+  return { messages, errors };
+}
+
+/** CustomEvent where it exists (browsers, Node 19+), a minimal stand-in elsewhere. */
+const DetailEvent =
+  typeof globalThis.CustomEvent === "function"
+    ? globalThis.CustomEvent
+    : class DetailEvent extends Event {
+        /** @param {string} type @param {{detail?: any}} [init] */
+        constructor(type, init) {
+          super(type);
+          this.detail = init?.detail;
+        }
+      };
+
+/**
+ * @typedef {object} SubscriptionRecord
+ * @property {string} convId
+ * @property {string | null} types      comma-separated globs, or null
+ * @property {boolean} hydrate          the subscription asked for the state snapshot
+ * @property {boolean} needsState       next (re)subscribe must ask for hydrate
+ * @property {number | null} seq        last position delivered (event seq, or state/reset seq)
+ * @property {string | null} epoch
+ */
+
+export class BroadcasterClient extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string | string[]} [options.urls]  websocket URLs of gateways (…/ws); tried round-robin
+   * @param {string} [options.url]              a single URL (same as urls: [url])
+   * @param {string} [options.profile]          profile name, default "default"
+   * @param {string | (() => string | null | undefined | Promise<string | null | undefined>) | null} [options.token]
+   *   auth token sent as the `token` query parameter; a function is called before every connect
+   * @param {any} [options.WebSocket]           WebSocket constructor (default: globalThis.WebSocket)
+   * @param {Partial<typeof DEFAULT_BACKOFF>} [options.backoff]
+   * @param {number} [options.pingIntervalMs]   send ws.ping this often while open (0: never), default 25000
+   * @param {number} [options.pongTimeoutMs]    reconnect when nothing arrives this long after a ping, default 10000
+   * @param {number} [options.connectTimeoutMs] give up on an opening socket after this long, default 10000
+   * @param {number} [options.maxAttempts]      reconnects in a row that may fail before "failed", default Infinity
+   * @param {boolean} [options.autoConnect]     connect on the first subscribe(), default true
+   * @param {Record<string, string>} [options.params] extra query parameters for the /ws URL
+   */
+  constructor(options = {}) {
+    super();
+    const urls = options.urls ?? (options.url !== undefined ? [options.url] : []);
+    /** @type {string[]} */
+    this._urls = (Array.isArray(urls) ? urls : [urls]).map(normalizeUrl);
+    if (this._urls.length === 0) throw new TypeError("BroadcasterClient: give at least one URL (urls or url)");
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError(
+        "BroadcasterClient: no WebSocket constructor; pass one, e.g. { WebSocket } from the 'ws' package on Node 20",
+      );
+    }
+    this.profile = options.profile ?? "default";
+    this._token = options.token ?? null;
+    this._params = { ...(options.params ?? {}) };
+    this._backoff = { ...DEFAULT_BACKOFF, ...(options.backoff ?? {}) };
+    this._pingIntervalMs = options.pingIntervalMs ?? 25_000;
+    this._pongTimeoutMs = options.pongTimeoutMs ?? 10_000;
+    this._connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
+    this._maxAttempts = options.maxAttempts ?? Infinity;
+    this._autoConnect = options.autoConnect ?? true;
+
+    /** @type {Map<string, SubscriptionRecord>} */
+    this._subs = new Map();
+    /** @type {any} */
+    this._socket = null;
+    this._urlIndex = -1;
+    this._attempt = 0;
+    /** Incremented by every _open() and close(): an _open() that awaited a token checks it is still current. */
+    this._generation = 0;
+    /** @type {"idle" | "connecting" | "open" | "closed" | "failed"} */
+    this._status = "idle";
+    this._running = false;
+    /** @type {Record<"reconnect" | "ping" | "pong" | "connect" | "stable", any>} */
+    this._timers = { reconnect: null, ping: null, pong: null, connect: null, stable: null };
+    /** @type {Map<string, Map<Function, EventListener>>} */
+    this._wrapped = new Map();
+    this.stats = { connects: 0, duplicatesDropped: 0, badLines: 0 };
+  }
+
+  // ---- public API -------------------------------------------------------------------------
+
+  /** Connection status: "idle" | "connecting" | "open" | "closed" | "failed". */
+  get status() {
+    return this._status;
+  }
+
+  /** URL of the current (or last) socket. */
+  get url() {
+    return this._urlIndex >= 0 ? this._urls[this._urlIndex % this._urls.length] : null;
+  }
+
+  /** Conversation ids currently subscribed. */
+  get subscriptions() {
+    return [...this._subs.keys()];
+  }
+
+  /**
+   * Where the client stands in a conversation: the last seq delivered (or given by
+   * ws.subscribed / ws.state / ws.reset) and the epoch. Pass it back as `since` / `epoch`
+   * to resume in a later client.
+   *
+   * @param {string} convId
+   * @returns {{convId: string, seq: number | null, epoch: string | null} | undefined}
+   */
+  position(convId) {
+    const sub = this._subs.get(convId);
+    return sub ? { convId, seq: sub.seq, epoch: sub.epoch } : undefined;
+  }
+
+  /** Open the connection (no-op when already running). Also restarts after close() or "failed". */
+  connect() {
+    if (this._running) return this;
+    this._running = true;
+    this._attempt = 0;
+    this._open();
+    return this;
+  }
+
+  /**
+   * Subscribe to a conversation. Subscribing again to the same conversation replaces its
+   * options and resumes from the current position.
+   *
+   * @param {string} convId
+   * @param {{types?: string | string[] | null, hydrate?: boolean, since?: number | null, epoch?: string | null}} [options]
+   */
+  subscribe(convId, options = {}) {
+    if (typeof convId !== "string" || !CONV_ID_RE.test(convId)) {
+      throw new TypeError(`invalid conv_id ${JSON.stringify(convId)}: 1-128 characters of [A-Za-z0-9._:-]`);
+    }
+    const types = Array.isArray(options.types) ? options.types.join(",") : options.types ?? null;
+    const since = options.since ?? null;
+    if (since !== null && (!Number.isInteger(since) || since < 0)) {
+      throw new TypeError(`invalid since ${JSON.stringify(since)}: a non-negative integer`);
+    }
+    const previous = this._subs.get(convId);
+    const hydrate = Boolean(options.hydrate);
+    /** @type {SubscriptionRecord} */
+    const sub = {
+      convId,
+      types: types || null,
+      hydrate,
+      needsState: hydrate && since === null,
+      seq: since ?? previous?.seq ?? null,
+      epoch: options.epoch ?? previous?.epoch ?? null,
+    };
+    this._subs.set(convId, sub);
+    if (this._isOpen()) this._sendSubscribe(sub);
+    else if (this._autoConnect && !this._running) this.connect();
+    return this;
+  }
+
+  /**
+   * Stop receiving a conversation. Returns false when it was not subscribed.
+   * @param {string} convId
+   */
+  unsubscribe(convId) {
+    if (!this._subs.delete(convId)) return false;
+    if (this._isOpen()) this._send({ type: "ws.unsubscribe", conv_id: convId });
+    return true;
+  }
+
+  /** Send a ws.ping now; the answer arrives as a "pong" event. Returns false when not open. */
+  ping() {
+    if (!this._isOpen()) return false;
+    this._send({ type: "ws.ping" });
+    this._armPongTimeout();
+    return true;
+  }
+
+  /** Close the connection for good (until connect() is called again). Subscriptions are kept. */
+  close(code = 1000, reason = "client closed") {
+    const wasRunning = this._running;
+    this._running = false;
+    this._generation += 1;
+    this._clearTimers();
+    const socket = this._socket;
+    this._socket = null;
+    if (socket) {
+      detach(socket);
+      try {
+        socket.close(code, reason);
+      } catch {
+        /* already closed */
+      }
+    }
+    if (wasRunning || socket) this._setStatus("closed", { code, reason, willReconnect: false });
+  }
+
+  /**
+   * Listen to an event; `fn(detail, event)`. Returns a function that removes the listener.
+   * Events: "event", "state", "reset", "subscribed", "unsubscribed", "status", "error",
+   * "hello", "pong", "message" (every object received, before handling).
+   *
+   * @param {string} name
+   * @param {(detail: any, event: Event) => void} fn
+   */
+  on(name, fn) {
+    let byFn = this._wrapped.get(name);
+    if (!byFn) this._wrapped.set(name, (byFn = new Map()));
+    if (!byFn.has(fn)) {
+      /** @type {EventListener} */
+      const listener = (event) => fn(/** @type {CustomEvent} */ (event).detail, event);
+      byFn.set(fn, listener);
+      this.addEventListener(name, listener);
+    }
+    return () => this.off(name, fn);
+  }
+
+  /**
+   * Remove a listener added with on().
+   * @param {string} name
+   * @param {(detail: any, event: Event) => void} fn
+   */
+  off(name, fn) {
+    const listener = this._wrapped.get(name)?.get(fn);
+    if (listener) {
+      this.removeEventListener(name, listener);
+      this._wrapped.get(name)?.delete(fn);
+    }
+  }
+
+  // ---- connection lifecycle -----------------------------------------------------------------
+
+  _isOpen() {
+    return this._socket !== null && this._socket.readyState === OPEN;
+  }
+
+  async _open() {
+    if (!this._running) return;
+    const generation = ++this._generation;
+    this._urlIndex = (this._urlIndex + 1) % this._urls.length;
+    const base = this._urls[this._urlIndex];
+    this._setStatus("connecting", { url: base, attempt: this._attempt });
+    let url;
+    try {
+      const token = typeof this._token === "function" ? await this._token() : this._token;
+      if (!this._running || generation !== this._generation) return;
+      url = buildUrl(base, { ...this._params, profile: this.profile, ...(token ? { token } : {}) });
+    } catch (error) {
+      if (!this._running || generation !== this._generation) return;
+      this._emit("error", { code: "token", message: `token provider failed: ${errorMessage(error)}`, error });
+      this._scheduleReconnect({ code: 1006, reason: "token provider failed" });
+      return;
+    }
+    let socket;
+    try {
+      socket = new this._WebSocket(url);
+    } catch (error) {
+      this._emit("error", { code: "connect", message: errorMessage(error), error });
+      this._scheduleReconnect({ code: 1006, reason: errorMessage(error) });
+      return;
+    }
+    this._socket = socket;
+    this.stats.connects += 1;
+    try {
+      socket.binaryType = "arraybuffer";
+    } catch {
+      /* not supported: text frames only anyway */
+    }
+    if (this._connectTimeoutMs > 0) {
+      this._timers.connect = setTimeout(() => {
+        if (socket === this._socket && socket.readyState === CONNECTING) {
+          this._drop(socket, "connect timeout");
+        }
+      }, this._connectTimeoutMs);
+    }
+    socket.onopen = () => {
+      if (socket !== this._socket) return;
+      clearTimer(this._timers, "connect");
+      this._setStatus("open", { url: base });
+      this._timers.stable = setTimeout(() => {
+        this._attempt = 0;
+      }, this._backoff.resetAfterMs);
+      for (const sub of this._subs.values()) this._sendSubscribe(sub);
+      this._startPing();
+    };
+    socket.onmessage = (/** @type {{data: any}} */ event) => {
+      if (socket !== this._socket) return;
+      this._onFrame(socket, event.data);
+    };
+    socket.onerror = () => {
+      /* a close event follows; the reason is reported there */
+    };
+    socket.onclose = (/** @type {{code: number, reason: string}} */ event) => {
+      if (socket !== this._socket) return;
+      this._onClose(event.code, event.reason);
+    };
+  }
+
+  /** Abandon a socket that does not answer, and reconnect. */
+  _drop(/** @type {any} */ socket, /** @type {string} */ reason) {
+    detach(socket);
+    try {
+      if (typeof socket.terminate === "function") socket.terminate();
+      else socket.close(4000, reason);
+    } catch {
+      /* ignore */
+    }
+    this._onClose(1006, reason);
+  }
+
+  _onClose(/** @type {number} */ code, /** @type {string} */ reason) {
+    this._socket = null;
+    this._clearTimers();
+    if (!this._running) return;
+    if (FATAL_CLOSE_CODES.includes(code)) {
+      this._running = false;
+      this._setStatus("failed", { code, reason, willReconnect: false });
+      return;
+    }
+    this._scheduleReconnect({ code, reason });
+  }
+
+  _scheduleReconnect(/** @type {{code: number, reason: string}} */ info) {
+    if (!this._running) return;
+    if (this._attempt >= this._maxAttempts) {
+      this._running = false;
+      this._setStatus("failed", { ...info, willReconnect: false, attempts: this._attempt });
+      return;
+    }
+    // A draining gateway (1012) asks to go elsewhere now: the next URL, without waiting,
+    // unless the previous attempt already failed (then back off like any other failure).
+    const immediate = info.code === CLOSE_DRAINING && this._attempt === 0;
+    const delayMs = immediate ? 0 : backoffDelay(this._attempt, this._backoff);
+    this._attempt += 1;
+    this._setStatus("closed", { ...info, willReconnect: true, delayMs });
+    this._timers.reconnect = setTimeout(() => {
+      this._timers.reconnect = null;
+      this._open();
+    }, delayMs);
+  }
+
+  _startPing() {
+    if (!(this._pingIntervalMs > 0)) return;
+    this._timers.ping = setInterval(() => this.ping(), this._pingIntervalMs);
+  }
+
+  _armPongTimeout() {
+    if (!(this._pongTimeoutMs > 0) || this._timers.pong) return;
+    const socket = this._socket;
+    this._timers.pong = setTimeout(() => {
+      this._timers.pong = null;
+      if (socket === this._socket) this._drop(socket, "ping timeout");
+    }, this._pongTimeoutMs);
+  }
+
+  _clearTimers() {
+    for (const name of Object.keys(this._timers)) clearTimer(this._timers, name);
+  }
+
+  _setStatus(/** @type {any} */ status, /** @type {object} */ info = {}) {
+    this._status = status;
+    this._emit("status", { status, ...info });
+  }
+
+  _send(/** @type {object} */ obj) {
+    this._socket.send(JSON.stringify(obj));
+  }
+
+  _sendSubscribe(/** @type {SubscriptionRecord} */ sub) {
+    /** @type {Record<string, unknown>} */
+    const msg = { type: "ws.subscribe", conv_id: sub.convId };
+    if (sub.types) msg.types = sub.types;
+    if (sub.needsState) {
+      msg.hydrate = true;
+    } else if (sub.seq !== null) {
+      msg.since = sub.seq;
+      if (sub.epoch !== null) msg.epoch = sub.epoch;
+    }
+    this._send(msg);
+  }
+
+  // ---- inbound ------------------------------------------------------------------------------
+
+  _onFrame(/** @type {any} */ socket, /** @type {unknown} */ data) {
+    // Any traffic proves the connection alive.
+    clearTimer(this._timers, "pong");
+    let text;
+    if (typeof data === "string") text = data;
+    else if (data instanceof ArrayBuffer || ArrayBuffer.isView(data)) text = new TextDecoder().decode(data);
+    else {
+      this._emit("error", { code: "bad_frame", message: "unexpected non-text frame" });
+      return;
+    }
+    const { messages, errors } = parseFrame(text);
+    for (const { line, error } of errors) {
+      this.stats.badLines += 1;
+      this._emit("error", { code: "bad_frame", message: `unparsable line: ${errorMessage(error)}`, line });
+    }
+    for (const msg of messages) {
+      // A listener may have closed (or reconnected) the client mid-frame.
+      if (socket !== this._socket) return;
+      this._emit("message", msg);
+      this._handle(msg);
+    }
+  }
+
+  _handle(/** @type {any} */ msg) {
+    const type = msg.type;
+    if (typeof type !== "string") return;
+    if (!type.startsWith("ws.")) {
+      this._onEvent(msg);
+      return;
+    }
+    switch (type) {
+      case "ws.hello":
+        this._emit("hello", msg);
+        return;
+      case "ws.pong":
+        this._emit("pong", msg);
+        return;
+      case "ws.error":
+        this._emit("error", msg);
+        return;
+      case "ws.subscribed":
+        this._onSubscribed(msg);
+        return;
+      case "ws.unsubscribed":
+        this._emit("unsubscribed", msg);
+        return;
+      case "ws.state":
+        this._onState(msg);
+        return;
+      case "ws.reset":
+        this._onReset(msg);
+        return;
+      default:
+        return; // unknown control objects are ignored (forward compatibility)
+    }
+  }
+
+  _onSubscribed(/** @type {any} */ msg) {
+    const sub = this._subs.get(msg.conv_id);
+    if (!sub) return;
+    if (msg.epoch !== undefined) sub.epoch = msg.epoch;
+    // Live-only subscription: nothing older than this will come.
+    if (sub.seq === null && !sub.needsState && typeof msg.seq === "number") sub.seq = msg.seq;
+    this._emit("subscribed", msg);
+  }
+
+  _onState(/** @type {any} */ msg) {
+    const sub = this._subs.get(msg.conv_id);
+    if (!sub) return;
+    sub.needsState = false;
+    sub.seq = msg.seq;
+    if (msg.epoch !== undefined) sub.epoch = msg.epoch;
+    this._emit("state", msg);
+  }
+
+  _onReset(/** @type {any} */ msg) {
+    const sub = this._subs.get(msg.conv_id);
+    if (!sub) return;
+    // The position becomes the reset's, even when it goes backwards (a new epoch starts at 0).
+    sub.seq = msg.seq;
+    if (msg.epoch !== undefined) sub.epoch = msg.epoch;
+    const rehydrate = sub.hydrate;
+    this._emit("reset", { ...msg, rehydrate });
+    if (rehydrate && this._subs.get(msg.conv_id) === sub) {
+      // What the app holds is stale: ask for a fresh snapshot (the server replaces the
+      // subscription in place).
+      sub.needsState = true;
+      if (this._isOpen()) this._sendSubscribe(sub);
+    }
+  }
+
+  _onEvent(/** @type {any} */ msg) {
+    const sub = this._subs.get(msg.conv_id);
+    if (!sub || typeof msg.seq !== "number") return;
+    if (sub.seq !== null && msg.seq <= sub.seq) {
+      this.stats.duplicatesDropped += 1;
+      return;
+    }
+    sub.seq = msg.seq;
+    this._emit("event", msg);
+  }
+
+  _emit(/** @type {string} */ name, /** @type {any} */ detail) {
+    this.dispatchEvent(new DetailEvent(name, { detail }));
+  }
+}
+
+// ---- helpers ----------------------------------------------------------------------------------
+
+/** Accept ws(s):// URLs, http(s):// (turned into ws(s)://) and, in a browser, relative paths. */
+function normalizeUrl(/** @type {string} */ raw) {
+  if (typeof raw !== "string" || !raw) throw new TypeError(`invalid URL ${JSON.stringify(raw)}`);
+  const base = globalThis.location?.href;
+  const url = base ? new URL(raw, base) : new URL(raw);
+  if (url.protocol === "http:") url.protocol = "ws:";
+  else if (url.protocol === "https:") url.protocol = "wss:";
+  if (url.protocol !== "ws:" && url.protocol !== "wss:") throw new TypeError(`not a websocket URL: ${raw}`);
+  return url.toString();
+}
+
+function buildUrl(/** @type {string} */ base, /** @type {Record<string, string>} */ params) {
+  const url = new URL(base);
+  for (const [name, value] of Object.entries(params)) url.searchParams.set(name, String(value));
+  return url.toString();
+}
+
+function detach(/** @type {any} */ socket) {
+  socket.onopen = socket.onmessage = socket.onclose = null;
+  // Keep an error handler: Node's `ws` throws on an "error" event nobody listens to.
+  socket.onerror = noop;
+}
+
+function noop() {}
+
+function clearTimer(/** @type {Record<string, any>} */ timers, /** @type {string} */ name) {
+  const t = timers[name];
+  if (t !== null) {
+    clearTimeout(t);
+    clearInterval(t);
+    timers[name] = null;
+  }
+}
+
+function errorMessage(/** @type {unknown} */ error) {
+  return error instanceof Error ? error.message : String(error);
+}
+
+export default BroadcasterClient;
