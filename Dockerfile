@@ -29,6 +29,8 @@ COPY pyproject.toml README.md ./
 COPY broadcaster ./broadcaster
 COPY gateway ./gateway
 COPY producers ./producers
+# gateway/static/broadcaster-client.js is a symlink to this file; the wheel gets its content
+COPY clients/js/broadcaster-client.js ./clients/js/broadcaster-client.js
 
 # Build the wheel, then install it with its dependencies into the venv (pip compiles
 # every module to .pyc while installing).

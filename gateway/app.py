@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.add_api_websocket_route("/ws", websocket_endpoint)
 
     if STATIC_DIR.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+        app.mount("/static", StaticFiles(directory=STATIC_DIR, follow_symlink=True), name="static")
 
         @app.get("/", include_in_schema=False)
         async def index() -> Response:

@@ -73,6 +73,8 @@ function connect() {
   client.on("event", onEvent);
   client.on("state", onState);
   client.on("reset", onReset);
+  // Count this page as soon as the gateway has it (again, after a reconnect), not at the next poll.
+  client.on("subscribed", () => pollPresence());
   client.on("error", (err) => note(`error ${err.code ?? ""}: ${err.message ?? ""}`, "error"));
 
   const options = { types: types || null, hydrate };
