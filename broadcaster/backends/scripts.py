@@ -1,0 +1,291 @@
+"""The server-side Lua scripts and the pure (I/O-free) helpers around them.
+
+Everything here is shared by the asyncio :class:`RedisBackend`, the async SDK and
+the blocking SDK: they only differ in how they send a command and await its reply.
+
+* ``PUBLISH``, ``READ``, ``PRESENCE_REPORT``, ``PRESENCE``: the ``.lua`` sources
+  shipped as package data, with their SHA1 for ``EVALSHA``;
+* ``publish_call`` / ``parse_publish_reply`` and friends: build a script's KEYS and
+  ARGV, and turn its reply into the core dataclasses;
+* :class:`PublishBatch`: the retry-safe bookkeeping of one ``publish_many``;
+* :func:`parse_redis_url`: ``redis://``, ``rediss://`` and ``redis+cluster://`` URLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from redis.exceptions import NoScriptError
+
+from broadcaster.backend import BackendSettings, BackendStats, Head, HistoryPage, Presence, StateSnapshot
+from broadcaster.backends.base import PreparedPublish
+from broadcaster.codec import decode_envelope
+from broadcaster.envelope import Envelope, PublishResult
+from broadcaster.errors import PayloadDecodeError, ValidationError
+from broadcaster.keys import KeyLayout
+
+log = logging.getLogger("broadcaster.backend")
+
+Command = tuple[Any, ...]
+"""Positional arguments of one Redis command, e.g. ``("EVALSHA", sha, 6, *keys, *argv)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A Lua script of this package: its source and the SHA1 ``EVALSHA`` calls it by."""
+
+    name: str
+    source: str
+    sha: str
+
+    @classmethod
+    def load(cls, name: str) -> LuaScript:
+        source = importlib.resources.files("broadcaster.backends").joinpath(f"{name}.lua").read_text("utf-8")
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> Command:
+        """The ``EVALSHA`` command running this script."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+PUBLISH = LuaScript.load("publish")
+READ = LuaScript.load("read")
+PRESENCE_REPORT = LuaScript.load("presence_report")
+PRESENCE = LuaScript.load("presence")
+SCRIPTS = (PUBLISH, READ, PRESENCE_REPORT, PRESENCE)
+
+
+def is_noscript(reply: object) -> bool:
+    """True for the error a server answers when it does not know a script's SHA (yet)."""
+    return isinstance(reply, NoScriptError)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- publish -----------------------------------------------------------------
+
+
+def publish_call(
+    layout: KeyLayout, prepared: PreparedPublish, settings: BackendSettings, epoch: str, sharded: bool
+) -> tuple[list[str], list[bytes | str | int]]:
+    """KEYS and ARGV of ``publish.lua`` for one validated event (see the script's header)."""
+    conv = prepared.conv
+    keys = [
+        layout.meta(conv),
+        layout.log(conv),
+        layout.live(conv),
+        layout.state(conv),
+        layout.state_order(conv),
+        layout.idempotency(conv, prepared.id),
+    ]
+    args: list[bytes | str | int] = [
+        conv,
+        prepared.id,
+        prepared.type,
+        prepared.data,
+        prepared.key or "",
+        settings.history_size,
+        settings.history_ttl,
+        prepared.id_ttl,
+        epoch,
+        settings.state_max_entries,
+        "1" if sharded else "0",
+    ]
+    return keys, args
+
+
+def parse_publish_reply(conv: str, event_id: str, reply: Any) -> PublishResult:
+    """The :class:`PublishResult` of a ``publish.lua`` reply ``[seq, epoch, duplicate, evicted]``."""
+    seq, epoch, duplicate, evicted = reply
+    return PublishResult(conv, int(seq), event_id, _text(epoch), duplicate=bool(int(duplicate)),
+                         evicted=int(evicted))
+
+
+class PublishBatch:
+    """The publishes of one ``publish_many`` call, free of I/O.
+
+    A driver loops: ``commands()`` gives the ``EVALSHA`` calls still without a
+    result, in order; it sends them (one pipeline, one round trip) and hands the
+    replies to ``feed()``. A ``NOSCRIPT`` reply leaves its event pending and sets
+    ``needs_script`` (load ``PUBLISH.source``, then loop); another error reply is
+    raised once the successes next to it are recorded. Because each event keeps
+    its id and epoch across attempts, a driver may retry after any failure: an
+    event applied by an attempt whose reply was lost then reports ``duplicate``.
+    """
+
+    def __init__(
+        self, layout: KeyLayout, prepared: Sequence[PreparedPublish], settings: BackendSettings, epoch: str,
+        sharded: bool,
+    ) -> None:
+        self._prepared = list(prepared)
+        self._commands = [PUBLISH.command(*publish_call(layout, p, settings, epoch, sharded)) for p in prepared]
+        self._results: list[PublishResult | None] = [None] * len(self._prepared)
+        self._sent: list[int] = []
+        self.needs_script = False
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self._results)
+
+    def commands(self) -> list[Command]:
+        """The commands to send now (those without a result yet), in publish order."""
+        self._sent = [i for i, r in enumerate(self._results) if r is None]
+        self.needs_script = False
+        return [self._commands[i] for i in self._sent]
+
+    def feed(self, replies: Sequence[Any]) -> None:
+        """Record the replies to the last ``commands()``; raise the first non-NOSCRIPT error."""
+        if len(replies) != len(self._sent):
+            raise ValueError(f"{len(replies)} replies for {len(self._sent)} commands")
+        error: BaseException | None = None
+        for index, reply in zip(self._sent, replies, strict=True):
+            if is_noscript(reply):
+                self.needs_script = True
+            elif isinstance(reply, BaseException):
+                error = error or reply
+            else:
+                item = self._prepared[index]
+                self._results[index] = parse_publish_reply(item.conv, item.id, reply)
+        self._sent = []
+        if error is not None:
+            raise error
+
+    def results(self) -> list[PublishResult]:
+        """Every result, in request order (only once ``done``)."""
+        if not self.done:
+            raise RuntimeError("publish batch is not complete")
+        return [r for r in self._results if r is not None]
+
+
+# --- reads -------------------------------------------------------------------
+
+
+def read_call(
+    layout: KeyLayout, conv: str, op: str, epoch: str, history_ttl: int, since: int = 0, limit: int = 0
+) -> Command:
+    """The ``read.lua`` command for ``op`` in ``head``, ``history``, ``state``."""
+    keys = [layout.meta(conv), layout.log(conv), layout.state(conv), layout.state_order(conv)]
+    return READ.command(keys, [op, epoch, history_ttl, since, limit])
+
+
+def parse_head(reply: Any) -> Head:
+    return Head(_text(reply[0]), int(reply[1]))
+
+
+def _decode(payload: Any, stats: BackendStats) -> Envelope | None:
+    try:
+        return decode_envelope(payload)
+    except PayloadDecodeError as exc:
+        stats.decode_errors += 1
+        log.debug("dropped an undecodable stored payload: %s", exc)
+        return None
+
+
+def parse_history(reply: Any, since: int, stats: BackendStats) -> HistoryPage:
+    """A :class:`HistoryPage` from ``[epoch, seq, first seq, payload...]``; bad payloads are counted and skipped."""
+    epoch, seq, first = _text(reply[0]), int(reply[1]), int(reply[2])
+    events = [env for env in (_decode(p, stats) for p in reply[3:]) if env is not None]
+    truncated = since < seq and (first == 0 or first > since + 1)
+    return HistoryPage(epoch, seq, events, truncated)
+
+
+def parse_state(reply: Any, stats: BackendStats) -> StateSnapshot:
+    """A :class:`StateSnapshot` from ``[epoch, seq, key, payload, ...]``; bad payloads are counted and skipped."""
+    entities: dict[str, Envelope] = {}
+    flat = reply[2:]
+    for key, payload in zip(flat[::2], flat[1::2], strict=True):
+        env = _decode(payload, stats)
+        if env is not None:
+            entities[_text(key)] = env
+    return StateSnapshot(_text(reply[0]), int(reply[1]), entities)
+
+
+# --- presence ----------------------------------------------------------------
+
+
+def presence_report_calls(
+    layout: KeyLayout, gateway_id: str, counts: Mapping[str, Mapping[str, int]], ttl: float
+) -> list[Command]:
+    """One ``presence_report.lua`` command per conversation of ``counts``."""
+    ttl_ms = max(1, int(ttl * 1000))
+    commands = []
+    for conv, by_profile in counts.items():
+        args: list[str | int] = [ttl_ms]
+        for profile, count in by_profile.items():
+            args += [f"{gateway_id}|{profile}", max(0, int(count))]
+        commands.append(PRESENCE_REPORT.command([layout.presence(conv)], args))
+    return commands
+
+
+def presence_call(layout: KeyLayout, conv: str) -> Command:
+    return PRESENCE.command([layout.presence(conv)], [])
+
+
+def parse_presence(reply: Any) -> Presence:
+    """A :class:`Presence` from ``[profile, count, ...]``."""
+    by_profile = {_text(p): int(n) for p, n in zip(reply[::2], reply[1::2], strict=True)}
+    return Presence(sum(by_profile.values()), by_profile)
+
+
+# --- URLs --------------------------------------------------------------------
+
+CLUSTER_SCHEME = "redis+cluster"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where Redis is: a plain URL, or the startup nodes of a Redis Cluster."""
+
+    url: str
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def is_cluster(self) -> bool:
+        return bool(self.cluster_nodes)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://[user:pass@]host:port[,host:port...]``.
+
+    Raises :class:`ValidationError` (field ``url``) for anything else.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValidationError("url", f"not a URL: {url!r}")
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisTarget(url)
+    if scheme != CLUSTER_SCHEME:
+        raise ValidationError("url", f"unsupported scheme {scheme!r} (redis, rediss, redis+cluster)")
+    userinfo, _, hostlist = rest.rpartition("@")
+    hostlist = hostlist.split("/", 1)[0].split("?", 1)[0]
+    nodes = tuple(_host_port(item) for item in hostlist.split(",") if item)
+    if not nodes:
+        raise ValidationError("url", f"no cluster node in {url!r}")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    return RedisTarget(url, nodes, username, password)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    if item.startswith("["):  # [::1]:7000
+        host, _, port = item[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    try:
+        return host, int(port) if port else 6379
+    except ValueError:
+        raise ValidationError("url", f"bad port in {item!r}") from None

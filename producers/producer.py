@@ -1,0 +1,140 @@
+"""``Producer`` (blocking) and ``AsyncProducer`` (asyncio): publish events from any service (CONTRACT §5).
+
+Both take the same URLs — ``redis://``, ``rediss://``, ``redis+cluster://`` publish
+with the server-side script; ``http://``, ``https://`` go through a gateway — and
+have the same methods; only the async ones are coroutines. Validation and event
+ids happen up front (:mod:`producers.options`), the transport only sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Protocol
+
+from broadcaster.backend import Presence
+from broadcaster.backends.scripts import parse_redis_url
+from broadcaster.envelope import PublishResult
+from broadcaster.errors import ValidationError
+from producers.http_transport import AsyncHttpTransport, SyncHttpTransport
+from producers.options import Outgoing, ProducerOptions, PublishItem, prepare
+from producers.redis_transport import AsyncRedisTransport, SyncRedisTransport
+
+HTTP_SCHEMES = ("http", "https")
+
+
+class SyncTransport(Protocol):
+    def publish_many(self, batch: list[Outgoing]) -> list[PublishResult]: ...
+    def presence(self, conv: str) -> Presence: ...
+    def close(self) -> None: ...
+
+
+class AsyncTransport(Protocol):
+    async def publish_many(self, batch: list[Outgoing]) -> list[PublishResult]: ...
+    async def presence(self, conv: str) -> Presence: ...
+    async def close(self) -> None: ...
+
+
+def _scheme(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ValidationError("url", f"not a URL: {url!r}")
+    return scheme.lower()
+
+
+def _watching(presence: Presence, profile: str | None) -> bool:
+    return presence.connections > 0 if profile is None else presence.by_profile.get(profile, 0) > 0
+
+
+class Producer:
+    """Blocking producer; see :meth:`from_url`. Thread-safe as redis-py / httpx clients are."""
+
+    def __init__(self, transport: SyncTransport, options: ProducerOptions) -> None:
+        self._transport = transport
+        self.options = options
+
+    @classmethod
+    def from_url(cls, url: str, key_prefix: str = "bc", **options: Any) -> Producer:
+        """A producer for ``url``; ``options`` are the fields of :class:`ProducerOptions`.
+
+        Connections open lazily, on the first call.
+        """
+        opts = ProducerOptions.from_kwargs(options)
+        transport: SyncTransport
+        if _scheme(url) in HTTP_SCHEMES:
+            transport = SyncHttpTransport(url, opts)
+        else:
+            transport = SyncRedisTransport(parse_redis_url(url), key_prefix, opts)
+        return cls(transport, opts)
+
+    def publish(self, conv: str, type: str, data: Any = None, id: str | None = None,
+                key: str | None = None) -> PublishResult:
+        """Publish one event (see CONTRACT §5); retried on transient errors, then BackendUnavailable."""
+        return self._transport.publish_many(prepare([(conv, type, data, id, key)], self.options))[0]
+
+    def publish_many(self, items: Iterable[PublishItem]) -> list[PublishResult]:
+        """Publish events in order: Redis pipelines them in one round trip, HTTP sends one request each.
+
+        Every item is validated before any is sent.
+        """
+        return self._transport.publish_many(prepare(items, self.options))
+
+    def presence(self, conv: str) -> Presence:
+        """Live connections watching ``conv`` over every gateway."""
+        return self._transport.presence(conv)
+
+    def has_subscribers(self, conv: str, profile: str | None = None) -> bool:
+        """True if someone watches ``conv`` (with ``profile``, when given): skip producing otherwise."""
+        return _watching(self.presence(conv), profile)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncProducer:
+    """Asyncio producer: :class:`Producer`'s methods as coroutines; ``async with`` closes it."""
+
+    def __init__(self, transport: AsyncTransport, options: ProducerOptions) -> None:
+        self._transport = transport
+        self.options = options
+
+    @classmethod
+    def from_url(cls, url: str, key_prefix: str = "bc", **options: Any) -> AsyncProducer:
+        """Like :meth:`Producer.from_url`; connections open lazily, in the running loop."""
+        opts = ProducerOptions.from_kwargs(options)
+        transport: AsyncTransport
+        if _scheme(url) in HTTP_SCHEMES:
+            transport = AsyncHttpTransport(url, opts)
+        else:
+            transport = AsyncRedisTransport(parse_redis_url(url), key_prefix, opts)
+        return cls(transport, opts)
+
+    async def publish(self, conv: str, type: str, data: Any = None, id: str | None = None,
+                      key: str | None = None) -> PublishResult:
+        return (await self._transport.publish_many(prepare([(conv, type, data, id, key)], self.options)))[0]
+
+    async def publish_many(self, items: Iterable[PublishItem]) -> list[PublishResult]:
+        return await self._transport.publish_many(prepare(items, self.options))
+
+    async def presence(self, conv: str) -> Presence:
+        return await self._transport.presence(conv)
+
+    async def has_subscribers(self, conv: str, profile: str | None = None) -> bool:
+        return _watching(await self.presence(conv), profile)
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()

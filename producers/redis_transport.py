@@ -1,0 +1,124 @@
+"""Publishing straight to Redis: the publish script of ``broadcaster/backends/publish.lua``.
+
+The async transport is :class:`broadcaster.backends.redis.RedisCommands` itself (the
+gateway's own publish path). The blocking transport repeats only its I/O: building
+calls, the retry-safe batch bookkeeping (:class:`PublishBatch`), NOSCRIPT handling
+and the retry policy are the shared ones from :mod:`broadcaster.backends.scripts` and
+:mod:`broadcaster.retry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
+from redis.retry import Retry
+
+from broadcaster.backend import BackendStats, Presence
+from broadcaster.backends import scripts
+from broadcaster.backends.base import new_epoch
+from broadcaster.backends.redis import COMMAND_TIMEOUT, CONNECT_TIMEOUT, RedisCommands, make_async_client
+from broadcaster.envelope import PublishResult
+from broadcaster.keys import KeyLayout
+from broadcaster.retry import RetryPolicy
+from broadcaster.validation import validate_conv_id
+from producers.options import Outgoing, ProducerOptions, prepared_only
+
+SyncClient = redis.Redis | RedisCluster
+
+
+def make_sync_client(target: scripts.RedisTarget) -> SyncClient:
+    """A blocking redis-py client for ``target``; its own retries are off (the policy retries)."""
+    options: dict[str, Any] = {
+        "protocol": 2,
+        "decode_responses": False,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": COMMAND_TIMEOUT,
+        "health_check_interval": 0,
+    }
+    if target.is_cluster:
+        nodes = [ClusterNode(host, port) for host, port in target.cluster_nodes]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=nodes, username=target.username, password=target.password,
+                            retry=Retry(NoBackoff(), 1), **options)
+    return redis.Redis.from_url(target.url, retry=Retry(NoBackoff(), 0), **options)
+
+
+class SyncRedisTransport:
+    """Blocking publish and presence over redis-py (standalone or cluster)."""
+
+    def __init__(self, target: scripts.RedisTarget, key_prefix: str, options: ProducerOptions) -> None:
+        # Any: redis-py's blocking cluster client is untyped; both kinds share the calls used here.
+        self.client: Any = make_sync_client(target)
+        self.layout = KeyLayout(key_prefix)
+        self.settings = options.settings()
+        self.retry = RetryPolicy(budget=options.retry_budget)
+        self.sharded = target.is_cluster
+
+    def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
+        if not batch:
+            return []
+        publish = scripts.PublishBatch(self.layout, prepared_only(batch), self.settings, new_epoch(), self.sharded)
+
+        def attempt() -> list[PublishResult]:
+            for _ in range(3):
+                publish.feed(self._send(publish.commands()))
+                if publish.done:
+                    return publish.results()
+                self._load_scripts()
+            raise ResponseError("NOSCRIPT persists after SCRIPT LOAD")
+
+        return self.retry.call(attempt)
+
+    def presence(self, conv: str) -> Presence:
+        command = scripts.presence_call(self.layout, validate_conv_id(conv))
+
+        def attempt() -> Any:
+            try:
+                return self.client.execute_command(*command)
+            except NoScriptError:
+                self._load_scripts()
+                return self.client.execute_command(*command)
+
+        return scripts.parse_presence(self.retry.call(attempt))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _load_scripts(self) -> None:
+        for script in scripts.SCRIPTS:
+            self.client.script_load(script.source)
+
+    def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
+        """Send ``commands`` in one round trip; error replies come back as exception values."""
+        if len(commands) == 1:
+            try:
+                return [self.client.execute_command(*commands[0])]
+            except ResponseError as exc:
+                return [exc]
+        client = self.client
+        pipe = client.pipeline(transaction=False) if isinstance(client, redis.Redis) else client.pipeline()
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(pipe.execute(raise_on_error=False))
+
+
+class AsyncRedisTransport:
+    """Asyncio publish and presence: the gateway's own :class:`RedisCommands`."""
+
+    def __init__(self, target: scripts.RedisTarget, key_prefix: str, options: ProducerOptions) -> None:
+        self.commands = RedisCommands(make_async_client(target), layout=KeyLayout(key_prefix),
+                                      settings=options.settings(), stats=BackendStats(),
+                                      retry=RetryPolicy(budget=options.retry_budget))
+
+    async def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
+        return await self.commands.publish_many(prepared_only(batch))
+
+    async def presence(self, conv: str) -> Presence:
+        return await self.commands.presence(conv)
+
+    async def close(self) -> None:
+        await self.commands.close()

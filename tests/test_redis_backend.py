@@ -1,0 +1,358 @@
+"""RedisBackend behaviour only Redis has: one SUBSCRIBE per channel, bad payloads on the wire,
+lost and silent pub/sub connections, restarts, NOSCRIPT, and the publish script's payload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import fakeredis
+import msgpack
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broadcaster.backend import BackendSettings
+from broadcaster.backends import scripts
+from broadcaster.backends.base import prepare_publish
+from broadcaster.backends.redis import RedisBackend
+from broadcaster.codec import decode_envelope, encode_envelope
+from broadcaster.envelope import Envelope, PublishRequest
+from broadcaster.errors import BackendUnavailable
+from broadcaster.keys import KeyLayout
+from tests.backend_suite import wait_for
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.tcp_proxy import TcpProxy
+
+SETTINGS = BackendSettings(unsubscribe_delay=0)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test only (it may be killed, restarted, flushed, counted)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[list[RedisBackend]]:
+    """Backends a test creates; closed afterwards."""
+    made: list[RedisBackend] = []
+    yield made
+    for backend in made:
+        await backend.close()
+
+
+async def started(made: list[RedisBackend], url: str, **options: Any) -> RedisBackend:
+    options.setdefault("settings", SETTINGS)
+    backend = RedisBackend(url, **options)
+    made.append(backend)
+    await backend.start()
+    return backend
+
+
+class Inbox:
+    """A listener that keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.events: list[Envelope] = []
+
+    def __call__(self, env: Envelope) -> None:
+        self.events.append(env)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events]
+
+
+# --- subscriptions -----------------------------------------------------------
+
+
+async def test_100_concurrent_first_subscribers_share_one_subscribe(
+    own_redis: RedisServer, backends: list[RedisBackend]
+) -> None:
+    b = await started(backends, own_redis.url)
+    assert own_redis.command_calls("subscribe") == 0
+    inboxes = [Inbox() for _ in range(100)]
+    await asyncio.gather(*(b.subscribe("brand-new", inbox) for inbox in inboxes))
+    await b.publish("brand-new", "t.x", {"hello": 1})
+    await wait_for(lambda: all(len(i.events) == 1 for i in inboxes), what="all 100 listeners got the event")
+    assert own_redis.command_calls("subscribe") == 1
+    assert b.stats.channel_subscribes == 1
+
+
+async def test_subscribe_returns_after_redis_confirmed(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
+    b = await started(backends, own_redis.url)
+    with contextlib.closing(own_redis.client()) as c:
+        for i in range(20):
+            await b.subscribe(f"conf-{i}", Inbox())
+            # Confirmed means Redis already counts the subscriber, with no wait of ours.
+            assert c.pubsub_numsub(f"bc:{{conf-{i}}}:live") == [(f"bc:{{conf-{i}}}:live".encode(), 1)]
+
+
+async def test_garbage_on_the_channel_is_counted_and_skipped(
+    redis_url: str, key_prefix: str, backends: list[RedisBackend]
+) -> None:
+    b = await started(backends, redis_url, key_prefix=key_prefix)
+    inbox = Inbox()
+    await b.subscribe("g", inbox)
+    channel = KeyLayout(key_prefix).live("g")
+    foreign = Envelope("other", 1, "id", "t.x", 1, None, "e")
+    garbage = [
+        b"\xc1 not msgpack",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"v": 2, "conv": "g"}),
+        msgpack.packb({"v": 1, "conv": "g", "seq": 0, "id": "x", "type": "t", "ts": 1, "epoch": "e"}),
+        encode_envelope(foreign),  # valid, but for another conversation than the channel's
+    ]
+    with contextlib.closing(redis.Redis.from_url(redis_url)) as raw:
+        for payload in garbage:
+            raw.publish(channel, payload)
+    result = await b.publish("g", "t.x", {"ok": True})
+    await wait_for(lambda: len(inbox.events) == 1, what="the valid event after the garbage")
+    assert inbox.seqs == [result.seq] and inbox.events[0].data == {"ok": True}
+    assert b.stats.decode_errors == len(garbage)
+    assert b.connected
+
+
+# --- lost connections --------------------------------------------------------
+
+
+async def test_killed_pubsub_connection_reconnects_and_calls_back(
+    own_redis: RedisServer, backends: list[RedisBackend]
+) -> None:
+    b = await started(backends, own_redis.url)
+    calls: list[bool] = []
+
+    async def on_reconnect() -> None:
+        calls.append(b.connected)
+
+    b.add_reconnect_callback(on_reconnect)
+    inboxes = {conv: Inbox() for conv in ("k1", "k2", "k3")}
+    for conv, inbox in inboxes.items():
+        await b.subscribe(conv, inbox)
+    for conv in inboxes:
+        await b.publish(conv, "t.x", 1)
+    await wait_for(lambda: all(len(i.events) == 1 for i in inboxes.values()), what="events before the kill")
+
+    with contextlib.closing(own_redis.client()) as c:
+        assert c.client_kill_filter(_type="pubsub") == 1
+    await wait_for(lambda: len(calls) == 1, what="reconnect callback")
+    assert calls == [True]  # callbacks run once every channel is subscribed again
+    assert b.stats.reconnects == 1 and b.connected
+    for conv in inboxes:
+        await b.publish(conv, "t.x", 2)
+    await wait_for(lambda: all(i.seqs == [1, 2] for i in inboxes.values()), what="events after the reconnect")
+    assert own_redis.command_calls("subscribe") >= 2
+
+
+async def test_redis_restart_disconnects_then_recovers(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
+    b = await started(backends, own_redis.url, retry_budget=20)
+    called = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        called.set()
+
+    b.add_reconnect_callback(on_reconnect)
+    inbox = Inbox()
+    await b.subscribe("r", inbox)
+    before = await b.publish("r", "t.x", 1)
+
+    own_redis.kill()
+    await wait_for(lambda: not b.connected, what="connected turns false")
+    assert not await b.ping()
+    publishing = asyncio.create_task(b.publish("r", "t.x", 2))  # retried until Redis is back
+    late_listener = Inbox()
+    subscribing = asyncio.create_task(b.subscribe("r2", late_listener))  # waits for the connection
+    await asyncio.sleep(0.3)
+    assert not publishing.done() and not subscribing.done()
+
+    own_redis.restart()
+    await asyncio.wait_for(called.wait(), 10)
+    after = await asyncio.wait_for(publishing, 10)
+    await asyncio.wait_for(subscribing, 10)
+    # Redis came back empty: the conversation starts over under a new epoch.
+    assert (after.seq, after.duplicate) == (1, False) and after.epoch != before.epoch
+    assert b.connected and await b.ping()
+    await b.publish("r2", "t.x", 3)
+    await wait_for(lambda: len(late_listener.events) == 1, what="delivery on a channel subscribed while down")
+    await b.publish("r", "t.x", 4)
+    await wait_for(lambda: inbox.seqs[-1:] == [2], what="delivery on a resubscribed channel")
+
+
+async def test_idle_probe_notices_a_silent_link(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
+    interval, timeout = 0.4, 0.4
+    with TcpProxy(own_redis.port) as proxy:
+        b = await started(backends, proxy.url, probe_interval=interval, probe_timeout=timeout)
+        direct = await started(backends, own_redis.url)  # publishes around the proxy
+        calls: list[float] = []
+
+        async def on_reconnect() -> None:
+            calls.append(time.monotonic())
+
+        b.add_reconnect_callback(on_reconnect)
+        inbox = Inbox()
+        await b.subscribe("p", inbox)
+        await direct.publish("p", "t.x", 1)
+        await wait_for(lambda: len(inbox.events) == 1, what="first event")
+
+        proxy.pause()
+        paused_at = time.monotonic()
+        await wait_for(lambda: not b.connected, timeout=5, what="the silent link is noticed")
+        noticed = time.monotonic() - paused_at
+        assert noticed <= interval * 1.25 + timeout + 0.5, noticed
+        await direct.publish("p", "t.x", 2)  # lost for live delivery: the callbacks report it
+
+        proxy.resume()
+        await wait_for(lambda: len(calls) == 1 and b.connected, timeout=10, what="recovery after resume")
+        await direct.publish("p", "t.x", 3)
+        await wait_for(lambda: inbox.seqs[-1:] == [3], what="delivery after recovery")
+        assert b.stats.reconnects == 1
+
+
+async def test_quiet_healthy_link_is_not_rebuilt(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
+    b = await started(backends, own_redis.url, probe_interval=0.1, probe_timeout=0.5)
+    await b.subscribe("quiet", Inbox())
+    await asyncio.sleep(0.6)  # several probe periods with nothing to read: PINGs, PONGs, no reconnect
+    assert b.stats.reconnects == 0 and b.connected
+    assert own_redis.command_calls("ping") >= 2
+
+
+# --- availability ------------------------------------------------------------
+
+
+async def test_start_fails_when_redis_is_unreachable() -> None:
+    b = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", retry_budget=0.5)
+    began = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await b.start()
+    assert time.monotonic() - began < 3
+    await b.close()
+
+
+async def test_publish_raises_after_the_retry_budget(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
+    b = await started(backends, own_redis.url, retry_budget=1.0)
+    own_redis.kill()
+    began = time.monotonic()
+    with pytest.raises(BackendUnavailable):
+        await b.publish("down", "t.x", 1)
+    assert 0.9 <= time.monotonic() - began < 2.5
+    with pytest.raises(BackendUnavailable):
+        await b.history("down", 0)
+
+
+async def test_scripts_are_reloaded_after_a_flush(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
+    b = await started(backends, own_redis.url)
+    await b.publish("ns", "t.x", 1)
+    with contextlib.closing(own_redis.client()) as c:
+        c.script_flush()
+    assert (await b.publish("ns", "t.x", 2)).seq == 2
+    c2 = own_redis.client()
+    c2.script_flush()
+    c2.close()
+    results = await b.publish_many([PublishRequest("ns", "t.x", i) for i in range(3)])
+    assert [r.seq for r in results] == [3, 4, 5]
+    c3 = own_redis.client()
+    c3.script_flush()
+    c3.close()
+    assert (await b.history("ns", 0)).seq == 5
+    await b.report_presence("gw", {"ns": {"default": 1}}, ttl=10)
+    assert (await b.presence("ns")).connections == 1
+
+
+async def test_publish_many_is_one_round_trip(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
+    b = await started(backends, own_redis.url)
+    await b.publish("warm", "t.x")  # loads the script
+    pipelines: list[int] = []
+    client = b.commands.client
+    original = client.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipelines.append(1)
+        return original(*args, **kwargs)
+
+    client.pipeline = counting_pipeline  # type: ignore[method-assign]
+    before = own_redis.command_calls("evalsha")
+    await b.publish_many([PublishRequest(f"c{i % 3}", "t.x", i) for i in range(30)])
+    assert len(pipelines) == 1
+    assert own_redis.command_calls("evalsha") - before == 30
+
+
+# --- the publish script's payload --------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=25,
+)
+
+
+def _round_trip(client: redis.Redis, layout: KeyLayout, data: Any, key: str | None) -> None:
+    prepared = prepare_publish(PublishRequest("prop", "t.prop", data, None, key), 60)
+    keys, args = scripts.publish_call(layout, prepared, BackendSettings(history_size=10), "epochx", False)
+    seq, epoch, _duplicate, _ = client.evalsha(scripts.PUBLISH.sha, len(keys), *keys, *args)
+    [(_entry_id, fields)] = client.xrange(layout.log("prop"), f"{seq}-0", f"{seq}-0")
+    payload = fields[b"p"]
+    env = decode_envelope(payload)
+    assert env == Envelope("prop", seq, prepared.id, "t.prop", env.ts, data, epoch.decode(), key)
+    assert encode_envelope(env) == payload  # byte for byte what the Python encoder writes
+    if key is not None and data is not None:
+        assert client.hget(layout.state("prop"), key) == payload
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def sync_client(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[tuple[redis.Redis, KeyLayout]]:
+    client: redis.Redis
+    if request.param == "fakeredis":
+        client = fakeredis.FakeRedis()
+    else:
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    for script in scripts.SCRIPTS:
+        client.script_load(script.source)
+    yield client, KeyLayout(key_prefix)
+    keys = list(client.scan_iter(match=f"{key_prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=json_values, key=st.none() | st.sampled_from(["k1", "timeline:42"]))
+def test_script_payload_round_trips_any_json(sync_client: tuple[redis.Redis, KeyLayout], data: Any,
+                                             key: str | None) -> None:
+    _round_trip(*sync_client, data, key)
+
+
+def test_script_payload_edge_cases(sync_client: tuple[redis.Redis, KeyLayout]) -> None:
+    for data in ([], {}, [[], {}], 2**64 - 1, -(2**63), 1.5, "é" * 40, "x" * 70_000, {"": None}, 0, True):
+        _round_trip(*sync_client, data, "k")
+
+
+# --- URLs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "nodes", "user", "password"),
+    [
+        ("redis://127.0.0.1:6379/0", (), None, None),
+        ("rediss://user:pw@host:6380/1", (), None, None),
+        ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001", (("10.0.0.1", 7000), ("10.0.0.2", 7001)), None, None),
+        ("redis+cluster://app:p%40ss@h1:7000/0?x=1", (("h1", 7000),), "app", "p@ss"),
+        ("redis+cluster://:secret@h1,[::1]:7002", (("h1", 6379), ("::1", 7002)), None, "secret"),
+    ],
+)
+def test_redis_urls(url: str, nodes: tuple[tuple[str, int], ...], user: str | None, password: str | None) -> None:
+    target = scripts.parse_redis_url(url)
+    assert (target.url, target.cluster_nodes, target.username, target.password) == (url, nodes, user, password)
+    assert target.is_cluster == bool(nodes)
+
+
+@pytest.mark.parametrize("url", ["memory://", "127.0.0.1:6379", "redis+cluster://", "redis+cluster://h:port"])
+def test_bad_redis_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="url"):
+        scripts.parse_redis_url(url)

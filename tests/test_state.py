@@ -1,0 +1,132 @@
+"""Conversation state: keyed upserts, /state, and hydrate over real websockets, on memory and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from broadcaster.backend import Backend, BackendSettings
+from broadcaster.envelope import PublishRequest
+from broadcaster.profiles import ProfileRegistry
+from gateway.settings import Settings
+from tests.support.gateway import InProcessGateway
+from tests.support.wsclient import WsClient
+
+pytestmark = pytest.mark.timeout(90)
+
+PROFILES = ProfileRegistry.from_mapping({"profiles": {
+    "lean": {"include": ["timeline.*"], "drop_fields": ["raw"]},
+    "full": {"include": ["*"]},
+}})
+
+
+def make_backend(kind: str, settings: BackendSettings, key_prefix: str, redis_url: str) -> Backend:
+    if kind == "memory":
+        from broadcaster.backends.memory import MemoryBackend
+
+        return MemoryBackend(settings)
+    from broadcaster.backends.redis import RedisBackend
+
+    return RedisBackend(redis_url, key_prefix=key_prefix, settings=settings)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def gateway(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[InProcessGateway]:
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    settings = Settings(state_max_entries=50)
+    backend_settings = BackendSettings(state_max_entries=50, history_size=100_000)
+    backend = make_backend(request.param, backend_settings, key_prefix, redis_url)
+    async with InProcessGateway(settings, backend=backend, profiles=PROFILES) as gw:
+        yield gw
+
+
+async def test_state_holds_latest_per_key_and_hydrate_continues_exactly(gateway: InProcessGateway) -> None:
+    backend = gateway.gateway.backend
+    rng = random.Random(7)
+    expected: dict[str, dict[str, int]] = {}
+    batch: list[PublishRequest] = []
+    for i in range(5000):
+        if i % 5 == 4:
+            batch.append(PublishRequest("s1", "chat.other", {"i": i}))
+        else:
+            key = f"msg-{rng.randrange(40)}"
+            data = {"i": i, "key": key}
+            expected[key] = data
+            batch.append(PublishRequest("s1", "timeline.delta", data, key=key))
+    for start in range(0, len(batch), 500):
+        await backend.publish_many(batch[start:start + 500])
+    assert len(expected) == 40
+
+    async with httpx.AsyncClient(base_url=gateway.http_url) as http:
+        state = (await http.get("/v1/conversations/s1/state", params={"profile": "full"})).json()
+    assert state["seq"] == 5000
+    assert {k: v["data"] for k, v in state["entities"].items()} == expected
+    assert all(v["key"] == k for k, v in state["entities"].items())
+
+    # hydrate while another task keeps publishing: ws.state, then every later event once, in order
+    stop = asyncio.Event()
+
+    async def keep_publishing() -> int:
+        n = 0
+        while not stop.is_set():
+            await backend.publish("s1", "timeline.delta", {"live": n}, key=f"msg-{n % 40}")
+            n += 1
+            await asyncio.sleep(0)
+        return n
+
+    publisher = asyncio.create_task(keep_publishing())
+    await asyncio.sleep(0.05)
+    client = await WsClient.connect(gateway.ws_url("conv_id=s1&profile=full&hydrate=1"))
+    subscribed = await client.expect("ws.subscribed")
+    snapshot = await client.next()
+    assert snapshot["type"] == "ws.state" and snapshot["seq"] == subscribed["seq"]
+    assert len(snapshot["entities"]) == 40
+    await asyncio.sleep(0.2)
+    stop.set()
+    await publisher
+    head = (await backend.head("s1")).seq
+    later = await client.events(head - snapshot["seq"], timeout=30)
+    assert [e["seq"] for e in later] == list(range(snapshot["seq"] + 1, head + 1))
+    # the snapshot plus the later events rebuild exactly the final state
+    rebuilt = {k: v["data"] for k, v in snapshot["entities"].items()}
+    for e in later:
+        rebuilt[e["key"]] = e["data"]
+    final = (await backend.state("s1")).entities
+    assert rebuilt == {k: env.data for k, env in final.items()}
+
+
+async def test_two_profiles_hydrate_to_their_own_views(gateway: InProcessGateway) -> None:
+    backend = gateway.gateway.backend
+    await backend.publish("v1", "timeline.item", {"text": "a", "raw": "secret"}, key="a")
+    await backend.publish("v1", "chat.note", {"text": "b"}, key="b")
+    lean = await WsClient.connect(gateway.ws_url("conv_id=v1&profile=lean&hydrate=1"))
+    full = await WsClient.connect(gateway.ws_url("conv_id=v1&profile=full&hydrate=1"))
+    lean_state = await lean.expect("ws.state")
+    full_state = await full.expect("ws.state")
+    assert {k: v["data"] for k, v in lean_state["entities"].items()} == {"a": {"text": "a"}}
+    assert {k: v["data"] for k, v in full_state["entities"].items()} == {"a": {"text": "a", "raw": "secret"},
+                                                                         "b": {"text": "b"}}
+    async with httpx.AsyncClient(base_url=gateway.http_url) as http:
+        over_http = (await http.get("/v1/conversations/v1/state", params={"profile": "lean"})).json()
+    assert over_http["entities"] == lean_state["entities"]
+
+
+async def test_delete_entry_and_cap_evicts_oldest_updated(gateway: InProcessGateway) -> None:
+    backend = gateway.gateway.backend
+    await backend.publish("d1", "timeline.item", {"v": 1}, key="gone")
+    deleted = await backend.publish("d1", "timeline.item", None, key="gone")
+    state = await backend.state("d1")
+    assert "gone" not in state.entities and state.seq == deleted.seq
+    for i in range(50):
+        await backend.publish("d1", "timeline.item", {"v": i}, key=f"k{i}")
+    await backend.publish("d1", "timeline.item", {"v": "again"}, key="k0")  # k0 is now the newest
+    result = await backend.publish("d1", "timeline.item", {"v": "new"}, key="k50")
+    assert result.evicted == 1
+    state = await backend.state("d1")
+    assert len(state.entities) == 50
+    assert "k1" not in state.entities and "k0" in state.entities and "k50" in state.entities
+    assert backend.stats.state_evictions >= 1  # counted for the metrics
