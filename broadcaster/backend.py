@@ -13,8 +13,14 @@ Delivery contract towards listeners:
 * a payload that cannot be decoded is counted in ``stats.decode_errors`` and
   skipped; it never stops delivery;
 * after the backend lost and regained its subscription connection it calls every
-  reconnect callback (the hub then repairs each conversation from history); while
-  disconnected ``connected`` is false;
+  reconnect callback; while disconnected ``connected`` is false;
+* whenever live events of some conversations may have been missed (a subscription
+  connection came back, a channel was dropped by the server and subscribed again,
+  e.g. on another Redis Cluster shard) it calls every resubscribe callback with those
+  conversations once their subscription is active again (the hub then repairs them
+  from history). A backend that cannot tell which conversations were affected
+  reports ``None``: every conversation (the default of
+  :meth:`Backend.add_resubscribe_callback`, built on the reconnect callbacks);
 * ``subscribe`` returns once the subscription is active: every event published
   after it returns reaches the listener (unless the connection drops, which the
   reconnect callbacks report).
@@ -23,7 +29,7 @@ Delivery contract towards listeners:
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +37,8 @@ from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 
 Listener = Callable[[Envelope], None]
 ReconnectCallback = Callable[[], Awaitable[None]]
+ResubscribeCallback = Callable[[Collection[str] | None], Awaitable[None]]
+"""Called with the conversations to repair from history, or None for every conversation."""
 
 DEFAULT_HISTORY_SIZE = 1000
 DEFAULT_HISTORY_TTL = 86400
@@ -153,6 +161,21 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def add_reconnect_callback(self, callback: ReconnectCallback) -> None:
         """Call ``callback`` after every re-established subscription connection."""
+
+    def add_resubscribe_callback(self, callback: ResubscribeCallback) -> None:
+        """Call ``callback(convs)`` once the subscriptions of ``convs`` are active again after a gap.
+
+        ``convs`` are the conversations whose live events may have been missed. This
+        default cannot tell which ones: it reports ``None`` (every conversation) after
+        every re-established subscription connection. A backend that loses
+        subscriptions piecemeal (one shard of a cluster, one moved channel) overrides
+        it to name only the conversations concerned.
+        """
+
+        async def on_reconnect() -> None:
+            await callback(None)
+
+        self.add_reconnect_callback(on_reconnect)
 
     @abc.abstractmethod
     async def head(self, conv: str) -> Head:

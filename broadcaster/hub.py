@@ -14,7 +14,8 @@ Guarantees, per subscription (CONTRACT §3):
   events arriving meanwhile are buffered and merged by seq.
 * A feed delivers seq ``n + 1`` only after ``n``: a jump triggers a history read
   that fills the gap first; late or repeated payloads (seq already delivered) are
-  dropped. After a backend reconnect every feed repairs from history.
+  dropped. When the backend resubscribed a conversation after a gap (a reconnect, a
+  moved cluster slot) its feed repairs from history.
 * When a conversation's epoch changes (its backend state was lost) every
   subscriber gets ``ws.reset`` ``epoch_changed`` with seq 0, then the events of the
   new epoch. When the gap cannot be filled because history no longer holds it,
@@ -28,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,6 +104,8 @@ class _Feed:
     groups: dict[_GroupKey, _Group] = field(default_factory=dict)
     members: dict[Subscriber, _Member] = field(default_factory=dict)
     sync_task: asyncio.Task[None] | None = None
+    again: bool = False
+    """A reconnect happened while a repair was running: its history read may predate the outage."""
     listener: Listener = field(init=False)
 
 
@@ -125,7 +128,7 @@ class Hub:
         self._feeds: dict[str, _Feed] = {}
         self._feed_lock = KeyedLock()
         self._dirty: set[str] = set()
-        backend.add_reconnect_callback(self.repair_all)
+        backend.add_resubscribe_callback(self.repair)
 
     # ---- subscriptions -------------------------------------------------------------------
 
@@ -247,7 +250,8 @@ class Hub:
             raise
         feed.epoch, feed.last_seq = head.epoch, head.seq
         self._feeds[conv] = feed
-        self._drain(feed)
+        if not self._drain(feed):  # a live event past head + 1 arrived meanwhile: repair, do not stall
+            self._start_sync(feed)
         return feed
 
     async def _start(
@@ -370,7 +374,21 @@ class Hub:
 
     async def repair_all(self) -> None:
         """Repair every feed from history (after the backend reconnected)."""
-        for feed in list(self._feeds.values()):
+        await self.repair(None)
+
+    async def repair(self, convs: Collection[str] | None) -> None:
+        """Repair the feeds of ``convs`` (every feed if None) from history: the backend resubscribed them.
+
+        A feed already repairing reads history once more: the read it has in flight may
+        have been answered before the events lost during the outage were published.
+        """
+        if convs is None:
+            feeds = list(self._feeds.values())
+        else:
+            feeds = [feed for conv in convs if (feed := self._feeds.get(conv)) is not None]
+        for feed in feeds:
+            if feed.sync_task is not None and not feed.sync_task.done():
+                feed.again = True
             self._start_sync(feed)
 
     async def _sync(self, feed: _Feed) -> None:
@@ -378,6 +396,8 @@ class Hub:
         self.stats.gap_repairs += 1
         delay = 0.05
         while self._feeds.get(feed.conv) is feed:
+            feed.again = False
+            before = (feed.epoch, feed.last_seq)
             try:
                 await self._catch_up(feed)
             except asyncio.CancelledError:
@@ -387,8 +407,16 @@ class Hub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            if feed.again:
+                continue
             if self._drain(feed):
                 return
+            if (feed.epoch, feed.last_seq) == before:
+                # History does not (yet) hold what the buffered live events continue from: do not spin.
+                log.warning("repair of %s made no progress at seq %d; retrying in %.2fs", feed.conv,
+                            feed.last_seq, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _catch_up(self, feed: _Feed) -> None:
         while True:

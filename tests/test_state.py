@@ -130,3 +130,83 @@ async def test_delete_entry_and_cap_evicts_oldest_updated(gateway: InProcessGate
     assert len(state.entities) == 50
     assert "k1" not in state.entities and "k0" in state.entities and "k50" in state.entities
     assert backend.stats.state_evictions >= 1  # counted for the metrics
+
+
+async def test_client_away_past_history_resets_then_rehydrates_then_live(redis_url: str, key_prefix: str) -> None:
+    """A hydrating Python client that was away longer than the history ends with the right state."""
+    from broadcaster.backends.redis import RedisBackend
+    from producers.client import BroadcasterClient, Event, Reset, State
+    from tests.support.gateway import GatewayProcess
+
+    backend = RedisBackend(redis_url, key_prefix=key_prefix, settings=BackendSettings(history_size=20))
+    await backend.start()
+    gw = GatewayProcess("--redis-url", redis_url, "--key-prefix", key_prefix, "--history-size", "20").start()
+    client = BroadcasterClient(gw.ws_url(), ["away"], hydrate=True, backoff_max=0.3)
+    items: list[object] = []
+
+    async def collect() -> None:
+        async for item in client:
+            items.append(item)
+
+    async def wait_for(condition: object, what: str, timeout: float = 15.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not condition():  # type: ignore[operator]
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}: {items[-3:]}"
+            await asyncio.sleep(0.02)
+
+    reader = asyncio.create_task(collect())
+    try:
+        await wait_for(lambda: any(isinstance(i, State) for i in items), "initial state")
+        await backend.publish("away", "timeline.item", {"v": 0}, key="a")
+        await wait_for(lambda: any(isinstance(i, Event) and i.seq == 1 for i in items), "first event")
+        gw.kill()  # the client is away now
+        for i in range(100):  # far past the 20 events of history
+            await backend.publish("away", "timeline.item", {"v": i}, key=f"k{i % 5}")
+        await backend.publish("away", "timeline.item", None, key="a")  # the entry it had is deleted
+        gw = GatewayProcess("--redis-url", redis_url, "--key-prefix", key_prefix, "--history-size", "20",
+                            port=gw.port).start()
+        await wait_for(lambda: any(isinstance(i, State) and i.seq >= 102 for i in items), "re-hydration")
+        resets = [i for i in items if isinstance(i, Reset)]
+        assert resets and resets[0].reason == "history_truncated"
+        state = next(i for i in items if isinstance(i, State) and i.seq >= 102)
+        assert items.index(resets[0]) < items.index(state)
+        assert {k: e.data for k, e in state.entities.items()} == {f"k{j}": {"v": 95 + j} for j in range(5)}
+        await backend.publish("away", "timeline.item", {"v": "live"}, key="k0")
+        await wait_for(lambda: isinstance(items[-1], Event) and items[-1].seq == 103, "live event after state")
+        after = [i for i in items[items.index(state) + 1:] if isinstance(i, Event)]
+        assert [e.seq for e in after] == [103]
+    finally:
+        await client.close()
+        reader.cancel()
+        gw.stop()
+        await backend.close()
+
+
+async def test_state_survives_a_redis_restart_with_aof(key_prefix: str) -> None:
+    from broadcaster.backends.redis import RedisBackend
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(appendonly=True).start()
+    backend = RedisBackend(server.url, key_prefix=key_prefix)
+    await backend.start()
+    try:
+        for i in range(30):
+            await backend.publish("aof", "timeline.item", {"v": i}, key=f"k{i % 7}")
+        before = await backend.state("aof")
+        server.kill()
+        server.restart()
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            try:
+                after = await backend.state("aof")
+                break
+            except Exception:
+                assert asyncio.get_running_loop().time() < deadline, "backend did not come back"
+                await asyncio.sleep(0.1)
+        assert (after.epoch, after.seq) == (before.epoch, before.seq) == (before.epoch, 30)
+        assert {k: e.data for k, e in after.entities.items()} == {k: e.data for k, e in before.entities.items()}
+        nxt = await backend.publish("aof", "timeline.item", {"v": "next"}, key="k0")
+        assert (nxt.seq, nxt.epoch) == (31, before.epoch)
+    finally:
+        await backend.close()
+        server.stop()

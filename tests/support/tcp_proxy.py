@@ -8,7 +8,8 @@ same object serves async tests, blocking code and subprocesses (give them its UR
   FIN, no RST), like a frozen peer or a black-holed network. ``pause(upstream=False)``
   holds only the replies: requests reach the server, answers never come back (a
   timed-out request that was nevertheless applied). ``resume()`` forwards again, held
-  bytes first.
+  bytes first. ``pause(..., drop=True)`` discards the bytes instead of holding them:
+  they are lost for good (the connection is useless afterwards; clients reconnect).
 * ``cut()`` - close every open connection (both sides see it drop); new ones work.
 * ``block()`` - cut, and close every new connection as soon as it is accepted, until
   ``unblock()``: the target looks unreachable while it keeps running.
@@ -41,6 +42,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._up: asyncio.Event | None = None  # client -> target may flow
         self._down: asyncio.Event | None = None  # target -> client may flow
+        self._dropping: set[str] = set()  # directions ("up", "down") whose bytes are discarded
         self._blocked = False
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -82,20 +84,22 @@ class TcpProxy:
         assert self._up is not None and self._down is not None
         self._writers.update((client_w, target_w))
         try:
-            await asyncio.gather(self._pump(client_r, target_w, self._up), self._pump(target_r, client_w, self._down),
-                                 return_exceptions=True)
+            await asyncio.gather(self._pump(client_r, target_w, self._up, "up"),
+                                 self._pump(target_r, client_w, self._down, "down"), return_exceptions=True)
         finally:
             for w in (client_w, target_w):
                 self._writers.discard(w)
                 w.close()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event,
+                    direction: str) -> None:
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     break
+                if direction in self._dropping:
+                    continue
                 await flowing.wait()
                 if writer.is_closing():
                     break
@@ -110,16 +114,16 @@ class TcpProxy:
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout=10)
 
-    def pause(self, *, upstream: bool = True, downstream: bool = True) -> None:
-        """Hold the bytes of the given directions (default: both); connections stay open."""
+    def pause(self, *, upstream: bool = True, downstream: bool = True, drop: bool = False) -> None:
+        """Hold (or with ``drop``, discard) the bytes of the given directions; connections stay open."""
         assert self._up is not None and self._down is not None
         up, down = self._up, self._down
 
         def apply() -> None:
             if upstream:
-                up.clear()
+                self._dropping.add("up") if drop else up.clear()
             if downstream:
-                down.clear()
+                self._dropping.add("down") if drop else down.clear()
 
         self._run(apply)
 
@@ -129,6 +133,7 @@ class TcpProxy:
         up, down = self._up, self._down
 
         def apply() -> None:
+            self._dropping.clear()
             up.set()
             down.set()
 

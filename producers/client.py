@@ -1,0 +1,517 @@
+"""``BroadcasterClient``: a resuming asyncio consumer of the gateway's ``/ws`` protocol.
+
+```python
+from producers.client import BroadcasterClient, Event, Reset, State
+
+async with BroadcasterClient(["ws://gw1:8000", "ws://gw2:8000"], ["conv-1", "conv-2"]) as client:
+    async for item in client:
+        if isinstance(item, Event):
+            handle(item.conv_id, item.seq, item.type, item.data)
+        elif isinstance(item, Reset):      # the stream started over: reload what you show
+            reload(item.conv_id)
+```
+
+What it does for you (docs/delivery.md has the why):
+
+* keeps one websocket open to one of the gateway URLs; when it drops, reconnects with
+  jittered exponential backoff, moving to the next URL on every attempt;
+* remembers, per conversation, the epoch and the seq of the last event it handed out,
+  and resumes with ``since``/``epoch`` on the new connection: the server sends exactly
+  what was missed, on any gateway sharing the backend;
+* drops any event whose seq it already handed out (a safety net: the server itself
+  never repeats one) and counts it in ``stats.duplicates``;
+* surfaces ``ws.reset`` as a :class:`Reset` item and ``ws.state`` as a :class:`State`
+  item, in stream order with the events;
+* stops for good on the close codes a retry cannot cure (4400, 4401, 4403, 4404):
+  the iterator raises :class:`ClientClosed`; any other close (1006, 1012, 1013,
+  4408, 4429...) or network error means reconnect.
+
+Items are queued for the consumer up to ``max_queue``; past that the client stops
+reading, the gateway eventually closes the slow socket (4408) and the client resumes
+from the last item it queued, so nothing is lost while memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, NoReturn
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from broadcaster.validation import is_valid_name
+
+log = logging.getLogger("producers.client")
+
+FATAL_CLOSE_CODES = frozenset({4400, 4401, 4403, 4404})
+"""Close codes after which reconnecting cannot help: the client stops."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a conversation (CONTRACT §3 event object)."""
+
+    conv_id: str
+    seq: int
+    type: str
+    id: str
+    ts: int
+    data: Any
+    key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fields a profile's enrich hooks added, beyond the standard ones."""
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Event:
+        known = {"type", "conv_id", "seq", "id", "ts", "data", "key"}
+        return cls(str(obj["conv_id"]), int(obj["seq"]), str(obj["type"]), str(obj.get("id", "")),
+                   int(obj.get("ts", 0)), obj.get("data"), obj.get("key"),
+                   {k: v for k, v in obj.items() if k not in known})
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """The server could not continue the stream where the client was (``ws.reset``).
+
+    ``reason`` is ``history_truncated`` (away longer than the history kept) or
+    ``epoch_changed`` (the conversation's numbering started over). The events that
+    follow have seq > ``seq`` in ``epoch``. Reload what you show from the conversation's
+    state (``hydrate``) or its HTTP API.
+    """
+
+    conv_id: str
+    reason: str
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """A conversation's keyed state as of ``seq`` (``ws.state``, when subscribing with hydrate)."""
+
+    conv_id: str
+    epoch: str
+    seq: int
+    entities: dict[str, Event]
+
+
+Item = Event | Reset | State
+
+
+class ClientClosed(Exception):
+    """The gateway refused the client with a close code a retry cannot cure (4400, 4401, 4403, 4404)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"closed by the gateway with {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """What the client saw, for logs, metrics and tests."""
+
+    connections: int = 0
+    """Connections that reached ``ws.hello``."""
+    failed_attempts: int = 0
+    """Connection attempts that failed before ``ws.hello``."""
+    events: int = 0
+    duplicates: int = 0
+    """Events dropped because their seq had already been handed out."""
+    resets: int = 0
+    close_codes: list[int] = field(default_factory=list)
+    """Close code of every connection that ended (1006: no close frame)."""
+    gateway_ids: list[str] = field(default_factory=list)
+    """``gateway_id`` of every ``ws.hello``, in order."""
+
+
+@dataclass(slots=True)
+class _Conversation:
+    conv_id: str
+    types: tuple[str, ...] | None
+    hydrate: bool
+    epoch: str | None = None
+    seq: int | None = None
+    """Seq of the last event handed out (or where the stream was positioned); None: unknown yet."""
+    subscribed: bool = False
+
+
+_END = object()
+
+
+class BroadcasterClient:
+    """A resuming consumer of one or more conversations; see the module docstring.
+
+    ``urls``: gateway websocket URLs (``ws://host:port/ws``; ``ws://host:port`` and
+    ``http(s)://`` are accepted too). ``conversations``: conversation ids to follow
+    (more with :meth:`subscribe`). ``profile``, ``token`` (sent as
+    ``Authorization: Bearer``), ``types`` (globs narrowing the profile) and ``hydrate``
+    (start each conversation from its state) apply to every conversation unless
+    :meth:`subscribe` says otherwise. ``start_at``: index of the first URL to try
+    (default: random, which spreads clients over gateways). ``backoff_initial`` /
+    ``backoff_max``: seconds; the n-th consecutive failed attempt waits a random time
+    in ``[0, min(backoff_max, backoff_initial * 2**n)]``.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        conversations: Iterable[str] = (),
+        *,
+        profile: str = "default",
+        token: str | None = None,
+        types: Sequence[str] | None = None,
+        hydrate: bool = False,
+        start_at: int | None = None,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        open_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        max_queue: int = 10_000,
+    ) -> None:
+        url_list = [urls] if isinstance(urls, str) else list(urls)
+        if not url_list:
+            raise ValueError("at least one gateway URL is needed")
+        if not is_valid_name(profile):
+            raise ValueError(f"invalid profile name {profile!r}")
+        self.urls = [_ws_url(u, profile) for u in url_list]
+        self.profile = profile
+        self.token = token
+        self.types = tuple(types) if types is not None else None
+        self.hydrate = hydrate
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.open_timeout = open_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.stats = ClientStats()
+        self.gateway_id: str | None = None
+        self.url: str | None = None
+        """URL of the current connection (None while disconnected)."""
+        self._next_url = random.randrange(len(self.urls)) if start_at is None else start_at % len(self.urls)
+        self._convs: dict[str, _Conversation] = {}
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(max_queue)
+        self._ws: ClientConnection | None = None
+        self._awaiting: deque[str] = deque()  # conv ids of ws.subscribe sent and not answered yet, in order
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._end: object | None = None
+        self._subscribe_failed = False
+        self._changed = asyncio.Event()
+        for conv in conversations:
+            self._add(conv, since=None, epoch=None, types=None, hydrate=None)
+
+    # ---- public API --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting in the background (``async with`` and iterating do it for you)."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self._run(), name="broadcaster-client")
+
+    async def close(self) -> None:
+        """Disconnect and stop; the iterator ends after the items already queued."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._finish(_END)
+
+    async def subscribe(self, conv_id: str, *, since: int | None = None, epoch: str | None = None,
+                        types: Sequence[str] | None = None, hydrate: bool | None = None) -> None:
+        """Follow ``conv_id`` (again, with new options, if already followed).
+
+        ``since`` / ``epoch``: resume after that seq of that epoch (omit both to start
+        live, or with ``hydrate`` from the state). ``types`` / ``hydrate`` override the
+        client's defaults for this conversation.
+        """
+        self._add(conv_id, since=since, epoch=epoch, types=types, hydrate=hydrate)
+        await self._send_subscribe(self._convs[conv_id])
+
+    async def unsubscribe(self, conv_id: str) -> None:
+        """Stop following ``conv_id``; its events still in flight are dropped."""
+        if self._convs.pop(conv_id, None) is None:
+            return
+        self._changed.set()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(orjson.dumps({"type": "ws.unsubscribe", "conv_id": conv_id}).decode())
+
+    def position(self, conv_id: str) -> tuple[str | None, int | None]:
+        """``(epoch, seq)`` the client would resume ``conv_id`` from."""
+        conv = self._convs[conv_id]
+        return conv.epoch, conv.seq
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open and every conversation is subscribed on it."""
+        return self._ws is not None and all(c.subscribed for c in self._convs.values())
+
+    async def wait_subscribed(self, timeout: float | None = None) -> None:
+        """Wait until :attr:`connected`; TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not self.connected:
+                if self._closed or (self._task is not None and self._task.done()):
+                    raise ConnectionError("client stopped")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def get(self) -> Item:
+        """The next item; raises ClientClosed after a fatal close, StopAsyncIteration once closed."""
+        await self.start()
+        if self._end is not None and self._queue.empty():
+            self._raise_end()
+        item = await self._queue.get()
+        if item is _END or isinstance(item, ClientClosed):
+            self._raise_end()
+        result: Item = item
+        return result
+
+    def _raise_end(self) -> NoReturn:
+        if isinstance(self._end, ClientClosed):
+            raise self._end
+        raise StopAsyncIteration
+
+    def __aiter__(self) -> BroadcasterClient:
+        return self
+
+    async def __anext__(self) -> Item:
+        return await self.get()
+
+    async def __aenter__(self) -> BroadcasterClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # ---- connection loop ---------------------------------------------------------------
+
+    def _add(self, conv_id: str, *, since: int | None, epoch: str | None, types: Sequence[str] | None,
+             hydrate: bool | None) -> None:
+        if not is_valid_name(conv_id):
+            raise ValueError(f"invalid conversation id {conv_id!r}")
+        if since is not None and since < 0:
+            raise ValueError("since must be >= 0")
+        old = self._convs.get(conv_id)
+        conv = _Conversation(conv_id, tuple(types) if types is not None else self.types,
+                             self.hydrate if hydrate is None else hydrate)
+        if since is not None or epoch is not None:
+            conv.seq, conv.epoch = since, epoch
+        elif old is not None:
+            conv.seq, conv.epoch = old.seq, old.epoch
+        self._convs[conv_id] = conv
+        self._changed.set()
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closed:
+            url = self.urls[self._next_url]
+            self._next_url = (self._next_url + 1) % len(self.urls)
+            try:
+                established = await self._session(url)
+            except ClientClosed as exc:
+                self._finish(exc)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # refused, DNS, handshake, timeout: try the next URL
+                log.info("connection to %s failed: %r", url, exc)
+                established = False
+            if established:
+                failures = 0
+            else:
+                self.stats.failed_attempts += 1
+                failures += 1
+            ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(failures, 30))
+            await asyncio.sleep(random.uniform(0, ceiling))
+
+    async def _session(self, url: str) -> bool:
+        """One connection from handshake to close; True if it got as far as ``ws.hello``."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        established = False
+        self._subscribe_failed = False
+        try:
+            async with connect(url, additional_headers=headers, open_timeout=self.open_timeout,
+                               ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
+                               max_size=None, max_queue=64, compression=None) as ws:
+                async for frame in ws:
+                    text = frame if isinstance(frame, str) else frame.decode()
+                    for line in text.split("\n"):
+                        if not line:
+                            continue
+                        obj = orjson.loads(line)
+                        if not isinstance(obj, dict):
+                            continue
+                        if not established:
+                            if obj.get("type") != "ws.hello":
+                                raise ConnectionError(f"expected ws.hello, got {obj.get('type')!r}")
+                            established = True
+                            await self._on_hello(ws, url, obj)
+                            continue
+                        await self._on_object(ws, obj)
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else 1006
+            reason = exc.rcvd.reason if exc.rcvd is not None else ""
+            self._disconnected(code)
+            if code in FATAL_CLOSE_CODES:
+                raise ClientClosed(code, reason) from None
+            log.info("connection to %s closed with %s %s", url, code, reason)
+            return established and not self._subscribe_failed
+        except BaseException:
+            if established:
+                self._disconnected(1006)
+            raise
+        # the server ended the stream cleanly (close frame read by the iterator)
+        rcvd = ws.close_code if ws.close_code is not None else 1006
+        self._disconnected(rcvd)
+        if rcvd in FATAL_CLOSE_CODES:
+            raise ClientClosed(rcvd, ws.close_reason or "")
+        return established and not self._subscribe_failed
+
+    async def _on_hello(self, ws: ClientConnection, url: str, hello: dict[str, Any]) -> None:
+        self.stats.connections += 1
+        self.gateway_id = str(hello.get("gateway_id"))
+        self.stats.gateway_ids.append(self.gateway_id)
+        self.url = url
+        self._ws = ws
+        self._awaiting.clear()
+        for conv in list(self._convs.values()):
+            await self._send_subscribe(conv)
+
+    def _disconnected(self, code: int) -> None:
+        self.stats.close_codes.append(code)
+        self._ws = None
+        self.url = None
+        self._awaiting.clear()
+        for conv in self._convs.values():
+            conv.subscribed = False
+        self._changed.set()
+
+    async def _send_subscribe(self, conv: _Conversation) -> None:
+        ws = self._ws
+        if ws is None:
+            return  # sent on the next connection
+        message: dict[str, Any] = {"type": "ws.subscribe", "conv_id": conv.conv_id}
+        if conv.seq is not None:
+            message["since"] = conv.seq
+            if conv.epoch is not None:
+                message["epoch"] = conv.epoch
+        elif conv.hydrate:
+            message["hydrate"] = True
+        if conv.types is not None:
+            message["types"] = list(conv.types)
+        conv.subscribed = False
+        self._awaiting.append(conv.conv_id)
+        with contextlib.suppress(ConnectionClosed):  # the session loop sees the close
+            await ws.send(orjson.dumps(message).decode())
+
+    # ---- protocol ----------------------------------------------------------------------
+
+    async def _on_object(self, ws: ClientConnection, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            return
+        if not kind.startswith("ws."):
+            await self._on_event(obj)
+            return
+        conv = self._convs.get(str(obj.get("conv_id")))
+        if kind == "ws.subscribed":
+            self._answered(str(obj.get("conv_id")))
+            if conv is not None:
+                self._on_subscribed(conv, obj)
+        elif kind == "ws.state" and conv is not None:
+            epoch, seq = str(obj["epoch"]), int(obj["seq"])
+            conv.epoch, conv.seq = epoch, seq
+            entities = {str(k): Event.from_object(v) for k, v in dict(obj.get("entities") or {}).items()}
+            await self._emit(State(conv.conv_id, epoch, seq, entities))
+        elif kind == "ws.reset" and conv is not None:
+            reset = Reset(conv.conv_id, str(obj.get("reason")), str(obj["epoch"]), int(obj["seq"]))
+            conv.epoch, conv.seq = reset.epoch, reset.seq
+            self.stats.resets += 1
+            await self._emit(reset)
+            if conv.hydrate:  # reload the state rather than leave the caller with a hole
+                conv.seq = None
+                await self._send_subscribe(conv)
+        elif kind == "ws.error":
+            log.warning("gateway error %s: %s", obj.get("code"), obj.get("message"))
+            if obj.get("code") in ("unavailable", "bad_subscribe") and self._awaiting:
+                # The answer to the oldest pending ws.subscribe. The backend is unreachable from this
+                # gateway (or the request was refused): reconnect, with backoff, to the next URL.
+                self._subscribe_failed = True
+                await ws.close(1000, "subscribe failed; reconnecting")
+
+    def _answered(self, conv_id: str) -> None:
+        if self._awaiting and self._awaiting[0] == conv_id:
+            self._awaiting.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                self._awaiting.remove(conv_id)
+
+    def _on_subscribed(self, conv: _Conversation, obj: dict[str, Any]) -> None:
+        epoch, seq = str(obj["epoch"]), int(obj["seq"])
+        if conv.seq is None:
+            if not conv.hydrate:
+                conv.seq = seq  # live from here; with hydrate, ws.state positions the stream
+            conv.epoch = epoch
+        elif conv.epoch is None:
+            conv.epoch = epoch  # resumed with a since of unknown epoch: it is this one
+        # else: a different epoch is followed by ws.reset, which repositions the stream
+        if conv.conv_id not in self._awaiting:
+            conv.subscribed = True
+            self._changed.set()
+
+    async def _on_event(self, obj: dict[str, Any]) -> None:
+        conv = self._convs.get(str(obj.get("conv_id")))
+        if conv is None:
+            return  # unsubscribed meanwhile
+        seq = obj.get("seq")
+        if not isinstance(seq, int):
+            return
+        if conv.seq is not None and seq <= conv.seq:
+            self.stats.duplicates += 1
+            return
+        conv.seq = seq
+        self.stats.events += 1
+        await self._emit(Event.from_object(obj))
+
+    async def _emit(self, item: Item) -> None:
+        await self._queue.put(item)
+
+    def _finish(self, end: object) -> None:
+        """Mark the stream ended (``_END`` or a ClientClosed); ``get`` reports it once the queue is empty."""
+        if self._end is None:
+            self._end = end
+        if self._queue.empty():
+            self._queue.put_nowait(end)  # wake a consumer waiting in get()
+        self._changed.set()
+
+
+def _ws_url(url: str, profile: str) -> str:
+    """``url`` as a ``ws(s)://.../ws`` URL with ``profile`` in its query."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"gateway URL {url!r}: expected ws://, wss://, http:// or https://")
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "profile"]
+    if profile != "default":
+        query.append(("profile", profile))
+    return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
+
+
+__all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Event", "Item", "Reset", "State"]
