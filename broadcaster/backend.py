@@ -13,7 +13,9 @@ Delivery contract towards listeners:
 * a payload that cannot be decoded is counted in ``stats.decode_errors`` and
   skipped; it never stops delivery;
 * after the backend lost and regained its subscription connection it calls every
-  reconnect callback; while disconnected ``connected`` is false;
+  reconnect callback; while disconnected ``connected`` is false (a backend with
+  several subscription connections, one per Redis Cluster shard, stays connected
+  while at least one of them is up: see its own ``connected``);
 * whenever live events of some conversations may have been missed (a subscription
   connection came back, a channel was dropped by the server and subscribed again,
   e.g. on another Redis Cluster shard) it calls every resubscribe callback with those

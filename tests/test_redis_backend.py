@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from broadcaster.backend import BackendSettings
 from broadcaster.backends import scripts
 from broadcaster.backends.base import prepare_publish
-from broadcaster.backends.redis import RedisBackend
+from broadcaster.backends.redis import RedisBackend, make_async_client
 from broadcaster.codec import decode_envelope, encode_envelope
 from broadcaster.envelope import Envelope, PublishRequest
 from broadcaster.errors import BackendUnavailable
@@ -222,6 +224,50 @@ async def test_quiet_healthy_link_is_not_rebuilt(own_redis: RedisServer, backend
     assert own_redis.command_calls("ping") >= 2
 
 
+async def test_resubscribe_callbacks_name_the_conversations_of_the_rebuilt_link(
+    own_redis: RedisServer, backends: list[RedisBackend]
+) -> None:
+    b = await started(backends, own_redis.url)
+    reported: list[list[str]] = []
+
+    async def on_resubscribed(convs: Any) -> None:
+        reported.append(sorted(convs))
+
+    b.add_resubscribe_callback(on_resubscribed)
+    for conv in ("rs1", "rs2"):
+        await b.subscribe(conv, Inbox())
+    with contextlib.closing(own_redis.client()) as c:
+        assert c.client_kill_filter(_type="pubsub") == 1
+    await wait_for(lambda: sum(map(len, reported)) == 2, what="both conversations reported")
+    assert sorted(c for convs in reported for c in convs) == ["rs1", "rs2"]
+    assert b.stats.reconnects == 1 and b.connected and b.down_nodes == []
+
+
+async def test_a_refused_resubscription_leaves_no_unretrieved_future(
+    own_redis: RedisServer, backends: list[RedisBackend], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resubscription round abandoned (link lost before the confirmations) must not leak a future
+    whose exception nobody retrieves (asyncio logs "exception was never retrieved ... CancelledError")."""
+    b = await started(backends, own_redis.url, retry_budget=1.0)
+    await b.subscribe("acl", Inbox())
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    caplog.set_level(logging.WARNING, logger="broadcaster.backend.redis")
+    with contextlib.closing(own_redis.client()) as c:
+        # Kills our pub/sub connection, and refuses its SUBSCRIBE (NOPERM) on every reconnection.
+        c.execute_command("ACL", "SETUSER", "default", "resetchannels")
+        await wait_for(lambda: not b.connected, what="the link is down")
+
+        def refusals() -> int:
+            return sum("NoPermission" in r.getMessage() for r in caplog.records)
+
+        await wait_for(lambda: refusals() >= 3, timeout=10, what="several refused resubscriptions")
+        c.execute_command("ACL", "SETUSER", "default", "allchannels")
+    await wait_for(lambda: b.connected, timeout=10, what="recovery once SUBSCRIBE is allowed again")
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
+
+
 # --- availability ------------------------------------------------------------
 
 
@@ -342,7 +388,7 @@ def test_script_payload_edge_cases(sync_client: tuple[redis.Redis, KeyLayout]) -
         ("redis://127.0.0.1:6379/0", (), None, None),
         ("rediss://user:pw@host:6380/1", (), None, None),
         ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001", (("10.0.0.1", 7000), ("10.0.0.2", 7001)), None, None),
-        ("redis+cluster://app:p%40ss@h1:7000/0?x=1", (("h1", 7000),), "app", "p@ss"),
+        ("redis+cluster://app:p%40ss@h1:7000/0", (("h1", 7000),), "app", "p@ss"),
         ("redis+cluster://:secret@h1,[::1]:7002", (("h1", 6379), ("::1", 7002)), None, "secret"),
     ],
 )
@@ -352,7 +398,46 @@ def test_redis_urls(url: str, nodes: tuple[tuple[str, int], ...], user: str | No
     assert target.is_cluster == bool(nodes)
 
 
-@pytest.mark.parametrize("url", ["memory://", "127.0.0.1:6379", "redis+cluster://", "redis+cluster://h:port"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://", "127.0.0.1:6379", "redis+cluster://", "redis+cluster://h:port",
+        "redis+cluster://h1:7000/0?x=1",  # unknown query keys are refused, not dropped
+        "redis+cluster://h1:7000?password=secret",  # credentials go in the userinfo part
+        "redis+cluster://h1:7000?ssl_ca_certs=/ca.pem",  # a TLS option without TLS
+        "rediss+cluster://h1:7000?ssl_cert_reqs=maybe",
+        "rediss+cluster://h1:7000?ssl_check_hostname=perhaps",
+        "rediss+cluster://h1:7000?ssl_ca_certs=/a.pem&ssl_ca_certs=/b.pem",
+        "rediss+cluster://h1:7000?ssl_ca_certs",  # strict query syntax
+        "redis+cluster://h1:7000/3",  # a cluster has database 0 only
+        "redis+cluster://:7000",
+        "redis+cluster+tls://h1:7000",
+    ],
+)
 def test_bad_redis_urls(url: str) -> None:
     with pytest.raises(ValueError, match="url"):
         scripts.parse_redis_url(url)
+
+
+def test_tls_cluster_url_sets_tls_on_every_node() -> None:
+    url = ("rediss+cluster://app:s%3Acret@10.0.0.1:7000,10.0.0.2/?ssl_ca_certs=/etc/ca.pem"
+           "&ssl_cert_reqs=Required&ssl_check_hostname=false&ssl_certfile=/c.pem&ssl_keyfile=/k.pem")
+    target = scripts.parse_redis_url(url)
+    assert target.cluster_nodes == (("10.0.0.1", 7000), ("10.0.0.2", 6379)) and target.tls
+    assert target.cluster_options() == {
+        "username": "app", "password": "s:cret", "ssl": True, "ssl_ca_certs": "/etc/ca.pem",
+        "ssl_cert_reqs": "required", "ssl_check_hostname": False, "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem"}
+    plain = scripts.parse_redis_url("redis+cluster://:pw@10.0.0.1:7000")
+    assert not plain.tls and plain.cluster_options() == {"username": None, "password": "pw"}
+
+    # The client's connection settings (shared by the nodes it discovers and by our pub/sub links) carry them.
+    from redis.asyncio.connection import Connection, SSLConnection
+
+    client = make_async_client(target)
+    kwargs = client.nodes_manager.connection_kwargs  # type: ignore[union-attr]
+    assert kwargs["connection_class"] is SSLConnection
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"], kwargs["ssl_check_hostname"]) == (
+        "/etc/ca.pem", "required", False)
+    assert (kwargs["ssl_certfile"], kwargs["ssl_keyfile"], kwargs["password"]) == ("/c.pem", "/k.pem", "s:cret")
+    assert all(n.connection_class is SSLConnection for n in client.nodes_manager.startup_nodes.values())  # type: ignore[union-attr]
+    assert make_async_client(plain).nodes_manager.connection_kwargs["connection_class"] is Connection  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""The Redis backend: standalone Redis (``redis://``, ``rediss://``) or Redis Cluster (``redis+cluster://``).
+"""The Redis backend: standalone Redis (``redis://``, ``rediss://``) or Redis Cluster
+(``redis+cluster://``, ``rediss+cluster://`` for TLS).
 
 Two halves:
 
@@ -13,8 +14,10 @@ Two halves:
   dicts, no health check), and it sees the SUBSCRIBE confirmations, so
   ``subscribe`` returns only once Redis confirmed. An idle probe PINGs a quiet
   connection and rebuilds it when no PONG comes back (a silent link, e.g. a
-  failover behind a proxy). After a rebuild every wanted channel is subscribed
-  again and the reconnect callbacks run (the hub repairs from history there).
+  failover behind a proxy). Each connection is rebuilt on its own: only its
+  channels are subscribed again and only their conversations go to the
+  resubscribe callbacks (the hub repairs those from history); a channel whose
+  cluster slot moved is subscribed again on its new owner alone.
 
 :class:`RedisBackend` joins them with the shared :class:`ChannelRegistry`.
 """
@@ -24,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,7 +36,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import MovedError, NoScriptError, ResponseError
 
 from broadcaster.backend import (
     Backend,
@@ -43,6 +48,7 @@ from broadcaster.backend import (
     Listener,
     Presence,
     ReconnectCallback,
+    ResubscribeCallback,
     StateSnapshot,
 )
 from broadcaster.backends import scripts
@@ -63,6 +69,12 @@ CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 5.0
 """Seconds to wait for a command's reply before the attempt counts as failed."""
 _SUBSCRIBE_CHUNK = 500
+_MAIN = "main"
+"""The one node of a standalone server."""
+_REFRESH_INTERVAL = 2.0
+"""Seconds between two slot-map refreshes asked for by pub/sub links that cannot connect."""
+_RETRY_DELAY_MAX = 5.0
+"""Longest wait before subscribing again a channel a node refused (other than with MOVED)."""
 
 
 def make_async_client(target: scripts.RedisTarget) -> AsyncClient:
@@ -77,8 +89,9 @@ def make_async_client(target: scripts.RedisTarget) -> AsyncClient:
     if target.is_cluster:
         nodes = [ClusterNode(host, port) for host, port in target.cluster_nodes]
         # One immediate in-client retry lets redis-py refresh its slot map after a MOVED/failover.
-        return RedisCluster(startup_nodes=nodes, username=target.username, password=target.password,
-                            retry=Retry(NoBackoff(), 1), **options)
+        # A shard down (its slots uncovered) must not stop the client from serving the others.
+        return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), require_full_coverage=False,
+                            **target.cluster_options(), **options)
     return Redis.from_url(target.url, retry=Retry(NoBackoff(), 0), **options)
 
 
@@ -157,11 +170,29 @@ class RedisCommands:
         return scripts.parse_presence(await self._eval(scripts.presence_call(self.layout, validate_conv_id(conv))))
 
     async def ping(self, timeout: float) -> bool:
+        """True if Redis answers PING within ``timeout`` — on a cluster, if at least one primary does."""
         try:
             async with asyncio.timeout(timeout):
+                if isinstance(self.client, RedisCluster):
+                    return await self._ping_any_primary(self.client)
                 return bool(await self.client.ping())
         except Exception:
             return False
+
+    @staticmethod
+    async def _ping_any_primary(client: RedisCluster) -> bool:
+        await client.initialize()
+        pings = [asyncio.ensure_future(node.execute_command("PING")) for node in client.get_primaries()]
+        try:
+            for next_done in asyncio.as_completed(pings):
+                with contextlib.suppress(Exception):
+                    if await next_done:
+                        return True
+            return False
+        finally:
+            for ping in pings:
+                ping.cancel()
+            await asyncio.gather(*pings, return_exceptions=True)
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script (on every primary of a cluster)."""
@@ -195,73 +226,159 @@ class RedisCommands:
 
 
 class _Topology:
-    """Which node a channel lives on, and fresh pub/sub connections to every node."""
+    """Which node a channel lives on, and fresh pub/sub connections to a node (by name).
+
+    On a single server there is one node, ``"main"``. On a cluster the slot map is
+    redis-py's (shared with the command client); a ``MOVED`` reply to a subscription
+    overrides the owner of its slot until the next full refresh.
+    """
 
     def __init__(self, client: AsyncClient) -> None:
-        self._client = client
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._single = client if isinstance(client, Redis) else None
         self._initialised = False
+        self._moved: dict[int, str] = {}
 
-    async def connections(self) -> dict[str, AbstractConnection]:
-        """One new (unconnected) pub/sub connection per node, by node name."""
+    async def refresh(self) -> None:
+        """Load the slot map again (``CLUSTER SLOTS``); nothing to do on a single server."""
+        if self._cluster is None:
+            return
+        if self._initialised:
+            await self._cluster.nodes_manager.initialize()
+        else:
+            await self._cluster.initialize()
+            self._initialised = True
+        self._moved.clear()
+
+    def primaries(self) -> list[str]:
+        if self._cluster is None:
+            return [_MAIN]
+        return [node.name for node in self._cluster.get_primaries()]
+
+    def node_of(self, channel: bytes) -> str | None:
+        """The node owning ``channel``'s slot, or None while no node is known to own it."""
+        if self._cluster is None:
+            return _MAIN
+        moved = self._moved.get(key_slot(channel))
+        if moved is not None:
+            return moved
+        try:
+            node = self._cluster.get_node_from_key(channel.decode())
+        except Exception:
+            return None
+        return node.name if node is not None else None
+
+    def moved(self, slot: int, name: str) -> None:
+        """Record a ``MOVED`` reply: ``slot`` is served by node ``name`` now."""
+        self._moved[slot] = name
+
+    def connection(self, name: str) -> AbstractConnection:
+        """A new, unconnected pub/sub connection to node ``name`` (TLS and credentials as the client's)."""
         overrides = {"protocol": 2, "socket_timeout": None, "health_check_interval": 0}
-        if isinstance(self._client, RedisCluster):
-            if self._initialised:
-                await self._client.nodes_manager.initialize()
-            else:
-                await self._client.initialize()
-                self._initialised = True
-            return {
-                node.name: node.connection_class(**{**node.connection_kwargs, **overrides})
-                for node in self._client.get_primaries()
-            }
-        pool = self._client.connection_pool
-        return {"main": pool.connection_class(**{**pool.connection_kwargs, **overrides})}
-
-    def node_of(self, channel: str) -> str | None:
-        if isinstance(self._client, RedisCluster):
-            try:
-                node = self._client.get_node_from_key(channel)
-            except Exception:
-                return None
-            return node.name if node is not None else None
-        return "main"
+        if self._cluster is None:
+            assert self._single is not None
+            pool = self._single.connection_pool
+            return pool.connection_class(**{**pool.connection_kwargs, **overrides})
+        node = self._cluster.get_node(node_name=name)
+        if node is None:  # named by a MOVED reply before the slot map knew it
+            host, _, port = name.rpartition(":")
+            node = ClusterNode(host, int(port), **self._cluster.nodes_manager.connection_kwargs)
+        connection: AbstractConnection = node.connection_class(**{**node.connection_kwargs, **overrides})
+        return connection
 
 
 class _Link:
-    """One pub/sub connection to one node, with its reader and idle-probe tasks."""
+    """The pub/sub connection to one node: its channels, its reader and idle-probe tasks, its state.
 
-    def __init__(self, name: str, conn: AbstractConnection) -> None:
+    ``channels`` are the wanted channels placed on this node: subscribed, or to be
+    subscribed as soon as the connection is ready. ``sent`` lists the (UN)SUBSCRIBE
+    commands whose reply was not read yet, in order, so that an error reply can be
+    matched to its channel. ``awaiting`` are the channels a (re)connection subscribed
+    and still waits the confirmation of.
+    """
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.conn = conn
+        self.conn: AbstractConnection | None = None
+        self.channels: dict[bytes, None] = {}
+        self.sent: deque[tuple[bool, bytes]] = deque()
+        self.awaiting: set[bytes] = set()
+        self.ready = False
+        """Connected and read: a new subscription is sent right away."""
+        self.up = False
+        """Ready, and every channel placed here before the connection was resubscribed."""
+        self.ever_up = False
+        self.tried = False
+        self.lost = asyncio.Event()
+        self.wake = asyncio.Event()
         self.received = 0
         self.pong: asyncio.Future[None] | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.supervisor: asyncio.Task[None] | None = None
 
     async def send(self, *args: Any) -> None:
-        await self.conn.send_command(*args, check_health=False)
+        conn = self.conn
+        if conn is None or not conn.is_connected:  # never let redis-py reconnect it silently
+            raise ConnectionError(f"no pub/sub connection to {self.name}")
+        await conn.send_command(*args, check_health=False)
 
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        with contextlib.suppress(Exception):
-            await self.conn.disconnect(nowait=True)
+    def settle(self, channel: bytes) -> None:
+        """``channel`` no longer holds up the current (re)subscription round."""
+        self.awaiting.discard(channel)
+        if not self.awaiting:
+            self.wake.set()
+
+    async def teardown(self) -> None:
+        self.ready = self.up = False
+        self.sent.clear()
+        self.awaiting.clear()
+        tasks, self.tasks = self.tasks, []
+        await _cancel(tasks)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any] | None]) -> None:
+    """Cancel ``tasks`` and wait until they ended; their outcome is consumed (nothing logged later)."""
+    pending = [task for task in tasks if task is not None]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    for task in pending:
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("task %r ended with %r", task.get_name(), task.exception())
 
 
 class _Subscriber:
-    """Live delivery over pub/sub; see the module docstring.
+    """Live delivery over pub/sub: one :class:`_Link` per node, each reconnected on its own.
 
-    ``subscribe``/``unsubscribe`` are the ChannelRegistry's channel hooks; messages
-    go to ``dispatch``. ``_wanted`` is the set of channels the registry asked for
-    (subscribed or being subscribed): a rebuilt connection subscribes all of them.
+    ``subscribe``/``unsubscribe`` are the ChannelRegistry's channel hooks; messages go
+    to ``dispatch``. ``_wanted`` is the set of channels the registry asked for; each is
+    placed on the link of the node owning it (``_placed``).
+
+    A link that fails is rebuilt alone: only its channels are subscribed again, and
+    only their conversations are reported to the resubscribe callbacks (after their
+    confirmation); the reconnect callbacks run and ``stats.reconnects`` counts once
+    per re-established link. A channel the server drops while we want it (its slot
+    moved) is subscribed again where its slot now lives (following ``MOVED``), and
+    only its conversation is reported — no reconnect is counted. A link that cannot
+    connect asks for a slot-map refresh (at most every ``_REFRESH_INTERVAL`` seconds):
+    after a failover its channels move to the new primary.
+
+    ``up`` (the backend's ``connected``) is true while at least one link is up: on a
+    cluster, one shard down pauses the live events of that shard's conversations only
+    (see ``down_nodes``), and must not make every gateway unready at once. On a single
+    server it is simply that server's link.
     """
 
     def __init__(
         self, client: AsyncClient, *, layout: KeyLayout, stats: BackendStats,
         dispatch: Callable[[Envelope], None], has_listeners: Callable[[str], bool],
-        callbacks: list[ReconnectCallback], probe_interval: float, probe_timeout: float, subscribe_timeout: float,
+        callbacks: list[ReconnectCallback], resubscribe_callbacks: list[ResubscribeCallback],
+        probe_interval: float, probe_timeout: float, subscribe_timeout: float,
     ) -> None:
         self._topology = _Topology(client)
         self._sharded = isinstance(client, RedisCluster)
@@ -270,48 +387,79 @@ class _Subscriber:
         self._dispatch = dispatch
         self._has_listeners = has_listeners
         self._callbacks = callbacks
+        self._resubscribe_callbacks = resubscribe_callbacks
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._subscribe_timeout = subscribe_timeout
         self._wanted: dict[bytes, str] = {}  # channel -> conv
         self._confirm: dict[bytes, asyncio.Future[None]] = {}
-        self._unsubscribing: dict[bytes, int] = {}
+        self._placed: dict[bytes, _Link] = {}
+        self._live: set[bytes] = set()  # wanted channels confirmed at least once
+        self._gapped: set[bytes] = set()  # live channels whose subscription was lost: report them once back
+        self._unplaced: set[bytes] = set()  # wanted channels no known node owns (yet)
+        self._retries: dict[bytes, int] = {}
         self._links: dict[str, _Link] = {}
-        self._links_ready = False  # links exist and the wanted set was snapshotted for resubscription
-        self._up = False
-        self._lost = asyncio.Event()
-        self._ever_up = asyncio.Event()
+        self._known = False
+        self._changed = asyncio.Event()
+        self._refresh = asyncio.Event()
+        self._last_refresh = 0.0
+        self._notify: dict[str, None] = {}
+        self._notify_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         sub, unsub = ("SSUBSCRIBE", "SUNSUBSCRIBE") if self._sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         self._sub_cmd, self._unsub_cmd = sub, unsub
 
     @property
     def up(self) -> bool:
-        return self._up
+        return any(link.up for link in self._links.values())
+
+    @property
+    def down_nodes(self) -> list[str]:
+        return sorted(name for name, link in self._links.items() if not link.up)
 
     async def start(self, timeout: float) -> None:
-        """Start the supervisor; raise BackendUnavailable unless connected within ``timeout`` seconds."""
+        """Start; raise BackendUnavailable unless a link is up within ``timeout`` seconds.
+
+        Returns once every link is up, or once each one tried at least once and one
+        is up (a node down at start does not hold the others back).
+        """
         if self._task is not None:
             return
         self._task = asyncio.create_task(self._supervise(), name="broadcaster-redis-pubsub")
         try:
             async with asyncio.timeout(timeout):
-                await self._ever_up.wait()
+                while not self._started():
+                    self._changed.clear()
+                    await self._changed.wait()
         except TimeoutError:
             await self.close()
             raise BackendUnavailable(f"no pub/sub connection to Redis within {timeout:g}s") from None
 
+    def _started(self) -> bool:
+        links = self._links.values()
+        if not self._known or not links:
+            return False
+        ups = [link.up for link in links]
+        return all(ups) or (any(ups) and all(link.tried for link in links))
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-            self._task = None
-        await self._teardown()
+        links = list(self._links.values())
+        await _cancel([self._task, self._notify_task, *self._background, *(link.supervisor for link in links)])
+        self._task = self._notify_task = None
+        self._background.clear()
+        for link in links:
+            await link.teardown()
+        self._links.clear()
         for future in self._confirm.values():
             future.cancel()
         self._confirm.clear()
         self._wanted.clear()
+        self._placed.clear()
+        self._live.clear()
+        self._gapped.clear()
+        self._unplaced.clear()
+        self._notify.clear()
 
     # -- channel hooks (called by the ChannelRegistry under its per-conversation lock) --
 
@@ -319,26 +467,35 @@ class _Subscriber:
         channel = self._layout.live(conv).encode()
         self._wanted[channel] = conv
         future = self._confirmation(channel)
-        if self._links_ready:
-            await self._send_to_node(channel, self._sub_cmd)
+        link = self._placed.get(channel)
+        if link is None:
+            await self._place(channel)
+        else:
+            await self._send(link, True, channel)
         try:
             async with asyncio.timeout(self._subscribe_timeout):
                 await asyncio.shield(future)
         except TimeoutError:
-            del self._wanted[channel]
-            self._confirm.pop(channel, None)
-            if self._links_ready:
-                await self._send_to_node(channel, self._unsub_cmd)
+            await self._forget(channel)
             raise BackendUnavailable(f"Redis did not confirm the subscription of {conv!r}") from None
 
     async def unsubscribe(self, conv: str) -> None:
-        channel = self._layout.live(conv).encode()
+        await self._forget(self._layout.live(conv).encode())
+
+    async def _forget(self, channel: bytes) -> None:
         self._wanted.pop(channel, None)
+        self._live.discard(channel)
+        self._gapped.discard(channel)
+        self._unplaced.discard(channel)
+        self._retries.pop(channel, None)
         future = self._confirm.pop(channel, None)
         if future is not None and not future.done():
-            future.set_result(None)  # only a resubscription round waits on it: nothing left to wait for
-        if self._links_ready:
-            await self._send_to_node(channel, self._unsub_cmd)
+            future.set_result(None)  # only a subscription round waits on it: nothing left to wait for
+        link = self._placed.pop(channel, None)
+        if link is not None:
+            link.channels.pop(channel, None)
+            link.settle(channel)
+            await self._send(link, False, channel)
 
     def _confirmation(self, channel: bytes) -> asyncio.Future[None]:
         future = self._confirm.get(channel)
@@ -346,89 +503,178 @@ class _Subscriber:
             future = self._confirm[channel] = asyncio.get_running_loop().create_future()
         return future
 
-    async def _send_to_node(self, channel: bytes, command: str) -> None:
-        link = self._links.get(self._topology.node_of(channel.decode()) or "")
-        if link is None:
-            self._lose("a channel maps to a node we are not connected to (topology changed)")
-            return
-        if command == self._unsub_cmd:
-            self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
-        try:
-            await link.send(command, channel)
-        except Exception as exc:  # the reader sees the same loss; the rebuild resubscribes
-            self._lose(f"sending {command} failed: {exc!r}")
+    # -- placement --
 
-    # -- supervisor --
+    def _link(self, name: str) -> _Link:
+        """The link to node ``name``, created (and its supervisor started) if needed."""
+        link = self._links.get(name)
+        if link is None:
+            link = self._links[name] = _Link(name)
+            link.supervisor = asyncio.create_task(self._run_link(link), name=f"broadcaster-redis-pubsub-{name}")
+        return link
+
+    async def _place(self, channel: bytes) -> None:
+        """Put ``channel`` on the link of the node owning it now and subscribe it there (moving it if needed)."""
+        if channel not in self._wanted:  # forgotten while this was scheduled
+            return
+        name = self._topology.node_of(channel)
+        current = self._placed.get(channel)
+        if name is None:
+            if current is None:
+                self._unplaced.add(channel)
+                self._request_refresh()
+            return
+        self._unplaced.discard(channel)
+        if current is not None and current.name == name:
+            return
+        target = self._link(name)
+        self._placed[channel] = target
+        target.channels[channel] = None
+        if current is not None:
+            current.channels.pop(channel, None)
+            current.settle(channel)
+            if channel in self._live:
+                self._gapped.add(channel)
+            log.info("channel %r moved from %s to %s", channel, current.name, name)
+        await self._send(target, True, channel)
+        if current is not None and self._placed.get(channel) is not current:
+            await self._send(current, False, channel)  # best effort: the old owner may have dropped it already
+
+    async def _send(self, link: _Link, subscribe: bool, *channels: bytes) -> None:
+        """(UN)SUBSCRIBE ``channels`` on ``link`` if it is ready (else its next connection subscribes them)."""
+        if not link.ready or not channels:
+            return
+        command = self._sub_cmd if subscribe else self._unsub_cmd
+        link.sent.extend((subscribe, channel) for channel in channels)
+        try:
+            await link.send(command, *channels)
+        except Exception as exc:  # the reader sees the same loss; the rebuild resubscribes
+            self._lose(link, f"sending {command} failed: {exc!r}")
+
+    def _request_refresh(self) -> None:
+        self._refresh.set()
+
+    async def _resend(self, link: _Link, channel: bytes) -> None:
+        """SUBSCRIBE ``channel`` again on ``link``, unless it was forgotten or moved meanwhile."""
+        if self._placed.get(channel) is link:
+            await self._send(link, True, channel)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("pub/sub background task failed", exc_info=exc)
+
+    # -- supervisors --
 
     async def _supervise(self) -> None:
-        first = True
+        """Load the slot map, open a link per primary; then refresh the map whenever a link asks."""
+        async for attempt in reconnect_retrying():
+            with attempt:
+                async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
+                    await self._topology.refresh()
+        loop = asyncio.get_running_loop()
+        self._last_refresh = loop.time()
+        await self._reconcile()
+        self._known = True
+        self._changed.set()
+        while True:
+            await self._refresh.wait()
+            await asyncio.sleep(max(0.0, self._last_refresh + _REFRESH_INTERVAL - loop.time()))
+            self._refresh.clear()
+            self._last_refresh = loop.time()
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
+                    await self._topology.refresh()
+                await self._reconcile()
+            except Exception as exc:
+                log.info("slot map refresh failed: %r", exc)
+                continue
+            if self._unplaced:
+                self._request_refresh()
+
+    async def _reconcile(self) -> None:
+        """Open a link per primary, move every wanted channel to its owner, drop links nobody needs."""
+        primaries = self._topology.primaries()
+        for name in primaries:
+            self._link(name)
+        for channel in list(self._wanted):
+            await self._place(channel)
+        for name, link in list(self._links.items()):
+            if name not in primaries and not link.channels:
+                del self._links[name]
+                await _cancel([link.supervisor])
+                await link.teardown()
+        self._changed.set()
+
+    async def _run_link(self, link: _Link) -> None:
+        """Keep ``link`` connected: (re)connect, resubscribe its channels, report them, wait for the loss."""
         while True:
             async for attempt in reconnect_retrying():
                 with attempt:
-                    await self._establish()
-            self._up = True
-            self._ever_up.set()
-            if not first:
+                    try:
+                        await self._establish(link)
+                    except Exception:
+                        link.tried = True
+                        self._changed.set()
+                        self._request_refresh()  # its slots may live elsewhere now (failover, resharding)
+                        raise
+            link.tried = link.up = True
+            self._changed.set()
+            if link.ever_up:
                 self._stats.reconnects += 1
-                log.warning("pub/sub reconnected; %d channel(s) resubscribed", len(self._wanted))
+                log.warning("pub/sub connection to %s re-established; %d channel(s) resubscribed", link.name,
+                            len(link.channels))
                 await self._run_callbacks()
-            first = False
-            await self._lost.wait()
-            self._up = False
-            await self._teardown()
+            link.ever_up = True
+            await link.lost.wait()
+            self._changed.set()
+            await link.teardown()
 
-    async def _establish(self) -> None:
-        """Connect every node, start the readers, resubscribe every wanted channel and await the confirmations."""
-        self._lost.clear()
+    async def _establish(self, link: _Link) -> None:
+        """Connect ``link``, start its reader and probe, resubscribe its channels and await the confirmations."""
+        link.lost.clear()
         try:
             # The pub/sub connection has no socket timeout (its reads block by design), so the
             # handshake gets a deadline here: a black-holed link must not hang the supervisor.
             async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
-                for name, conn in (await self._topology.connections()).items():
-                    link = self._links[name] = _Link(name, conn)
-                    await conn.connect()  # type: ignore[no-untyped-call]
-                    link.tasks = [asyncio.create_task(self._read(link)), asyncio.create_task(self._probe(link))]
-            wanted = list(self._wanted)
-            self._links_ready = True  # from here on, subscribe() sends by itself
-            futures = [self._confirmation(channel) for channel in wanted]
-            await self._resubscribe(wanted)
-            lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
+                link.conn = self._topology.connection(link.name)
+                await link.conn.connect()  # type: ignore[no-untyped-call]
+            link.tasks = [asyncio.create_task(self._read(link)), asyncio.create_task(self._probe(link))]
+            channels = list(link.channels)
+            link.awaiting = set(channels)
+            link.wake.clear()
+            link.ready = True  # from here on, subscribe() sends by itself
+            await self._resubscribe(link, channels)
             try:
-                confirmed: asyncio.Future[Any] = asyncio.gather(*(asyncio.shield(f) for f in futures),
-                                                                return_exceptions=True)
-                done, _ = await asyncio.wait({confirmed, lost}, timeout=max(self._subscribe_timeout, 1.0),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if confirmed not in done:
-                    confirmed.cancel()
-                    raise ConnectionError("pub/sub connection lost or silent while resubscribing")
-            finally:
-                lost.cancel()
+                async with asyncio.timeout(max(self._subscribe_timeout, 1.0)):
+                    while link.awaiting and not link.lost.is_set():
+                        link.wake.clear()
+                        await link.wake.wait()
+            except TimeoutError:
+                raise ConnectionError(f"{link.name} confirmed no resubscription of {len(link.awaiting)} "
+                                      "channel(s) in time") from None
+            if link.lost.is_set():
+                raise ConnectionError(f"pub/sub connection to {link.name} lost while resubscribing")
         except BaseException:
-            await self._teardown()
+            await link.teardown()
             raise
 
-    async def _resubscribe(self, channels: list[bytes]) -> None:
-        by_node: dict[str, list[bytes]] = {}
-        for channel in channels:
-            by_node.setdefault(self._topology.node_of(channel.decode()) or "", []).append(channel)
-        for node, node_channels in by_node.items():
-            link = self._links.get(node)
-            if link is None:
-                raise ConnectionError(f"no pub/sub connection for node {node!r}")
-            if self._sharded:  # SSUBSCRIBE takes channels of a single slot only
-                for channel in node_channels:
-                    await link.send(self._sub_cmd, channel)
-            else:
-                for i in range(0, len(node_channels), _SUBSCRIBE_CHUNK):
-                    await link.send(self._sub_cmd, *node_channels[i : i + _SUBSCRIBE_CHUNK])
-
-    async def _teardown(self) -> None:
-        self._up = False
-        self._links_ready = False
-        links, self._links = self._links, {}
-        self._unsubscribing.clear()
-        for link in links.values():
-            await link.close()
+    async def _resubscribe(self, link: _Link, channels: list[bytes]) -> None:
+        if self._sharded:  # SSUBSCRIBE takes channels of a single slot only
+            for channel in channels:
+                if self._placed.get(channel) is link:
+                    await self._send(link, True, channel)
+                else:
+                    link.settle(channel)
+            return
+        for i in range(0, len(channels), _SUBSCRIBE_CHUNK):
+            chunk = [channel for channel in channels[i : i + _SUBSCRIBE_CHUNK] if self._placed.get(channel) is link]
+            await self._send(link, True, *chunk)
 
     async def _run_callbacks(self) -> None:
         for callback in list(self._callbacks):
@@ -437,52 +683,132 @@ class _Subscriber:
             except Exception:
                 log.exception("reconnect callback %r failed", callback)
 
-    def _lose(self, reason: str) -> None:
-        if not self._lost.is_set():
-            log.warning("pub/sub connection lost: %s", reason)
-            self._up = False
-            self._links_ready = False
-            self._lost.set()
+    def _report(self, conv: str) -> None:
+        """Queue ``conv`` for the resubscribe callbacks (its subscription is active again after a gap)."""
+        self._notify[conv] = None
+        if self._notify_task is None or self._notify_task.done():
+            self._notify_task = asyncio.create_task(self._flush_reports())
+
+    async def _flush_reports(self) -> None:
+        while self._notify:
+            convs, self._notify = list(self._notify), {}
+            for callback in list(self._resubscribe_callbacks):
+                try:
+                    await callback(convs)
+                except Exception:
+                    log.exception("resubscribe callback %r failed", callback)
+
+    def _lose(self, link: _Link, reason: str) -> None:
+        if link.lost.is_set():
+            return
+        log.warning("pub/sub connection to %s lost: %s", link.name, reason)
+        link.ready = link.up = False
+        self._gapped.update(channel for channel in link.channels if channel in self._live)
+        link.lost.set()
+        link.wake.set()
+        self._changed.set()
 
     # -- per link --
 
     async def _read(self, link: _Link) -> None:
         """Read replies until the connection fails; never stops because of one bad payload."""
+        assert link.conn is not None
         read = link.conn.read_response
         on_message = self._on_message
         try:
             while True:
-                reply = await read()
+                try:
+                    reply = await read()
+                except ResponseError as exc:  # an error reply: the connection itself is fine
+                    if not self._sharded:
+                        raise
+                    link.received += 1
+                    self._on_error_reply(link, exc)
+                    continue
                 link.received += 1
                 kind = reply[0] if type(reply) is list else reply
                 if kind == b"message" or kind == b"smessage":
                     on_message(reply[1], reply[2])
                 elif kind == b"subscribe" or kind == b"ssubscribe":
-                    future = self._confirm.pop(reply[1], None)
-                    if future is not None and not future.done():
-                        future.set_result(None)
+                    self._on_subscribed(link, reply[1])
                 elif kind == b"unsubscribe" or kind == b"sunsubscribe":
-                    self._on_unsubscribed(reply[1])
+                    self._on_unsubscribed(link, reply[1])
                 elif kind == b"pong" or kind == b"PONG":
                     if link.pong is not None and not link.pong.done():
                         link.pong.set_result(None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._lose(f"reader on {link.name}: {exc!r}")
+            self._lose(link, f"reader: {exc!r}")
 
-    def _on_unsubscribed(self, channel: bytes | None) -> None:
-        if channel is None:
+    @staticmethod
+    def _take_sent(link: _Link, subscribe: bool, channel: bytes) -> bool:
+        """Match a reply to the command it answers; False if we sent no such command (a server push)."""
+        sent, entry = link.sent, (subscribe, channel)
+        if sent and sent[0] == entry:
+            sent.popleft()
+            return True
+        try:
+            sent.remove(entry)
+        except ValueError:
+            return False
+        return True
+
+    def _on_subscribed(self, link: _Link, channel: bytes) -> None:
+        self._take_sent(link, True, channel)
+        if self._placed.get(channel) is not link:
+            return  # dropped or moved elsewhere meanwhile
+        link.settle(channel)
+        self._retries.pop(channel, None)
+        future = self._confirm.pop(channel, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+        self._live.add(channel)
+        if channel in self._gapped:
+            self._gapped.discard(channel)
+            self._report(self._wanted[channel])
+
+    def _on_unsubscribed(self, link: _Link, channel: bytes | None) -> None:
+        if channel is None or self._take_sent(link, False, channel):
             return
-        pending = self._unsubscribing.get(channel, 0)
-        if pending:
-            if pending == 1:
-                del self._unsubscribing[channel]
-            else:
-                self._unsubscribing[channel] = pending - 1
-        elif channel in self._wanted:
-            # Redis dropped a channel we still want (sharded pub/sub: its slot moved).
-            self._lose(f"server unsubscribed {channel!r}")
+        if self._placed.get(channel) is link and channel in self._wanted:
+            # Redis dropped a channel we still want (sharded pub/sub: its slot moved). Subscribing it
+            # again on the same node gets either a confirmation or a MOVED naming the new owner.
+            log.info("%s dropped the subscription of %r; subscribing it again", link.name, channel)
+            if channel in self._live:
+                self._gapped.add(channel)
+            self._spawn(self._resend(link, channel))
+
+    def _on_error_reply(self, link: _Link, exc: ResponseError) -> None:
+        """An error answering one of our SSUBSCRIBEs: follow MOVED, retry the rest a little later."""
+        entry = link.sent.popleft() if link.sent else None
+        if entry is None:
+            log.warning("unexpected error reply from %s: %s", link.name, exc)
+            return
+        subscribe, channel = entry
+        if not subscribe or self._placed.get(channel) is not link:
+            log.debug("error reply from %s for %r (no longer placed there): %s", link.name, channel, exc)
+            return
+        if isinstance(exc, MovedError):
+            host = exc.host or link.name.rpartition(":")[0]
+            self._topology.moved(exc.slot_id, f"{host}:{exc.port}")
+            log.info("%r is served by %s:%s now (MOVED); subscribing it there", channel, host, exc.port)
+            self._spawn(self._place(channel))
+            return
+        # ASK / TRYAGAIN (slot being migrated), CLUSTERDOWN, ...: again a little later, on a fresh slot map.
+        attempt = self._retries[channel] = self._retries.get(channel, 0) + 1
+        delay = min(_RETRY_DELAY_MAX, 0.1 * 2 ** min(attempt - 1, 16))
+        log.warning("%s refused the subscription of %r (%s); retrying in %.1fs", link.name, channel, exc, delay)
+        link.settle(channel)
+        self._request_refresh()
+        self._spawn(self._retry(link, channel, delay))
+
+    async def _retry(self, link: _Link, channel: bytes, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._placed.get(channel) is not link:
+            return
+        await self._place(channel)  # the refreshed slot map may name another owner
+        await self._resend(link, channel)
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
         conv = self._wanted.get(channel)
@@ -519,10 +845,10 @@ class _Subscriber:
                 async with asyncio.timeout(self._probe_timeout):
                     await link.pong
             except TimeoutError:
-                self._lose(f"no PONG from {link.name} within {self._probe_timeout:g}s")
+                self._lose(link, f"no PONG within {self._probe_timeout:g}s")
                 return
             except Exception as exc:
-                self._lose(f"probe on {link.name}: {exc!r}")
+                self._lose(link, f"probe: {exc!r}")
                 return
             seen, quiet_since = link.received, loop.time()
 
@@ -530,7 +856,8 @@ class _Subscriber:
 class RedisBackend(Backend):
     """The Redis / Redis Cluster backend (see the module docstring).
 
-    ``url``: ``redis://``, ``rediss://`` or ``redis+cluster://host:port[,host:port...]``.
+    ``url``: ``redis://``, ``rediss://``, ``redis+cluster://host:port[,host:port...]`` or
+    ``rediss+cluster://...`` (see :func:`broadcaster.backends.scripts.parse_redis_url`).
     ``probe_interval`` / ``probe_timeout``: seconds of pub/sub silence before a
     PING, and seconds to wait for its PONG. ``retry_budget``: seconds transient
     errors are retried before :class:`BackendUnavailable` (also the time ``start``
@@ -564,9 +891,11 @@ class RedisBackend(Backend):
         self.commands = RedisCommands(client, layout=self.layout, settings=self.settings, stats=self.stats,
                                       retry=RetryPolicy(budget=retry_budget))
         self._callbacks: list[ReconnectCallback] = []
+        self._resubscribe_callbacks: list[ResubscribeCallback] = []
         self._subscriber = _Subscriber(
             client, layout=self.layout, stats=self.stats, dispatch=self._dispatch,
-            has_listeners=self._has_listeners, callbacks=self._callbacks, probe_interval=probe_interval,
+            has_listeners=self._has_listeners, callbacks=self._callbacks,
+            resubscribe_callbacks=self._resubscribe_callbacks, probe_interval=probe_interval,
             probe_timeout=probe_timeout, subscribe_timeout=max(retry_budget, 1.0),
         )
         self._registry = ChannelRegistry(self._subscriber.subscribe, self._subscriber.unsubscribe, self.stats,
@@ -594,7 +923,18 @@ class RedisBackend(Backend):
 
     @property
     def connected(self) -> bool:
+        """True while live delivery works — on a cluster, while at least one primary's pub/sub link is up.
+
+        One shard down pauses the live events of its own conversations only (they are
+        repaired from history when it is back); the others keep flowing, so readiness
+        does not drop on every gateway at once. ``down_nodes`` names the shards down.
+        """
         return self._subscriber.up
+
+    @property
+    def down_nodes(self) -> list[str]:
+        """Nodes (``host:port``; ``main`` for a single server) whose pub/sub link is down right now."""
+        return self._subscriber.down_nodes
 
     async def ping(self) -> bool:
         return await self.commands.ping(self._probe_timeout)
@@ -615,7 +955,17 @@ class RedisBackend(Backend):
         await self._registry.remove(conv, listener)
 
     def add_reconnect_callback(self, callback: ReconnectCallback) -> None:
+        """Call ``callback`` after each re-established pub/sub connection (one per node on a cluster)."""
         self._callbacks.append(callback)
+
+    def add_resubscribe_callback(self, callback: ResubscribeCallback) -> None:
+        """Call ``callback(convs)`` with the conversations of a re-established connection or of a moved channel.
+
+        Only the conversations concerned, never ``None``: those whose channel was live,
+        lost its subscription (its node's connection dropped, its slot moved) and is
+        confirmed again.
+        """
+        self._resubscribe_callbacks.append(callback)
 
     async def head(self, conv: str) -> Head:
         return await self.commands.head(conv)

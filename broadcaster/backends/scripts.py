@@ -8,7 +8,7 @@ the blocking SDK: they only differ in how they send a command and await its repl
 * ``publish_call`` / ``parse_publish_reply`` and friends: build a script's KEYS and
   ARGV, and turn its reply into the core dataclasses;
 * :class:`PublishBatch`: the retry-safe bookkeeping of one ``publish_many``;
-* :func:`parse_redis_url`: ``redis://``, ``rediss://`` and ``redis+cluster://`` URLs.
+* :func:`parse_redis_url`: ``redis://``, ``rediss://``, ``redis+cluster://`` and ``rediss+cluster://`` URLs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from redis.exceptions import NoScriptError
 
@@ -238,36 +238,69 @@ def parse_presence(reply: Any) -> Presence:
 # --- URLs --------------------------------------------------------------------
 
 CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_TLS_SCHEME = "rediss+cluster"
+CLUSTER_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+"""Query parameters a ``rediss+cluster://`` URL accepts (the redis-py keyword arguments of the same names)."""
+_CERT_REQS = ("none", "optional", "required")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True, slots=True)
 class RedisTarget:
-    """Where Redis is: a plain URL, or the startup nodes of a Redis Cluster."""
+    """Where Redis is: a plain URL, or the startup nodes of a Redis Cluster.
+
+    For a cluster, ``tls`` (scheme ``rediss+cluster``) and ``ssl_options`` (from the
+    URL's query) apply to every node; :meth:`cluster_options` gives them, with the
+    credentials, as redis-py ``RedisCluster`` keyword arguments.
+    """
 
     url: str
     cluster_nodes: tuple[tuple[str, int], ...] = ()
     username: str | None = None
     password: str | None = None
+    tls: bool = False
+    ssl_options: tuple[tuple[str, str | bool], ...] = ()
 
     @property
     def is_cluster(self) -> bool:
         return bool(self.cluster_nodes)
 
+    def cluster_options(self) -> dict[str, Any]:
+        """Credentials and TLS settings as keyword arguments of redis-py's ``RedisCluster`` (sync or asyncio)."""
+        options: dict[str, Any] = {"username": self.username, "password": self.password}
+        if self.tls:
+            options["ssl"] = True
+            options.update(self.ssl_options)
+        return options
+
 
 def parse_redis_url(url: str) -> RedisTarget:
-    """Parse ``redis://``, ``rediss://``, ``unix://`` or ``redis+cluster://[user:pass@]host:port[,host:port...]``.
+    """Parse ``redis://``, ``rediss://``, ``unix://`` or a Redis Cluster URL.
 
-    Raises :class:`ValidationError` (field ``url``) for anything else.
+    A cluster URL is ``redis+cluster://[user[:password]@]host[:port][,host[:port]...][/0][?query]``
+    (``rediss+cluster://`` for TLS to every node). Credentials are percent-decoded;
+    the port defaults to 6379; a path other than ``/0`` is refused (a cluster only has
+    database 0). The query accepts, on ``rediss+cluster://`` only, the TLS options
+    ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (file paths),
+    ``ssl_cert_reqs`` (``none``, ``optional``, ``required``: the default) and
+    ``ssl_check_hostname`` (``true``/``false``). Any other query key is refused
+    rather than ignored.
+
+    Raises :class:`ValidationError` (a ``ValueError``, field ``url``) for anything else.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ValidationError("url", f"not a URL: {url!r}")
     if scheme in ("redis", "rediss", "unix"):
         return RedisTarget(url)
-    if scheme != CLUSTER_SCHEME:
-        raise ValidationError("url", f"unsupported scheme {scheme!r} (redis, rediss, redis+cluster)")
-    userinfo, _, hostlist = rest.rpartition("@")
-    hostlist = hostlist.split("/", 1)[0].split("?", 1)[0]
+    if scheme not in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME):
+        raise ValidationError("url", f"unsupported scheme {scheme!r} (redis, rediss, redis+cluster, rediss+cluster)")
+    tls = scheme == CLUSTER_TLS_SCHEME
+    rest, _, query = rest.partition("#")[0].partition("?")
+    authority, _, path = rest.partition("/")
+    if path not in ("", "0"):
+        raise ValidationError("url", f"a Redis Cluster has only database 0, not {path!r}")
+    userinfo, _, hostlist = authority.rpartition("@")
     nodes = tuple(_host_port(item) for item in hostlist.split(",") if item)
     if not nodes:
         raise ValidationError("url", f"no cluster node in {url!r}")
@@ -276,7 +309,34 @@ def parse_redis_url(url: str) -> RedisTarget:
         user, colon, secret = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(secret) if colon else None
-    return RedisTarget(url, nodes, username, password)
+    return RedisTarget(url, nodes, username, password, tls, _cluster_query(query, tls))
+
+
+def _cluster_query(query: str, tls: bool) -> tuple[tuple[str, str | bool], ...]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise ValidationError("url", f"malformed query {query!r}") from None
+    options: dict[str, str | bool] = {}
+    for key, value in pairs:
+        if key not in CLUSTER_TLS_OPTIONS:
+            raise ValidationError("url", f"unknown query parameter {key!r} in a cluster URL "
+                                         f"(known: {', '.join(CLUSTER_TLS_OPTIONS)})")
+        if not tls:
+            raise ValidationError("url", f"{key!r} needs TLS: use rediss+cluster://")
+        if key in options:
+            raise ValidationError("url", f"query parameter {key!r} given twice")
+        if key == "ssl_cert_reqs" and value.lower() not in _CERT_REQS:
+            raise ValidationError("url", f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {value!r}")
+        if key == "ssl_check_hostname":
+            if value.lower() not in _TRUE + _FALSE:
+                raise ValidationError("url", f"ssl_check_hostname must be true or false, not {value!r}")
+            options[key] = value.lower() in _TRUE
+        elif key == "ssl_cert_reqs":
+            options[key] = value.lower()
+        else:
+            options[key] = value
+    return tuple(options.items())
 
 
 def _host_port(item: str) -> tuple[str, int]:
@@ -285,6 +345,8 @@ def _host_port(item: str) -> tuple[str, int]:
         port = port.lstrip(":")
     else:
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host:
+        raise ValidationError("url", f"no host in {item!r}")
     try:
         return host, int(port) if port else 6379
     except ValueError:
