@@ -21,7 +21,7 @@ from redis.retry import Retry
 from broadcaster.backend import BackendStats, Presence
 from broadcaster.backends import scripts
 from broadcaster.backends.base import new_epoch
-from broadcaster.backends.redis import COMMAND_TIMEOUT, CONNECT_TIMEOUT, RedisCommands, make_async_client
+from broadcaster.backends.redis import RedisCommands, client_options, make_async_client
 from broadcaster.envelope import PublishResult
 from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
@@ -33,18 +33,10 @@ SyncClient = redis.Redis | RedisCluster
 
 def make_sync_client(target: scripts.RedisTarget) -> SyncClient:
     """A blocking redis-py client for ``target``; its own retries are off (the policy retries)."""
-    options: dict[str, Any] = {
-        "protocol": 2,
-        "decode_responses": False,
-        "socket_connect_timeout": CONNECT_TIMEOUT,
-        "socket_timeout": COMMAND_TIMEOUT,
-        "health_check_interval": 0,
-    }
     if target.is_cluster:
         nodes = [ClusterNode(host, port) for host, port in target.cluster_nodes]  # type: ignore[no-untyped-call]
-        return RedisCluster(startup_nodes=nodes, username=target.username, password=target.password,
-                            retry=Retry(NoBackoff(), 1), **options)
-    return redis.Redis.from_url(target.url, retry=Retry(NoBackoff(), 0), **options)
+        return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **client_options(target))
+    return redis.Redis.from_url(target.url, retry=Retry(NoBackoff(), 0), **client_options(target))
 
 
 class SyncRedisTransport:

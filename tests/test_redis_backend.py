@@ -441,3 +441,18 @@ def test_tls_cluster_url_sets_tls_on_every_node() -> None:
     assert (kwargs["ssl_certfile"], kwargs["ssl_keyfile"], kwargs["password"]) == ("/c.pem", "/k.pem", "s:cret")
     assert all(n.connection_class is SSLConnection for n in client.nodes_manager.startup_nodes.values())  # type: ignore[union-attr]
     assert make_async_client(plain).nodes_manager.connection_kwargs["connection_class"] is Connection  # type: ignore[union-attr]
+
+
+def test_sync_and_async_clients_share_cluster_tls_options() -> None:
+    """Both client factories take their settings from one place, TLS included (the sync Producer too)."""
+    import inspect
+
+    from broadcaster.backends.redis import client_options, make_async_client
+    from producers.redis_transport import make_sync_client
+
+    target = scripts.parse_redis_url("rediss+cluster://u:p@127.0.0.1:7000?ssl_cert_reqs=none")
+    options = client_options(target)
+    assert options["ssl"] is True and options["ssl_cert_reqs"] == "none"
+    assert (options["username"], options["password"], options["require_full_coverage"]) == ("u", "p", False)
+    for factory in (make_async_client, make_sync_client):
+        assert "client_options(target)" in inspect.getsource(factory)

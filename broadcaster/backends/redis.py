@@ -77,8 +77,13 @@ _RETRY_DELAY_MAX = 5.0
 """Longest wait before subscribing again a channel a node refused (other than with MOVED)."""
 
 
-def make_async_client(target: scripts.RedisTarget) -> AsyncClient:
-    """A redis-py asyncio client for ``target``; its own retries are off (our policy retries)."""
+def client_options(target: scripts.RedisTarget) -> dict[str, Any]:
+    """Keyword arguments every redis-py client of ours gets, sync or asyncio.
+
+    RESP2 and bytes, our timeouts, no health checks (we probe ourselves); for a cluster
+    also its credentials and TLS settings, and partial coverage: a shard down (its
+    slots uncovered) must not stop the client from serving the others.
+    """
     options: dict[str, Any] = {
         "protocol": 2,
         "decode_responses": False,
@@ -87,12 +92,17 @@ def make_async_client(target: scripts.RedisTarget) -> AsyncClient:
         "health_check_interval": 0,
     }
     if target.is_cluster:
+        options.update(target.cluster_options(), require_full_coverage=False)
+    return options
+
+
+def make_async_client(target: scripts.RedisTarget) -> AsyncClient:
+    """A redis-py asyncio client for ``target``; its own retries are off (our policy retries)."""
+    if target.is_cluster:
         nodes = [ClusterNode(host, port) for host, port in target.cluster_nodes]
         # One immediate in-client retry lets redis-py refresh its slot map after a MOVED/failover.
-        # A shard down (its slots uncovered) must not stop the client from serving the others.
-        return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), require_full_coverage=False,
-                            **target.cluster_options(), **options)
-    return Redis.from_url(target.url, retry=Retry(NoBackoff(), 0), **options)
+        return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **client_options(target))
+    return Redis.from_url(target.url, retry=Retry(NoBackoff(), 0), **client_options(target))
 
 
 class RedisCommands:
