@@ -130,19 +130,27 @@ class Profile:
 _ALLOWED_KEYS = {"include", "exclude", "drop_fields", "enrich"}
 
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def _import_callable(path: str) -> Enricher:
     module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{path!r} is not 'module:attribute'")
+    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
+        raise ValueError(f"{path!r} is not 'package.module:attribute'")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import {path!r}: {exc}") from None
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise ValueError(f"cannot import {path!r}: {exc.__class__.__name__}: {exc}") from None
     if not callable(target):
         raise ValueError(f"{path!r} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def _names(keys: Iterable[Any]) -> list[str]:
+    """Keys for an error message, sortable whatever their types."""
+    return sorted(repr(k) if not isinstance(k, str) else k for k in keys)
 
 
 def _string_list(value: Any, where: str) -> list[str]:
@@ -155,9 +163,11 @@ def build_profile(name: str, spec: Mapping[str, Any], where: str = "profile") ->
     """Validate one ``[profiles.NAME]`` table; raises ProfileError naming ``where`` and the key."""
     if not is_valid_name(name):
         raise ProfileError(f"{where}: profile name {name!r} must be 1-128 characters of [A-Za-z0-9._:-]")
+    if not isinstance(spec, Mapping):
+        raise ProfileError(f"{where}: must be a table")
     unknown = set(spec) - _ALLOWED_KEYS
     if unknown:
-        raise ProfileError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_KEYS)}")
+        raise ProfileError(f"{where}: unknown key(s) {_names(unknown)}; allowed: {sorted(_ALLOWED_KEYS)}")
     try:
         include = GlobSet(_string_list(spec.get("include", ["*"]), f"{where}.include"))
     except ValueError as exc:
@@ -205,15 +215,17 @@ class ProfileRegistry:
     @classmethod
     def from_mapping(cls, document: Mapping[str, Any], source: str = "<profiles>") -> ProfileRegistry:
         """Build from a parsed TOML document ``{"profiles": {name: spec}}``."""
+        if not isinstance(document, Mapping):
+            raise ProfileError(f"{source}: expected a table of [profiles.NAME] tables")
         unknown = set(document) - {"profiles"}
         if unknown:
-            raise ProfileError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected [profiles.NAME]")
+            raise ProfileError(f"{source}: unknown top-level key(s) {_names(unknown)}; expected [profiles.NAME]")
         tables = document.get("profiles", {})
         if not isinstance(tables, dict):
             raise ProfileError(f"{source}: 'profiles' must be a table")
         profiles = {}
         for name, spec in tables.items():
-            where = f"{source}: profiles.{name}"
+            where = f"{source}: profiles.{name if isinstance(name, str) else repr(name)}"
             if not isinstance(spec, dict):
                 raise ProfileError(f"{where}: must be a table")
             profiles[name] = build_profile(name, spec, where)
@@ -223,9 +235,15 @@ class ProfileRegistry:
     def from_file(cls, path: str | Path) -> ProfileRegistry:
         """Load and validate a TOML profiles file; raises ProfileError naming the file and key."""
         try:
-            document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ProfileError(f"{path}: cannot read: {exc.strerror}") from None
+            raise ProfileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+        try:
+            document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ProfileError(f"{path}: invalid TOML: {exc}") from None
+        except RecursionError:
+            raise ProfileError(f"{path}: invalid TOML: nested too deeply") from None
         return cls.from_mapping(document, str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -32,14 +33,17 @@ def _token(argv: Sequence[str]) -> int:
     from gateway.auth import mint_token
 
     parser = argparse.ArgumentParser(prog="broadcaster-gateway token", description="Mint an HS256 development token.")
-    parser.add_argument("--secret", required=True, help="the gateway's --auth-secret")
+    env_secret = os.environ.get(Settings.env_name("auth_secret")) or None
+    parser.add_argument("--secret", required=env_secret is None, default=env_secret,
+                        help=f"the gateway's --auth-secret (env {Settings.env_name('auth_secret')})")
     parser.add_argument("--sub", default="dev")
     parser.add_argument("--convs", default="*", help="comma-separated conversation ids or globs")
     parser.add_argument("--profiles", default="default", help="comma-separated profile names")
     parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     args = parser.parse_args(argv)
-    print(mint_token(args.secret, sub=args.sub, convs=args.convs.split(","), profiles=args.profiles.split(","),
-                     ttl=args.ttl))
+    convs = [c.strip() for c in args.convs.split(",") if c.strip()]
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    print(mint_token(args.secret, sub=args.sub, convs=convs, profiles=profiles, ttl=args.ttl))
     return 0
 
 

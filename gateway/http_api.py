@@ -12,6 +12,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from broadcaster.errors import BackendUnavailable, PayloadTooLarge, ValidationError
 from broadcaster.profiles import GlobSet, Profile, parse_type_filter
@@ -54,7 +55,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not low <= int(raw) <= high:
         raise ApiError(422, "invalid", f"{name} must be an integer from {low} to {high}", name)
     return int(raw)
 
@@ -88,6 +89,25 @@ async def _backend_call(coro: Any) -> Any:
         raise ApiError(503, "unavailable", f"backend unreachable: {exc.__class__.__name__}") from None
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk and refused (413) as soon as it passes ``limit`` bytes.
+
+    A chunked body has no Content-Length to check up front: reading it whole first
+    would let one request fill the gateway's memory.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", f"body over {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "disconnected", "client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
 @router.post("/v1/conversations/{conv_id}/events")
 async def publish(conv_id: str, request: Request) -> Response:
     gw = _gateway(request)
@@ -98,11 +118,9 @@ async def publish(conv_id: str, request: Request) -> Response:
     conv = _conv(conv_id)
     declared = request.headers.get("content-length")
     limit = gw.settings.max_event_bytes + JSON_OVERHEAD
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"body over {limit} bytes")
-    body = await request.body()
-    if len(body) > limit:
-        raise ApiError(413, "too_large", f"body over {limit} bytes")
+    body = await _read_body(request, limit)
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import orjson
+
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"']+")
+
+
+class RedactTokens(logging.Filter):
+    """Replace ``token=<jwt>`` in log messages (uvicorn logs websocket paths with their query) by ``token=***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message:
+            record.msg, record.args = _TOKEN_IN_QUERY.sub(r"\1***", message), None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,6 +36,7 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactTokens())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

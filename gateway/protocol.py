@@ -73,7 +73,7 @@ def _since(value: Any, code: str | int) -> int | None:
     if isinstance(value, bool):
         raise ProtocolError(code, "since must be a non-negative integer")
     if isinstance(value, str):
-        if not value.isdigit() or len(value) > 18:
+        if not (value.isascii() and value.isdigit()) or len(value) > 18:  # isdigit alone admits "²", "٣"
             raise ProtocolError(code, "since must be a non-negative integer")
         return int(value)
     if isinstance(value, int) and 0 <= value < 10**18:
@@ -84,7 +84,8 @@ def _since(value: Any, code: str | int) -> int | None:
 def _epoch(value: Any, code: str | int) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_EPOCH_LENGTH or not value.isalnum():
+    if (not isinstance(value, str) or not value or len(value) > MAX_EPOCH_LENGTH or not value.isascii()
+            or not value.isalnum()):
         raise ProtocolError(code, "epoch must be 1-64 alphanumeric characters")
     return value
 

@@ -25,6 +25,8 @@ class Settings:
     plugin: list[str] = field(default_factory=list)
     auth_secret: str | None = None
     auth_public_key: str | None = None
+    auth_audience: str | None = None
+    auth_issuer: str | None = None
     publish_key: list[str] = field(default_factory=list)
     key_prefix: str = "bc"
     history_size: int = 1000
@@ -59,6 +61,8 @@ HELP: dict[str, str] = {
     "plugin": "module:attr of a plugin setup callable (repeatable; env: comma-separated)",
     "auth_secret": "HS256 secret: websocket clients need a JWT",
     "auth_public_key": "PEM file or text of an RS256/ES256 public key: websocket clients need a JWT",
+    "auth_audience": "required 'aud' claim of tokens (unset: tokens carrying an 'aud' claim are refused)",
+    "auth_issuer": "required 'iss' claim of tokens (unset: not checked)",
     "publish_key": "key required as 'Authorization: Bearer' to publish over HTTP (repeatable; env: comma-separated)",
     "key_prefix": "prefix of every Redis key",
     "history_size": "events kept per conversation",
@@ -71,8 +75,10 @@ HELP: dict[str, str] = {
     "max_connections": "open websockets per gateway (more: HTTP 503 before the upgrade)",
     "client_messages_per_second": "sustained client message rate (burst: 4x); faster: close 4429",
     "drain_seconds": "on SIGTERM, time to close every connection with 1012 before exiting",
-    "ping_interval": "seconds between protocol pings to idle clients (0: off)",
-    "handshake_timeout": "seconds a client has to finish the websocket handshake",
+    "ping_interval": "seconds between websocket pings; a client that does not answer one within the same time "
+                     "is closed 1011 (0: off)",
+    "handshake_timeout": "seconds a client has to send a complete HTTP request (websocket upgrade included) "
+                         "once it connected or started a request; slower: connection dropped (0: off)",
     "presence_ttl": "seconds a gateway's presence counts outlive its last heartbeat (heartbeat: a third of it)",
     "allowed_origins": "Origin values allowed for browser sockets and CORS (repeatable; empty: any)",
     "gateway_id": "name of this gateway in presence and hello (default: host-pid-random)",
@@ -123,6 +129,9 @@ def check(settings: Settings) -> None:
         raise ValueError("--port must be 1-65535")
     if settings.log_format not in ("json", "text"):
         raise ValueError("--log-format must be json or text")
+    for name in ("ping_interval", "handshake_timeout", "drain_seconds"):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
     if settings.auth_secret and settings.auth_public_key:
         raise ValueError("give --auth-secret or --auth-public-key, not both")
 

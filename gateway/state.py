@@ -74,7 +74,8 @@ class Gateway:
         self.hub = Hub(self.backend, gateway_id=self.gateway_id, hooks=self.plugins,
                        on_dispatch=self._observe_dispatch)
         self.pool = ConnectionPool()
-        self.auth = Authenticator(settings.auth_secret, settings.auth_public_key)
+        self.auth = Authenticator(settings.auth_secret, settings.auth_public_key, audience=settings.auth_audience,
+                                  issuer=settings.auth_issuer)
         self.publish_keys = PublishKeys(settings.publish_key)
         self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,
                                          heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl)

@@ -56,8 +56,12 @@ class RateLimiter:
         return False
 
 
+MAX_ERROR_MESSAGE = 200
+"""ws.error messages are cut to this length: a hostile message is not echoed back at full size."""
+
+
 def _error(code: str, message: str) -> bytes:
-    return dumps({"type": "ws.error", "code": code, "message": message})
+    return dumps({"type": "ws.error", "code": code, "message": message[:MAX_ERROR_MESSAGE]})
 
 
 async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
@@ -150,6 +154,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         return
     try:
         grant.check_profile(profile.name)
+        if request.subscribe is not None:
+            grant.check_conv(request.subscribe.conv_id)
     except AuthError as exc:
         await _refuse(websocket, CLOSE_FORBIDDEN, exc.message)
         return
