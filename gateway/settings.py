@@ -42,6 +42,8 @@ class Settings:
     ping_interval: float = 20.0
     handshake_timeout: float = 10.0
     presence_ttl: float = 15.0
+    redis_probe_interval: float = 5.0
+    redis_probe_timeout: float = 2.0
     allowed_origins: list[str] = field(default_factory=list)
     gateway_id: str | None = None
     log_level: str = "info"
@@ -79,6 +81,8 @@ HELP: dict[str, str] = {
                      "is closed 1011 (0: off)",
     "handshake_timeout": "seconds a client has to send a complete HTTP request (websocket upgrade included) "
                          "once it connected or started a request; slower: connection dropped (0: off)",
+    "redis_probe_interval": "seconds of silence on a Redis pub/sub link before it is probed with PING",
+    "redis_probe_timeout": "seconds a probe waits for PONG before the link is rebuilt",
     "presence_ttl": "seconds a gateway's presence counts outlive its last heartbeat (heartbeat: a third of it)",
     "allowed_origins": "Origin values allowed for browser sockets and CORS (repeatable; empty: any)",
     "gateway_id": "name of this gateway in presence and hello (default: host-pid-random)",
@@ -121,7 +125,8 @@ def settings_from(cli: Mapping[str, Any], environ: Mapping[str, str] | None = No
 def check(settings: Settings) -> None:
     """Reject values that cannot work; raises ValueError naming the option."""
     positive = ["history_size", "history_ttl", "state_max_entries", "max_queue_bytes", "max_client_message_bytes",
-                "max_event_bytes", "max_subscriptions", "max_connections", "client_messages_per_second", "presence_ttl"]
+                "max_event_bytes", "max_subscriptions", "max_connections", "client_messages_per_second", "presence_ttl",
+                "redis_probe_interval", "redis_probe_timeout"]
     for name in positive:
         if getattr(settings, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")

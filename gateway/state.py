@@ -65,8 +65,9 @@ class Gateway:
         backend_settings = BackendSettings(
             history_size=settings.history_size, history_ttl=settings.history_ttl,
             state_max_entries=settings.state_max_entries, max_data_bytes=settings.max_event_bytes)
-        self.backend = backend or backend_from_url(settings.redis_url, key_prefix=settings.key_prefix,
-                                                   settings=backend_settings)
+        self.backend = backend or backend_from_url(
+            settings.redis_url, key_prefix=settings.key_prefix, settings=backend_settings,
+            probe_interval=settings.redis_probe_interval, probe_timeout=settings.redis_probe_timeout)
         self.publisher = BackendPublisher(self.backend)
         self.plugins = PluginContext(self.publisher, self.gateway_id)
         self.plugin_setups = [load_plugin(path) for path in settings.plugin]

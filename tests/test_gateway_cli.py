@@ -62,3 +62,16 @@ def test_help_lists_env_vars() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
     assert "BROADCASTER_REDIS_URL" in result.stdout and "--max-queue-bytes" in result.stdout
+
+
+def test_redis_options_reach_the_backend() -> None:
+    from broadcaster.backends.redis import RedisBackend
+    from gateway.state import Gateway
+
+    settings = settings_from({"redis_url": "redis://127.0.0.1:1/0", "key_prefix": "kp"},
+                             {"BROADCASTER_REDIS_PROBE_INTERVAL": "0.7", "BROADCASTER_REDIS_PROBE_TIMEOUT": "0.3",
+                              "BROADCASTER_HISTORY_SIZE": "42"})
+    backend = Gateway(settings).backend
+    assert isinstance(backend, RedisBackend)
+    assert backend.layout.prefix == "kp" and backend.settings.history_size == 42
+    assert (backend._subscriber._probe_interval, backend._subscriber._probe_timeout) == (0.7, 0.3)
