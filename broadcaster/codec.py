@@ -7,6 +7,7 @@ for state upserts. Every decoding failure raises :class:`PayloadDecodeError`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -86,6 +87,21 @@ def decode_envelope(payload: bytes) -> Envelope:
 def dumps(obj: Any) -> bytes:
     """Compact JSON for client-facing objects; raises ``TypeError`` for non-JSON values."""
     return orjson.dumps(obj)
+
+
+def json_array(items: Iterable[bytes]) -> bytes:
+    """A JSON array of already-encoded JSON values."""
+    return b"[" + b",".join(items) + b"]"
+
+
+def json_object(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A JSON object of already-encoded JSON values, by key."""
+    return b"{" + b",".join(dumps(key) + b":" + value for key, value in members) + b"}"
+
+
+def embed(head: dict[str, Any], field: str, raw: bytes) -> bytes:
+    """The JSON of ``head`` (non-empty) with one more field whose value is the encoded JSON ``raw``."""
+    return dumps(head)[:-1] + b"," + dumps(field) + b":" + raw + b"}"
 
 
 def loads(data: bytes | str) -> Any:

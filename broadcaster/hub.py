@@ -29,12 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broadcaster.backend import Backend, Listener
-from broadcaster.codec import dumps
+from broadcaster.codec import dumps, embed, json_object
 from broadcaster.envelope import Envelope
 from broadcaster.hooks import PluginContext, SubscriptionInfo
 from broadcaster.locks import KeyedLock
@@ -262,12 +262,9 @@ class Hub:
         if hydrate:
             snapshot = await self.backend.state(conv)
             sub.send(self._control("ws.subscribed", conv, epoch=snapshot.epoch, seq=snapshot.seq))
-            entities: dict[str, Any] = {}
-            for key, env in snapshot.entities.items():
-                obj = self.shape(env, member.group.profile, member.group.types)
-                if obj is not None:
-                    entities[key] = obj
-            sub.send(self._control("ws.state", conv, epoch=snapshot.epoch, seq=snapshot.seq, entities=entities))
+            head = {"type": "ws.state", "conv_id": conv, "epoch": snapshot.epoch, "seq": snapshot.seq}
+            sub.send(embed(head, "entities", self.render_entities(snapshot.entities, member.group.profile,
+                                                                  member.group.types)))
             position = snapshot.seq
         else:
             latest, current_epoch = feed.last_seq, feed.epoch
@@ -295,7 +292,7 @@ class Hub:
             for env in page.events:
                 if env.seq > position:
                     position = env.seq
-                    payload = self._render_bytes(env, member.group)
+                    payload = self.render(env, member.group.profile, member.group.types)
                     if payload is not None:
                         member.sub.send(payload)
             if not page.events or position >= page.seq:
@@ -494,19 +491,22 @@ class Hub:
             log.warning("event %s seq %s is not JSON-encodable; skipped", env.conv, env.seq)
             return None
 
-    def shape(self, env: Envelope, profile: Profile, types: GlobSet | None = None) -> dict[str, Any] | None:
-        """``env`` as ``profile`` (narrowed by ``types``) shows it, or None (HTTP reads, state, not the hot path)."""
+    def render(self, env: Envelope, profile: Profile, types: GlobSet | None = None) -> bytes | None:
+        """``env`` as ``profile`` (narrowed by ``types``) sends it, encoded; None if it sends nothing.
+
+        For history replays, snapshots and HTTP reads; the live path renders once per
+        profile in :meth:`_deliver`.
+        """
         intercepted = self._intercept(env)
         if intercepted is None or (types is not None and not types.matches(env.type)):
             return None
-        return self._shape(intercepted.event_object(), intercepted, profile)
+        return self._render(intercepted.event_object(), intercepted, profile)
 
-    def _render_bytes(self, env: Envelope, group: _Group) -> bytes | None:
-        """One event rendered for one group (history replay, not the hot path)."""
-        intercepted = self._intercept(env)
-        if intercepted is None or not group.wants(env.type):
-            return None
-        return self._render(intercepted.event_object(), intercepted, group.profile)
+    def render_entities(self, entities: Mapping[str, Envelope], profile: Profile,
+                        types: GlobSet | None = None) -> bytes:
+        """A state snapshot's entities as ``profile`` shows them: one encoded JSON object by key."""
+        return json_object((key, raw) for key, env in entities.items()
+                           if (raw := self.render(env, profile, types)) is not None)
 
     @staticmethod
     def _control(kind: str, conv: str, **fields: Any) -> bytes:

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from broadcaster.codec import embed, json_array
 from broadcaster.errors import BackendUnavailable, PayloadTooLarge, ValidationError
 from broadcaster.profiles import GlobSet, Profile, parse_type_filter
 from broadcaster.validation import validate_conv_id
@@ -152,9 +153,9 @@ async def history(conv_id: str, request: Request) -> Response:
     since = _int_param(request, "since", 0, 0, 10**18)
     limit = _int_param(request, "limit", 100, 1, MAX_HISTORY_LIMIT)
     page = await _backend_call(gw.backend.history(conv, since=since, limit=limit))
-    events = [obj for env in page.events if (obj := gw.hub.shape(env, profile, types)) is not None]
-    return JSONResponse({"conv_id": conv, "epoch": page.epoch, "seq": page.seq, "truncated": page.truncated,
-                         "events": events})
+    events = json_array(raw for env in page.events if (raw := gw.hub.render(env, profile, types)) is not None)
+    head = {"conv_id": conv, "epoch": page.epoch, "seq": page.seq, "truncated": page.truncated}
+    return Response(embed(head, "events", events), media_type="application/json")
 
 
 @router.get("/v1/conversations/{conv_id}/state")
@@ -163,9 +164,9 @@ async def state(conv_id: str, request: Request) -> Response:
     conv = _conv(conv_id)
     profile, types = _reader(request, gw, conv)
     snapshot = await _backend_call(gw.backend.state(conv))
-    entities = {key: obj for key, env in snapshot.entities.items()
-                if (obj := gw.hub.shape(env, profile, types)) is not None}
-    return JSONResponse({"conv_id": conv, "epoch": snapshot.epoch, "seq": snapshot.seq, "entities": entities})
+    entities = gw.hub.render_entities(snapshot.entities, profile, types)
+    head = {"conv_id": conv, "epoch": snapshot.epoch, "seq": snapshot.seq}
+    return Response(embed(head, "entities", entities), media_type="application/json")
 
 
 @router.get("/v1/conversations/{conv_id}/presence")

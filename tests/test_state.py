@@ -210,3 +210,27 @@ async def test_state_survives_a_redis_restart_with_aof(key_prefix: str) -> None:
     finally:
         await backend.close()
         server.stop()
+
+
+async def test_foreign_payload_json_cannot_carry_is_skipped_not_a_500(redis_url: str, key_prefix: str) -> None:
+    """A raw producer stores msgpack bin data: HTTP reads and hydrate skip that event and keep serving."""
+    import msgpack
+
+    from broadcaster.backends.base import PreparedPublish
+    from broadcaster.backends.redis import RedisBackend
+
+    backend = RedisBackend(redis_url, key_prefix=key_prefix)
+    async with InProcessGateway(Settings(key_prefix=key_prefix), backend=backend) as gw:
+        await backend.publish("bin", "timeline.item", {"ok": 1}, key="good")
+        raw = PreparedPublish("bin", "timeline.item", "raw-1", "bad", msgpack.packb({"b": b"\x00\xff"}), 600)
+        await backend.commands.publish_many([raw])
+        await backend.publish("bin", "timeline.item", {"ok": 3}, key="good2")
+        async with httpx.AsyncClient(base_url=gw.http_url) as http:
+            hist = await http.get("/v1/conversations/bin/events", params={"since": 0})
+            state = await http.get("/v1/conversations/bin/state")
+        assert hist.status_code == 200 and [e["seq"] for e in hist.json()["events"]] == [1, 3]
+        assert state.status_code == 200 and set(state.json()["entities"]) == {"good", "good2"}
+        client = await WsClient.connect(gw.ws_url("conv_id=bin&hydrate=1"))
+        snapshot = await client.expect("ws.state")
+        assert set(snapshot["entities"]) == {"good", "good2"} and snapshot["seq"] == 3
+        assert gw.gateway.hub.stats.render_errors >= 3
