@@ -45,6 +45,7 @@ ResubscribeCallback = Callable[[Collection[str] | None], Awaitable[None]]
 DEFAULT_HISTORY_SIZE = 1000
 DEFAULT_HISTORY_TTL = 86400
 DEFAULT_STATE_MAX_ENTRIES = 10_000
+DEFAULT_STATE_MAX_BYTES = 8 * 1024 * 1024
 DEFAULT_IDEMPOTENCY_TTL_AUTO = 300
 """Seconds an auto-generated id is remembered: long enough to cover retries."""
 
@@ -56,6 +57,8 @@ class BackendSettings:
     history_size: int = DEFAULT_HISTORY_SIZE
     history_ttl: int = DEFAULT_HISTORY_TTL
     state_max_entries: int = DEFAULT_STATE_MAX_ENTRIES
+    state_max_bytes: int = DEFAULT_STATE_MAX_BYTES
+    """Encoded bytes of a conversation's state entries; past it the oldest-updated are evicted."""
     max_data_bytes: int = 1024 * 1024
     unsubscribe_delay: float = 2.0
     """Seconds a channel stays subscribed after its last listener left (absorbs churn)."""

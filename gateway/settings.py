@@ -32,6 +32,7 @@ class Settings:
     history_size: int = 1000
     history_ttl: int = 86400
     state_max_entries: int = 10_000
+    state_max_bytes: int = 8 * 1024 * 1024
     max_queue_bytes: int = 1024 * 1024
     max_client_message_bytes: int = 64 * 1024
     max_event_bytes: int = 1024 * 1024
@@ -70,6 +71,7 @@ HELP: dict[str, str] = {
     "history_size": "events kept per conversation",
     "history_ttl": "seconds a conversation's history and state live after its last publish",
     "state_max_entries": "state entries kept per conversation (oldest-updated evicted)",
+    "state_max_bytes": "encoded bytes of state kept per conversation (oldest-updated evicted)",
     "max_queue_bytes": "bytes queued for one connection before it is closed 4408",
     "max_client_message_bytes": "largest websocket message accepted from a client (bigger: close 1009)",
     "max_event_bytes": "largest event data accepted for publishing (JSON bytes; bigger: 413)",
@@ -124,9 +126,9 @@ def settings_from(cli: Mapping[str, Any], environ: Mapping[str, str] | None = No
 
 def check(settings: Settings) -> None:
     """Reject values that cannot work; raises ValueError naming the option."""
-    positive = ["history_size", "history_ttl", "state_max_entries", "max_queue_bytes", "max_client_message_bytes",
-                "max_event_bytes", "max_subscriptions", "max_connections", "client_messages_per_second", "presence_ttl",
-                "redis_probe_interval", "redis_probe_timeout"]
+    positive = ["history_size", "history_ttl", "state_max_entries", "state_max_bytes", "max_queue_bytes",
+                "max_client_message_bytes", "max_event_bytes", "max_subscriptions", "max_connections",
+                "client_messages_per_second", "presence_ttl", "redis_probe_interval", "redis_probe_timeout"]
     for name in positive:
         if getattr(settings, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")

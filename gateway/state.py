@@ -64,7 +64,8 @@ class Gateway:
         self.profiles = profiles
         backend_settings = BackendSettings(
             history_size=settings.history_size, history_ttl=settings.history_ttl,
-            state_max_entries=settings.state_max_entries, max_data_bytes=settings.max_event_bytes)
+            state_max_entries=settings.state_max_entries,
+            state_max_bytes=settings.state_max_bytes, max_data_bytes=settings.max_event_bytes)
         self.backend = backend or backend_from_url(
             settings.redis_url, key_prefix=settings.key_prefix, settings=backend_settings,
             probe_interval=settings.redis_probe_interval, probe_timeout=settings.redis_probe_timeout)

@@ -15,6 +15,7 @@ from typing import Any
 from broadcaster.backend import (
     DEFAULT_HISTORY_SIZE,
     DEFAULT_HISTORY_TTL,
+    DEFAULT_STATE_MAX_BYTES,
     DEFAULT_STATE_MAX_ENTRIES,
     BackendSettings,
 )
@@ -31,7 +32,7 @@ PublishItem = PublishRequest | tuple[Any, ...]
 class ProducerOptions:
     """What ``Producer.from_url(url, **options)`` accepts.
 
-    ``history_size``, ``history_ttl``, ``state_max_entries`` and ``max_data_bytes``
+    ``history_size``, ``history_ttl``, ``state_max_entries``, ``state_max_bytes`` and ``max_data_bytes``
     must match the gateways' settings when publishing straight to Redis (the
     publish script applies them); over HTTP the gateway applies its own and
     ``max_data_bytes`` only checks early. ``retry_budget``: seconds transient errors
@@ -43,6 +44,7 @@ class ProducerOptions:
     history_size: int = DEFAULT_HISTORY_SIZE
     history_ttl: int = DEFAULT_HISTORY_TTL
     state_max_entries: int = DEFAULT_STATE_MAX_ENTRIES
+    state_max_bytes: int = DEFAULT_STATE_MAX_BYTES
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
     retry_budget: float = 10.0
     timeout: float = 5.0
@@ -59,7 +61,8 @@ class ProducerOptions:
 
     def settings(self) -> BackendSettings:
         return BackendSettings(history_size=self.history_size, history_ttl=self.history_ttl,
-                               state_max_entries=self.state_max_entries, max_data_bytes=self.max_data_bytes)
+                               state_max_entries=self.state_max_entries,
+                               state_max_bytes=self.state_max_bytes, max_data_bytes=self.max_data_bytes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,3 +234,20 @@ async def test_foreign_payload_json_cannot_carry_is_skipped_not_a_500(redis_url:
         snapshot = await client.expect("ws.state")
         assert set(snapshot["entities"]) == {"good", "good2"} and snapshot["seq"] == 3
         assert gw.gateway.hub.stats.render_errors >= 3
+
+
+async def test_state_byte_cap_evicts_oldest_updated(gateway: InProcessGateway) -> None:
+    backend = gateway.gateway.backend
+    backend.settings.state_max_bytes = 4000  # each entry below is ~1.1 KB encoded
+    blob = "x" * 1000
+    for i in range(3):
+        await backend.publish("b1", "timeline.item", {"blob": blob, "i": i}, key=f"k{i}")
+    await backend.publish("b1", "timeline.item", {"blob": blob, "i": "again"}, key="k0")  # k0 is now the newest
+    result = await backend.publish("b1", "timeline.item", {"blob": blob, "i": 3}, key="k3")
+    assert result.evicted == 1
+    state = await backend.state("b1")
+    assert set(state.entities) == {"k0", "k2", "k3"}
+    await backend.publish("b1", "timeline.item", None, key="k2")  # deleting frees its bytes
+    result = await backend.publish("b1", "timeline.item", {"blob": blob, "i": 4}, key="k4")
+    assert result.evicted == 0
+    assert set((await backend.state("b1")).entities) == {"k0", "k3", "k4"}

@@ -28,6 +28,7 @@ from broadcaster.backend import (
     StateSnapshot,
 )
 from broadcaster.backends.base import ChannelRegistry, PreparedPublish, new_epoch, prepare_publish
+from broadcaster.codec import encode_envelope
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 
 
@@ -37,6 +38,8 @@ class _Conversation:
     seq: int = 0
     log: deque[Envelope] = field(default_factory=deque)
     state: OrderedDict[str, Envelope] = field(default_factory=OrderedDict)  # oldest-updated first
+    state_sizes: dict[str, int] = field(default_factory=dict)  # key -> encoded payload bytes
+    state_bytes: int = 0
     ids: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (seq, expires at)
     expires_at: float = 0.0
 
@@ -95,11 +98,18 @@ class MemoryBackend(Backend):
             record.ids = {k: v for k, v in record.ids.items() if v[1] > now}
         evicted = 0
         if prepared.key is not None:
-            record.state.pop(prepared.key, None)
+            if record.state.pop(prepared.key, None) is not None:
+                record.state_bytes -= record.state_sizes.pop(prepared.key)
             if data is not None:
+                size = len(encode_envelope(env))  # what the Redis backend stores for it
                 record.state[prepared.key] = env
-                while len(record.state) > self.settings.state_max_entries:
-                    record.state.popitem(last=False)
+                record.state_sizes[prepared.key] = size
+                record.state_bytes += size
+                max_bytes = self.settings.state_max_bytes
+                while len(record.state) > self.settings.state_max_entries or (
+                        max_bytes > 0 and record.state_bytes > max_bytes and len(record.state) > 1):
+                    oldest, _ = record.state.popitem(last=False)
+                    record.state_bytes -= record.state_sizes.pop(oldest)
                     evicted += 1
         self.stats.state_evictions += evicted
         record.expires_at = now + self.settings.history_ttl

@@ -17,6 +17,8 @@
 --   [7] history ttl, seconds [8] idempotency ttl, seconds
 --   [9] epoch to use if the conversation has none
 --   [10] max state entries   [11] "1" to SPUBLISH (Redis Cluster), else PUBLISH
+--   [12] max state bytes (optional; absent or 0 = no byte cap): the encoded size of all
+--        state entries, tracked in meta field state_bytes; past it the oldest-updated go
 -- Returns {seq, epoch, duplicate (0/1), state entries evicted}
 --
 -- The payload is the msgpack map {"v":1,"id","conv","seq","type","ts","data","epoch"}
@@ -100,16 +102,26 @@ redis.call('SET', idem, seq, 'EX', ARGV[8])
 
 local evicted = 0
 if key ~= '' then
+  local previous = redis.call('HSTRLEN', state, key)
   if data == '\192' then
-    redis.call('HDEL', state, key)
+    if redis.call('HDEL', state, key) == 1 then
+      redis.call('HINCRBY', meta, 'state_bytes', -previous)
+    end
     redis.call('ZREM', order, key)
   else
     redis.call('HSET', state, key, payload)
     redis.call('ZADD', order, seq, key)
+    local bytes = redis.call('HINCRBY', meta, 'state_bytes', #payload - previous)
     local cap = tonumber(ARGV[10])
-    while redis.call('ZCARD', order) > cap do
+    local max_bytes = tonumber(ARGV[12] or '0') or 0
+    local count = redis.call('ZCARD', order)
+    -- evict oldest-updated first; the entry just written (the newest) always stays
+    while count > cap or (max_bytes > 0 and bytes > max_bytes and count > 1) do
       local oldest = redis.call('ZPOPMIN', order)
+      local size = redis.call('HSTRLEN', state, oldest[1])
       redis.call('HDEL', state, oldest[1])
+      bytes = redis.call('HINCRBY', meta, 'state_bytes', -size)
+      count = count - 1
       evicted = evicted + 1
     end
   end

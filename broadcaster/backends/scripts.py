@@ -98,6 +98,7 @@ def publish_call(
         epoch,
         settings.state_max_entries,
         "1" if sharded else "0",
+        settings.state_max_bytes,
     ]
     return keys, args
 
