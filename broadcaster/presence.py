@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from broadcaster.backend import Backend
 from broadcaster.hub import Hub
@@ -27,6 +26,7 @@ class PresenceReporter:
         self._hub, self._backend, self._gateway_id = hub, backend, gateway_id
         self._heartbeat, self._ttl, self._flush_interval = heartbeat, ttl, flush_interval
         self._reported: dict[str, set[str]] = {}  # conv -> profiles with a non-zero report
+        self._slice = 1
 
     def _counts(self, convs: set[str]) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}
@@ -52,15 +52,23 @@ class PresenceReporter:
                 self._reported.pop(conv, None)
 
     async def run(self) -> None:
-        """Flush changes and heartbeats until cancelled; backend errors are logged and retried."""
-        next_beat = 0.0
+        """Flush changes and heartbeats until cancelled; backend errors are logged and retried.
+
+        The heartbeat is spread over its interval: every flush refreshes the next slice
+        of the watched conversations, so each is refreshed once per ``heartbeat`` and no
+        tick sends more than its share. (Refreshing thousands of conversations in one
+        burst stalls the event loop and Redis for everyone.)
+        """
         pending: set[str] = set()
+        rotation: list[str] = []
         while True:
             pending |= self._hub.take_dirty()
-            now = time.monotonic()
-            if now >= next_beat:
-                pending |= set(self._hub.conversations()) | set(self._reported)
-                next_beat = now + self._heartbeat
+            if not rotation:
+                rotation = list(set(self._hub.conversations()) | set(self._reported))
+                ticks = max(1, int(self._heartbeat / self._flush_interval))
+                self._slice = max(1, -(-len(rotation) // ticks))  # ceil: one pass per heartbeat
+            pending.update(rotation[-self._slice:])
+            del rotation[-self._slice:]
             if pending:
                 try:
                     await self.report(pending)
