@@ -456,3 +456,26 @@ def test_sync_and_async_clients_share_cluster_tls_options() -> None:
     assert (options["username"], options["password"], options["require_full_coverage"]) == ("u", "p", False)
     for factory in (make_async_client, make_sync_client):
         assert "client_options(target)" in inspect.getsource(factory)
+
+
+async def test_every_conversation_key_gets_a_ttl_and_refreshes_stay_cheap(redis_url: str, key_prefix: str) -> None:
+    """No key of a conversation is ever left without a TTL, whatever created it first."""
+    from broadcaster.backend import BackendSettings
+    from broadcaster.backends.redis import RedisBackend
+
+    backend = RedisBackend(redis_url, key_prefix=key_prefix, settings=BackendSettings(history_ttl=1000))
+    await backend.start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await backend.head("ttl1")  # a read creates the epoch first
+        await backend.publish("ttl1", "t.a", {"n": 1})  # then the log is created by a publish
+        await backend.publish("ttl1", "t.a", {"n": 2}, key="k")  # the state appears later
+        await backend.publish("ttl1", "t.a", None, key="k")  # and empties
+        await backend.publish("ttl1", "t.a", {"n": 3}, key="k2")  # and is created again
+        layout = backend.layout
+        for key in (layout.meta("ttl1"), layout.log("ttl1"), layout.state("ttl1"), layout.state_order("ttl1")):
+            ttl = client.ttl(key)
+            assert 990 <= ttl <= 1000, (key, ttl)
+    finally:
+        client.close()
+        await backend.close()

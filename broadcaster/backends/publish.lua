@@ -63,6 +63,7 @@ local conv, event_id, etype, data, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARG
 local history_ttl = ARGV[7]
 
 local epoch = redis.call('HGET', meta, 'epoch')
+local fresh = not epoch
 if epoch then
   local first = redis.call('GET', idem)
   if first then
@@ -127,10 +128,22 @@ if key ~= '' then
   end
 end
 
-redis.call('EXPIRE', meta, history_ttl)
-redis.call('EXPIRE', log, history_ttl)
-redis.call('EXPIRE', state, history_ttl)
-redis.call('EXPIRE', order, history_ttl)
+-- Refresh the conversation's TTL. Four EXPIREs per event are a large share of the script's
+-- cost, so they are skipped while the TTL is within `slack` seconds of full (at most 60 s,
+-- 1% of the TTL): a conversation may expire up to that much earlier than exactly
+-- history-ttl after its last publish. Keys just created (a new epoch, a log started after a
+-- read created the epoch, a state hash that had emptied) have no TTL yet and always get one.
+local ttl = tonumber(history_ttl)
+local slack = math.min(60, math.floor(ttl / 100))
+if fresh or redis.call('TTL', meta) < ttl - slack or redis.call('TTL', log) == -1 then
+  redis.call('EXPIRE', meta, history_ttl)
+  redis.call('EXPIRE', log, history_ttl)
+  redis.call('EXPIRE', state, history_ttl)
+  redis.call('EXPIRE', order, history_ttl)
+elseif key ~= '' and redis.call('TTL', state) == -1 then
+  redis.call('EXPIRE', state, history_ttl)
+  redis.call('EXPIRE', order, history_ttl)
+end
 
 if ARGV[11] == '1' then
   redis.call('SPUBLISH', live, payload)
