@@ -1,10 +1,18 @@
 """The transport half: one bounded byte queue and one writer per websocket.
 
 Nothing else in the project writes to a socket. The hub queues encoded JSON
-objects with :meth:`Connection.send`; the connection's writer task sends
-everything queued since its last write as one text frame, objects separated by
-``\\n``. A connection whose queue passes ``max_queue_bytes`` is closed 4408 and
-its queue dropped, so memory per connection stays bounded.
+objects with :meth:`Connection.send`; everything queued since the last write goes
+out as one text frame, objects separated by ``\\n``. A connection whose queue
+passes ``max_queue_bytes`` is closed 4408 and its queue dropped, so memory per
+connection stays bounded.
+
+Two ways to the socket, one order. When the server offers a synchronous send
+(``scope["extensions"][DIRECT_SEND]``, see ``gateway.server``), the pool flushes
+every connection that got something once per event-loop pass (one callback for
+all of them, after the dispatch that filled their queues); when that send cannot
+write at once (socket paused, closing) or is absent, the connection's writer task
+sends through the ASGI ``send`` as before. Only one of them writes at a time, so
+frames never overtake each other.
 """
 
 from __future__ import annotations
@@ -20,7 +28,22 @@ from typing import Any
 log = logging.getLogger("gateway.connection")
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
+DirectSend = Callable[[bytes], bool]
+"""Writes one text frame now and returns True, or returns False when it cannot without waiting."""
 CLOSE_TOO_SLOW = 4408
+DIRECT_SEND = "gateway.direct_send"
+"""ASGI scope extension holding the server's :data:`DirectSend` for the socket."""
+
+
+def direct_send_of(send: AsgiSend) -> DirectSend | None:
+    """The synchronous send the server put in the scope of ``send``'s websocket (a Starlette
+    ``WebSocket.send``), or None."""
+    scope = getattr(getattr(send, "__self__", None), "scope", None)
+    if isinstance(scope, dict):
+        direct = (scope.get("extensions") or {}).get(DIRECT_SEND)
+        if callable(direct):
+            return direct  # type: ignore[no-any-return]
+    return None
 
 
 @dataclass(slots=True)
@@ -44,9 +67,12 @@ class Connection:
 
     __slots__ = (
         "_close",
+        "_direct",
+        "_gone",
         "_queue",
         "_queued",
         "_send",
+        "_sending",
         "_waiting_since",
         "_wake",
         "connection_id",
@@ -67,10 +93,13 @@ class Connection:
         self.convs: set[str] = set()
         self.observe_wait = observe_wait
         self._send = send
+        self._direct = direct_send_of(send)
+        self._sending = False
+        self._gone = False
         self._queue: list[bytes] = []
         self._queued = 0
         self._waiting_since = 0.0
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None  # made with the writer task
         self._close: tuple[int, str] | None = None
         self.writer: asyncio.Task[None] | None = None
 
@@ -89,7 +118,10 @@ class Connection:
             return
         if not self._queue:
             self._waiting_since = time.monotonic()
-            self._wake.set()
+            if self._direct is not None:
+                self.pool.flush_soon(self)
+            else:
+                self.wake_writer()
         self._queue.append(data)
         self._queued += len(data)
         self.pool.stats.queued_bytes += len(data)
@@ -105,11 +137,60 @@ class Connection:
         self._close = (code, reason[:120])
         self.pool.stats.queued_bytes -= self._queued
         self._queue, self._queued = [], 0
+        self.wake_writer()
+
+    def flush(self) -> None:
+        """Write what is queued as one frame through the direct send, or leave it to the writer task."""
+        if self._close is not None or self._gone or not self._queue:
+            return
+        direct = self._direct
+        if direct is None or self._sending:
+            self.wake_writer()
+            return
+        batch, size = self._queue, self._queued
+        frame = b"\n".join(batch) if len(batch) > 1 else batch[0]
+        try:
+            written = direct(frame)
+        except Exception as exc:  # the writer's ASGI send meets the same failure and stops
+            log.debug("direct send to %s failed: %s", self.connection_id, exc)
+            written = False
+        if not written:
+            self.wake_writer()
+            return
+        self._queue, self._queued = [], 0
+        stats = self.pool.stats
+        stats.queued_bytes -= size
+        if self.observe_wait is not None:
+            self.observe_wait(time.monotonic() - self._waiting_since)
+        stats.frames_written += 1
+        stats.objects_written += len(batch)
+        stats.bytes_written += len(frame)
+
+    def wake_writer(self) -> None:
+        """Have the writer task send what is queued (or the close frame); it is started on first need.
+
+        With a direct send most sockets never need it: no task, no event per idle socket.
+        """
+        if self._gone:
+            return
+        if self._wake is None:
+            self._wake = asyncio.Event()
         self._wake.set()
+        if self.writer is None:
+            self.writer = asyncio.create_task(self.run_writer())
+
+    def discard(self) -> None:
+        """The socket is gone and its writer (if any) finished: drop what is queued, write nothing more."""
+        self._gone = True
+        if self._queued:
+            self.pool.stats.queued_bytes -= self._queued
+        self._queue, self._queued = [], 0
 
     async def run_writer(self) -> None:
         """Write queued objects as batched frames until closed or the peer is gone."""
         stats = self.pool.stats
+        if self._wake is None:
+            self._wake = asyncio.Event()
         try:
             while True:
                 await self._wake.wait()
@@ -124,7 +205,11 @@ class Connection:
                 if self.observe_wait is not None:
                     self.observe_wait(time.monotonic() - self._waiting_since)
                 frame = b"\n".join(batch) if len(batch) > 1 else batch[0]
-                await self._send({"type": "websocket.send", "text": frame.decode()})
+                self._sending = True
+                try:
+                    await self._send({"type": "websocket.send", "text": frame.decode()})
+                finally:
+                    self._sending = False
                 stats.frames_written += 1
                 stats.objects_written += len(batch)
                 stats.bytes_written += len(frame)
@@ -148,6 +233,18 @@ class ConnectionPool:
         self.stats = PoolStats()
         self.draining = False
         self._emptied = asyncio.Event()
+        self._dirty: list[Connection] = []
+
+    def flush_soon(self, conn: Connection) -> None:
+        """Have ``conn`` flushed in the next event-loop pass (one callback for every connection)."""
+        self._dirty.append(conn)
+        if len(self._dirty) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -156,7 +253,8 @@ class ConnectionPool:
         self.connections[conn.connection_id] = conn
         self._emptied.clear()
         self.stats.connections_opened += 1
-        conn.writer = asyncio.create_task(conn.run_writer())
+        if conn._direct is None:
+            conn.wake_writer()
 
     async def remove(self, conn: Connection) -> None:
         """Forget ``conn`` once its writer finished (or cancel it if the peer is gone)."""
@@ -169,6 +267,7 @@ class ConnectionPool:
                 writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
                 await asyncio.wait_for(writer, timeout=1.0)
+        conn.discard()
 
     async def drain(self, seconds: float, code: int, reason: str) -> None:
         """After a short readiness grace, close every connection with ``code`` spread over half of

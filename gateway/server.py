@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import struct
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
+from websockets.protocol import State
 
+from gateway.connection import DIRECT_SEND
+from gateway.handshake import http_protocol
 from gateway.protocol import CLOSE_DRAINING
 from gateway.settings import Settings
 from gateway.state import Gateway
@@ -53,14 +60,65 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class DirectSendProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O websocket protocol, plus a synchronous text send for the connection pool.
+
+    The scope of every accepted socket gets ``scope["extensions"][DIRECT_SEND]``:
+    :meth:`send_text_now`, which does what ``await send({"type": "websocket.send",
+    "text": ...})`` does when that would not wait - the same frame, written at
+    once - and returns False when it would wait or fail (transport paused, close
+    sent, peer gone), so the caller falls back to the ASGI send. It saves the
+    pool a writer-task wake-up and the Starlette / ASGI call chain per frame:
+    the largest cost after the socket write itself in py-spy profiles (BENCHMARKS.md).
+    """
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][DIRECT_SEND] = self.send_text_now
+
+    def start_keepalive(self) -> None:
+        # Called once the handshake response is written: the handshake's request and response
+        # objects (headers and all) are never read again; let them go (memory of idle sockets).
+        self.request = None  # type: ignore[assignment]
+        self.response = None  # type: ignore[assignment]
+        super().start_keepalive()
+
+    def send_text_now(self, data: bytes) -> bool:
+        """Write ``data`` (UTF-8 JSON) as one text frame now; False if it has to go through ``send``."""
+        if (self.close_sent or self.disconnected or not self.handshake_complete or self.initial_response is not None
+                or not self.writable.is_set()):
+            return False
+        conn = self.conn
+        if conn.extensions or conn.writes:  # permessage-deflate, or output pending: websockets frames it, in order
+            try:
+                conn.send_text(data)
+            except InvalidState:
+                return False
+            self.transport.write(b"".join(conn.data_to_send()))
+            return True
+        if conn.state is not State.OPEN or conn.expect_continuation_frame:
+            return False
+        size = len(data)
+        if size < 126:
+            header = bytes((0x81, size))
+        elif size < 65536:
+            header = struct.pack("!BBH", 0x81, 126, size)
+        else:
+            header = struct.pack("!BBQ", 0x81, 127, size)
+        self.transport.write(header + data)
+        return True
+
+
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
+        http=http_protocol(settings.handshake_timeout),
+        ws=DirectSendProtocol,
         ws_max_size=settings.max_client_message_bytes,
         ws_ping_interval=settings.ping_interval or None,
         ws_ping_timeout=settings.ping_interval or None,

@@ -1,0 +1,313 @@
+"""Load-generator process: many websocket clients, counted per step.
+
+    python bench/client.py [--impl auto|picows|sansio]
+
+Driven by the orchestrator (``run.py``) over stdin / stdout, one JSON object per
+line each way. Commands:
+
+* ``{"cmd": "connect", "urls": [...], "concurrency": 200}`` -> ``{"ok", "failed", "errors"}``
+* ``{"cmd": "ready"}`` -> ``{"ready": connections that received an event, "open", "closed_by_server", "codes"}``
+* ``{"cmd": "count", "step": S}`` -> ``{"count": events of step S received so far}``
+* ``{"cmd": "take", "step": S}`` -> ``{"count", "buckets": latency bucket map (see hist.py), "frames"}``
+* ``{"cmd": "close"}`` -> closes every connection, answers ``{"closed"}`` and exits.
+
+Every server under test sends events as JSON objects (ours: several per text
+frame, ``\\n``-separated; the peers: one per frame) whose ``data`` carries
+``t`` (publish time, wall-clock microseconds) and ``s`` (step id). Per object the
+client does one ``orjson.loads``, one subtraction and two appends; the
+histogram is built after the step, outside the measured window.
+
+Transport: picows (Cython websocket client) on uvloop when installed; else
+websockets' sans-I/O ``ClientProtocol`` on a raw asyncio protocol (the smoke
+test runs that way, with no extra package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import resource
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import hist
+import orjson
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - depends on the venv
+    uvloop = None
+
+try:
+    import picows
+except ImportError:  # pragma: no cover - depends on the venv
+    picows = None
+
+_time_ns = time.time_ns
+_loads = orjson.loads
+CONTROL_PREFIX = b'{"type":"ws.'
+
+
+class Stats:
+    """Counts and latency samples of every connection of this process, by step."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.samples: dict[int, Any] = {}
+        self.frames = 0
+        self.ready = 0
+        self.closed_by_server = 0
+        self.codes: Counter[str] = Counter()
+        self.bad = 0
+
+    def on_payload(self, conn: Any, payload: bytes) -> None:
+        now = _time_ns() // 1000
+        self.frames += 1
+        lines = payload.split(b"\n") if b"\n" in payload else (payload,)
+        counts, samples = self.counts, self.samples
+        for line in lines:
+            if line.startswith(CONTROL_PREFIX):
+                continue
+            try:
+                data = _loads(line)["data"]
+                step, sent = data["s"], data["t"]
+            except (ValueError, KeyError, TypeError):
+                self.bad += 1
+                continue
+            if not conn.got_event:
+                conn.got_event = True
+                self.ready += 1
+            if step in counts:
+                counts[step] += 1
+                samples[step].append(now - sent)
+            else:
+                counts[step] = 1
+                arr = samples[step] = hist.new_samples()
+                arr.append(now - sent)
+
+    def on_server_close(self, code: int | str) -> None:
+        self.closed_by_server += 1
+        self.codes[str(code)] += 1
+
+
+STATS = Stats()
+
+
+# --- picows ----------------------------------------------------------------------------------
+
+if picows is not None:
+
+    class PicowsClient(picows.WSListener):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.got_event = False
+            self.closing = False
+            self.transport: Any = None
+
+        def on_ws_connected(self, transport: Any) -> None:
+            self.transport = transport
+
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            kind = frame.msg_type
+            if kind == picows.WSMsgType.TEXT or kind == picows.WSMsgType.BINARY:
+                STATS.on_payload(self, frame.get_payload_as_bytes())
+            elif kind == picows.WSMsgType.CLOSE:
+                if not self.closing:
+                    STATS.on_server_close(frame.get_close_code().value)
+                    self.closing = True
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+
+        def on_ws_disconnected(self, transport: Any) -> None:
+            if not self.closing:
+                self.closing = True
+                STATS.on_server_close("eof")
+
+        def close(self) -> None:
+            if not self.closing and self.transport is not None:
+                self.closing = True
+                self.transport.send_close(picows.WSCloseCode.OK)
+                self.transport.disconnect()
+
+    async def connect_picows(url: str) -> Any:
+        _, client = await picows.ws_connect(PicowsClient, url, websocket_handshake_timeout=30,
+                                            max_frame_size=64 * 1024 * 1024)
+        return client
+
+
+# --- websockets sans-I/O on a raw asyncio protocol ------------------------------------------
+
+
+class SansioClient(asyncio.Protocol):
+    """websockets' ClientProtocol driven by an asyncio.Protocol: no per-frame task, no queue."""
+
+    def __init__(self, url: str, opened: asyncio.Future[None]) -> None:
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        self.proto = ClientProtocol(parse_uri(url), max_size=None)
+        self.opened = opened
+        self.got_event = False
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        from websockets.frames import Opcode
+        from websockets.http11 import Response
+
+        self.proto.receive_data(data)
+        for event in self.proto.events_received():
+            if isinstance(event, Response):
+                if event.status_code == 101 and not self.opened.done():
+                    self.opened.set_result(None)
+                elif not self.opened.done():
+                    self.opened.set_exception(ConnectionError(f"HTTP {event.status_code}"))
+            elif event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
+                STATS.on_payload(self, event.data)
+            elif event.opcode is Opcode.CLOSE and not self.closing:
+                self.closing = True
+                code = self.proto.close_rcvd.code if self.proto.close_rcvd is not None else "none"
+                STATS.on_server_close(code)
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            elif self.transport.can_write_eof():
+                self.transport.write_eof()
+        if self.proto.close_expected():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"connection lost before the handshake: {exc}"))
+        if not self.closing:
+            self.closing = True
+            STATS.on_server_close("eof")
+
+    def close(self) -> None:
+        if not self.closing and self.transport is not None:
+            self.closing = True
+            with contextlib.suppress(Exception):
+                self.proto.send_close(1000)
+                self._flush()
+            self.transport.close()
+
+
+async def connect_sansio(url: str) -> SansioClient:
+    from websockets.uri import parse_uri
+
+    uri = parse_uri(url)
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[None] = loop.create_future()
+    _, client = await loop.create_connection(lambda: SansioClient(url, opened), uri.host, uri.port)
+    try:
+        async with asyncio.timeout(30):
+            await opened
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+# --- command loop -----------------------------------------------------------------------------
+
+
+class Driver:
+    def __init__(self, impl: str) -> None:
+        self.impl = impl
+        self.clients: list[Any] = []
+
+    async def connect(self, urls: list[str], concurrency: int) -> dict[str, Any]:
+        connect = connect_picows if self.impl == "picows" else connect_sansio
+        gate = asyncio.Semaphore(max(1, concurrency))
+        errors: Counter[str] = Counter()
+
+        async def one(url: str) -> None:
+            async with gate:
+                try:
+                    self.clients.append(await connect(url))
+                except Exception as exc:
+                    errors[f"{exc.__class__.__name__}: {exc}"[:160]] += 1
+
+        await asyncio.gather(*(one(u) for u in urls))
+        failed = sum(errors.values())
+        return {"ok": len(urls) - failed, "failed": failed, "errors": dict(errors.most_common(5))}
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        cmd = msg["cmd"]
+        if cmd == "ready":
+            return {"ready": STATS.ready, "open": len(self.clients) - STATS.closed_by_server,
+                    "closed_by_server": STATS.closed_by_server, "codes": dict(STATS.codes), "bad": STATS.bad}
+        if cmd == "count":
+            return {"count": STATS.counts.get(msg["step"], 0)}
+        if cmd == "take":
+            step = msg["step"]
+            samples = STATS.samples.pop(step, ())
+            return {"count": STATS.counts.pop(step, 0), "buckets": hist.buckets(samples), "frames": STATS.frames,
+                    "closed_by_server": STATS.closed_by_server, "codes": dict(STATS.codes)}
+        return None
+
+    async def close(self) -> int:
+        for client in self.clients:
+            client.close()
+        await asyncio.sleep(0.3)
+        return len(self.clients)
+
+
+async def main(impl: str) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    driver = Driver(impl)
+    out = sys.stdout.buffer
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+        out.flush()
+
+    reply({"hello": impl})
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        msg = orjson.loads(line)
+        if msg["cmd"] == "connect":
+            reply(await driver.connect(msg["urls"], msg.get("concurrency", 200)))
+        elif msg["cmd"] == "close":
+            reply({"closed": await driver.close()})
+            break
+        else:
+            answer = driver.handle(msg)
+            reply(answer if answer is not None else {"error": f"unknown command {msg['cmd']!r}"})
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=["auto", "picows", "sansio"], default="auto")
+    args = parser.parse_args()
+    chosen = args.impl
+    if chosen == "auto":
+        chosen = "picows" if picows is not None and uvloop is not None else "sansio"
+    if chosen == "picows" and picows is None:
+        sys.exit("picows is not installed")
+    raise_nofile()
+    if uvloop is not None:
+        uvloop.run(main(chosen))
+    else:
+        asyncio.run(main(chosen))
