@@ -369,10 +369,6 @@ class Hub:
         if feed.sync_task is None or feed.sync_task.done():
             feed.sync_task = asyncio.create_task(self._sync(feed))
 
-    async def repair_all(self) -> None:
-        """Repair every feed from history (after the backend reconnected)."""
-        await self.repair(None)
-
     async def repair(self, convs: Collection[str] | None) -> None:
         """Repair the feeds of ``convs`` (every feed if None) from history: the backend resubscribed them.
 

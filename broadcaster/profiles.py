@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import importlib
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from broadcaster.errors import ValidationError
+from broadcaster.importing import import_callable
 from broadcaster.validation import is_valid_name
 
 EventObject = dict[str, Any]
@@ -130,24 +130,6 @@ class Profile:
 _ALLOWED_KEYS = {"include", "exclude", "drop_fields", "enrich"}
 
 
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-
-def _import_callable(path: str) -> Enricher:
-    module_name, _, attr = path.partition(":")
-    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
-        raise ValueError(f"{path!r} is not 'package.module:attribute'")
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except Exception as exc:  # ImportError, or whatever the module raises while importing
-        raise ValueError(f"cannot import {path!r}: {exc.__class__.__name__}: {exc}") from None
-    if not callable(target):
-        raise ValueError(f"{path!r} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
 def _names(keys: Iterable[Any]) -> list[str]:
     """Keys for an error message, sortable whatever their types."""
     return sorted(repr(k) if not isinstance(k, str) else k for k in keys)
@@ -185,7 +167,7 @@ def build_profile(name: str, spec: Mapping[str, Any], where: str = "profile") ->
     hooks = []
     for target in _string_list(spec.get("enrich", []), f"{where}.enrich"):
         try:
-            hooks.append(_import_callable(target))
+            hooks.append(import_callable(target))
         except ValueError as exc:
             raise ProfileError(f"{where}.enrich: {exc}") from None
     return Profile(name, include, exclude, tuple(paths), tuple(hooks))

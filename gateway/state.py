@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import inspect
 import logging
 import os
@@ -18,6 +17,7 @@ from broadcaster.backends import backend_from_url
 from broadcaster.envelope import Envelope
 from broadcaster.hooks import BackendPublisher, PluginContext
 from broadcaster.hub import Hub
+from broadcaster.importing import import_callable
 from broadcaster.presence import PresenceReporter
 from broadcaster.profiles import ProfileRegistry
 from gateway.auth import Authenticator, PublishKeys
@@ -38,18 +38,10 @@ def default_gateway_id() -> str:
 
 def load_plugin(path: str) -> Any:
     """Import ``module:attr``; raises StartupError naming the plugin."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise StartupError(f"--plugin {path!r}: expected module:attr")
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
+        return import_callable(path)
+    except ValueError as exc:
         raise StartupError(f"--plugin {path!r}: {exc}") from None
-    if not callable(target):
-        raise StartupError(f"--plugin {path!r} is not callable")
-    return target
 
 
 class Gateway:
