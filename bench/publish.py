@@ -23,6 +23,7 @@ from producers import AsyncProducer, Producer
 
 DATA = {"text": "x" * 84, "n": 1}  # ~100 bytes as JSON
 CONVS = [f"bench-{i}" for i in range(10)]
+BATCH_TASKS = 4  # concurrent publish_many calls: the SDK builds one batch while Redis runs another
 
 
 def _items(n: int) -> list[tuple[str, str, object]]:
@@ -73,9 +74,20 @@ async def bench_async(url: str, prefix: str, events: int, batch: int, concurrenc
             for i in range(0, events, batch):
                 await p.publish_many(items[i : i + batch])
 
+        async def batched_concurrently() -> None:
+            items = _items(events)
+            chunks = [items[i : i + batch] for i in range(0, events, batch)]
+
+            async def worker(k: int) -> None:
+                for chunk in chunks[k::BATCH_TASKS]:
+                    await p.publish_many(chunk)
+
+            await asyncio.gather(*(worker(k) for k in range(BATCH_TASKS)))
+
         await timed("async publish", sequential)
         await timed(f"async publish x{concurrency} tasks", concurrent)
         await timed(f"async publish_many({batch})", batched)
+        await timed(f"async publish_many({batch}) x{BATCH_TASKS} tasks", batched_concurrently)
     return out
 
 

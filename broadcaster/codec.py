@@ -7,6 +7,7 @@ for state upserts. Every decoding failure raises :class:`PayloadDecodeError`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,21 @@ DEFAULT_MAX_DATA_BYTES = 1024 * 1024
 _JSON_STRICT = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
+class _ThreadPackers(threading.local):
+    """One reusable msgpack ``Packer`` per thread: ``msgpack.packb`` builds a new one per call,
+    which costs more than packing a small event, and a ``Packer`` must not be shared by threads."""
+
+    def __init__(self) -> None:
+        self.pack = msgpack.Packer(use_bin_type=True).pack
+
+
+_packers = _ThreadPackers()
+
+
+def _pack(obj: Any) -> bytes:
+    return _packers.pack(obj)  # type: ignore[no-any-return]
+
+
 def encode_data(data: Any, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> bytes:
     """Validate event ``data`` and return its msgpack encoding.
 
@@ -37,26 +53,33 @@ def encode_data(data: Any, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> bytes:
     if len(as_json) > max_bytes:
         raise PayloadTooLarge("data", f"{len(as_json)} bytes encoded, over the limit of {max_bytes}")
     try:
-        return msgpack.packb(data, use_bin_type=True)  # type: ignore[no-any-return]
+        return _pack(data)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValidationError("data", f"must be JSON-serialisable: {exc}") from None
 
 
+def envelope_fields_head(conv: str, etype: str) -> bytes:
+    """The start of :func:`envelope_fields`, shared by every event of one conversation and type."""
+    return b"\xa1v\x01\xa4conv" + _pack(conv) + b"\xa4type" + _pack(etype) + b"\xa2id"
+
+
+def envelope_fields(head: bytes, event_id: str, data: bytes, key: str | None) -> bytes:
+    """The payload's ``v``, ``conv``, ``type``, ``id``, ``data`` (and ``key``) as msgpack keys and values.
+
+    ``head`` is :func:`envelope_fields_head` of the event's conversation and type;
+    ``data`` is already msgpack-encoded. The run has no map header: the publish script
+    appends ``seq``, ``ts`` and ``epoch`` and puts the header in front (see
+    :func:`encode_envelope`), so the SDK encodes most of each payload in C, not in Lua.
+    """
+    fields = head + _pack(event_id) + b"\xa4data" + data
+    return fields if key is None else fields + b"\xa3key" + _pack(key)
+
+
 def encode_envelope(env: Envelope) -> bytes:
-    """The msgpack payload for ``env`` (what the publish script builds server-side)."""
-    body: dict[str, Any] = {
-        "v": ENVELOPE_VERSION,
-        "id": env.id,
-        "conv": env.conv,
-        "seq": env.seq,
-        "type": env.type,
-        "ts": env.ts,
-        "data": env.data,
-        "epoch": env.epoch,
-    }
-    if env.key is not None:
-        body["key"] = env.key
-    return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+    """The msgpack payload for ``env``, byte for byte what the publish script builds."""
+    fields = envelope_fields(envelope_fields_head(env.conv, env.type), env.id, _pack(env.data), env.key)
+    header = b"\x88" if env.key is None else b"\x89"
+    return header + fields + b"\xa3seq" + _pack(env.seq) + b"\xa2ts" + _pack(env.ts) + b"\xa5epoch" + _pack(env.epoch)
 
 
 def decode_envelope(payload: bytes) -> Envelope:

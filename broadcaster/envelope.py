@@ -49,12 +49,13 @@ class PublishRequest(NamedTuple):
     key: str | None = None
 
 
-@dataclass(slots=True, frozen=True)
-class PublishResult:
+class PublishResult(NamedTuple):
     """The outcome of one publish: the event's seq, id and epoch.
 
     ``duplicate`` is true when the id had already been published to this
     conversation: ``seq`` is then the first publish's seq and nothing was fanned out.
+    (A named tuple, not a frozen dataclass: ``publish_many`` makes one per event and a
+    frozen dataclass costs several times as much to build.)
     """
 
     conv_id: str

@@ -44,6 +44,10 @@ class KeyLayout:
         """String holding the seq first assigned to ``event_id``."""
         return f"{self.prefix}:{{{conv}}}:id:{event_id}"
 
+    def batch(self, conv: str, batch_id: str) -> str:
+        """String holding the seqs a publish batch got (answers a retry of that batch)."""
+        return f"{self.prefix}:{{{conv}}}:batch:{batch_id}"
+
     def presence(self, conv: str) -> str:
         """Hash ``<gateway>|<profile>`` -> ``<count>|<expires at ms>``."""
         return f"{self.prefix}:{{{conv}}}:presence"

@@ -13,9 +13,25 @@ _NAME = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CONTROL_PREFIX = "ws."
 
 
+_known_valid: dict[str, None] = {}
+_KNOWN_VALID_MAX = 16384
+
+
 def is_valid_name(value: object) -> TypeGuard[str]:
-    """True when ``value`` is 1-128 characters of ``[A-Za-z0-9._:-]``."""
-    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+    """True when ``value`` is 1-128 characters of ``[A-Za-z0-9._:-]``.
+
+    The same few conversation ids and event types come by again and again (every
+    payload a gateway decodes, every event a producer sends), so names found valid
+    are remembered, up to ``_KNOWN_VALID_MAX`` of them, and the regex runs once each.
+    """
+    if type(value) is str and value in _known_valid:
+        return True
+    if not (isinstance(value, str) and _NAME.fullmatch(value) is not None):
+        return False
+    if len(_known_valid) >= _KNOWN_VALID_MAX:
+        _known_valid.clear()
+    _known_valid[value] = None
+    return True
 
 
 def validate_conv_id(value: object) -> str:

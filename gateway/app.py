@@ -11,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.routing import WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from broadcaster.backend import Backend
 from broadcaster.profiles import ProfileRegistry
@@ -21,6 +22,25 @@ from gateway.state import Gateway
 from gateway.ws_endpoint import websocket_endpoint
 
 STATIC_DIR = Path(__file__).parent / "static"
+WS_PATH = "/ws"
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, except that websockets on ``/ws`` skip the middleware stack and router.
+
+    An open websocket keeps its whole ASGI call chain alive for as long as it is open:
+    a coroutine frame per middleware and router layer, FastAPI's exit stack, Starlette's
+    exception wrappers. That is about 6 KB per idle socket (tracemalloc, BENCHMARKS.md)
+    for layers ``/ws`` has no use for: CORS and the exception handlers serve HTTP only,
+    and the endpoint checks origins and answers its own errors.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            scope["app"] = self
+            await websocket_endpoint(WebSocket(scope, receive, send))
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None,
@@ -37,7 +57,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         finally:
             await gateway.stop()
 
-    app = FastAPI(title="broadcaster gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = GatewayApp(title="broadcaster gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
@@ -52,9 +72,6 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         return JSONResponse({"error": "invalid", "message": str(exc.errors()[:3])}, status_code=422)
 
     app.include_router(router)
-    # A plain Starlette route: FastAPI's websocket route adds dependency solving and exit
-    # stacks that cost ~4 KB per open socket and nothing we use.
-    app.router.routes.append(WebSocketRoute("/ws", websocket_endpoint))
 
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR, follow_symlink=True), name="static")

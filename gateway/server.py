@@ -78,12 +78,28 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"][DIRECT_SEND] = self.send_text_now
 
+    handshake_deadline: asyncio.TimerHandle | None = None
+    """Closes the socket if the app neither accepts nor refuses in time (set by gateway.handshake)."""
+
     def start_keepalive(self) -> None:
         # Called once the handshake response is written: the handshake's request and response
         # objects (headers and all) are never read again; let them go (memory of idle sockets).
+        # The request also lives on in websockets' parser generator (a local of its suspended
+        # frame), so its headers are emptied in place rather than only dropped here.
+        if self.handshake_deadline is not None:
+            self.handshake_deadline.cancel()
+            self.handshake_deadline = None
+        if self.request is not None:
+            self.request.headers.clear()
         self.request = None  # type: ignore[assignment]
         self.response = None  # type: ignore[assignment]
         super().start_keepalive()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handshake_deadline is not None:
+            self.handshake_deadline.cancel()
+            self.handshake_deadline = None
+        super().connection_lost(exc)
 
     def send_text_now(self, data: bytes) -> bool:
         """Write ``data`` (UTF-8 JSON) as one text frame now; False if it has to go through ``send``."""

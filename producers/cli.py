@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
 
 import orjson
 
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BroadcasterError as exc:
         print(f"broadcaster-publish: {exc}", file=sys.stderr)
         return 1
-    sys.stdout.write(orjson.dumps(asdict(result)).decode() + "\n")
+    sys.stdout.write(orjson.dumps(result._asdict()).decode() + "\n")
     return 0
 
 

@@ -55,7 +55,7 @@ class HttpProtocol:
 
     def publish_call(self, out: Outgoing) -> HttpCall:
         request = out.request
-        body: dict[str, Any] = {"type": request.type, "data": request.data, "id": request.id}
+        body: dict[str, Any] = {"type": request.type, "data": request.data, "id": out.prepared.id}
         if request.key is not None:
             body["key"] = request.key
         headers = {"content-type": "application/json"}

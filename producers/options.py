@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from broadcaster.backend import (
     DEFAULT_HISTORY_SIZE,
@@ -65,9 +65,8 @@ class ProducerOptions:
                                state_max_bytes=self.state_max_bytes, max_data_bytes=self.max_data_bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """One validated event: the request with its id filled in, and its encoded form."""
+class Outgoing(NamedTuple):
+    """One validated event: the request as given, and its encoded form (``prepared.id`` is its id)."""
 
     request: PublishRequest
     prepared: PreparedPublish
@@ -87,8 +86,7 @@ def prepare(items: Iterable[PublishItem], options: ProducerOptions) -> list[Outg
     out = []
     for item in items:
         request = to_request(item)
-        prepared = prepare_publish(request, options.history_ttl, options.max_data_bytes)
-        out.append(Outgoing(request._replace(id=prepared.id), prepared))
+        out.append(Outgoing(request, prepare_publish(request, options.history_ttl, options.max_data_bytes)))
     return out
 
 

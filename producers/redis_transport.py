@@ -9,9 +9,10 @@ and the retry policy are the shared ones from :mod:`broadcaster.backends.scripts
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -84,18 +85,43 @@ class SyncRedisTransport:
         for script in scripts.SCRIPTS:
             self.client.script_load(script.source)
 
-    def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
-        """Send ``commands`` in one round trip; error replies come back as exception values."""
-        if len(commands) == 1:
-            try:
-                return [self.client.execute_command(*commands[0])]
-            except ResponseError as exc:
-                return [exc]
+    def _send(self, commands: Iterable[scripts.Command]) -> Iterable[Any]:
+        """Send ``commands`` in one round trip; error replies come back as exception values.
+
+        On a single server the commands go out in one write on one pooled connection,
+        with none of redis-py's pipeline bookkeeping, and the replies are read lazily,
+        one per item taken, so each can be used while Redis still runs the next. A
+        cluster client routes a pipeline per node instead.
+        """
         client = self.client
-        pipe = client.pipeline(transaction=False) if isinstance(client, redis.Redis) else client.pipeline()
+        if isinstance(client, redis.Redis):
+            return _replies_on_one_connection(client.connection_pool, commands)
+        pipe = client.pipeline()
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
+
+
+def _replies_on_one_connection(pool: redis.ConnectionPool, commands: Iterable[scripts.Command]) -> Iterator[Any]:
+    """Send every command on one pooled connection in one write, then yield the replies in order.
+
+    The connection is dropped (not returned to the pool) unless every reply was read.
+    """
+    packed = [hiredis.pack_command(command) for command in commands]
+    connection = pool.get_connection()
+    complete = False
+    try:
+        connection.send_packed_command([b"".join(packed)])  # type: ignore[no-untyped-call]
+        for _ in packed:
+            try:
+                yield connection.read_response()
+            except ResponseError as exc:
+                yield exc
+        complete = True
+    finally:
+        if not complete:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+        pool.release(connection)
 
 
 class AsyncRedisTransport:

@@ -7,18 +7,23 @@ where a client must misbehave below the websocket layer, raw sockets.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
+import weakref
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 import websockets
 
 from broadcaster.errors import PayloadTooLarge
-from gateway.handshake import MAX_REQUEST_HEAD_BYTES
+from gateway.handshake import MAX_REQUEST_HEAD_BYTES, http_protocol
+from gateway.server import DirectSendProtocol
 from gateway.settings import Settings
 from producers import AsyncProducer
-from tests.support.gateway import InProcessGateway
+from tests.support.gateway import InProcessGateway, free_port
 from tests.support.wsclient import StalledClient, WsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -248,6 +253,59 @@ async def test_handshake_timeout_drops_silent_and_trickling_clients() -> None:
             assert (await http.get("/healthz")).status_code == 200
         late = await watcher(gw)
         await still_receives(gw, late)
+
+
+class _TrackedHttp(http_protocol(0.6)):  # type: ignore[misc, valid-type]
+    """The gateway's HTTP protocol, with every instance remembered weakly."""
+
+    instances: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.instances.add(self)
+
+
+async def _accept_unless_stall(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A bare ASGI app: websockets on /stall are never answered, others are accepted and held."""
+    assert scope["type"] == "websocket"
+    await receive()
+    if scope["path"] != "/stall":
+        await send({"type": "websocket.accept"})
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+@pytest.mark.timeout(30)
+async def test_the_handshake_deadline_covers_the_app_and_frees_the_http_protocol() -> None:
+    """A socket whose app never answers the handshake is closed at the deadline; an accepted one
+    outlives it, and its HTTP protocol (parser, request head) is freed at the upgrade, not later."""
+    port = free_port()
+    config = uvicorn.Config(_accept_unless_stall, host="127.0.0.1", port=port, loop="none", lifespan="off",
+                            http=_TrackedHttp, ws=DirectSendProtocol, log_config=None)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline and not task.done(), "server did not start"
+            await asyncio.sleep(0.01)
+        accepted = await asyncio.to_thread(_raw, port)
+        await asyncio.to_thread(accepted.sendall, _upgrade_head("/ok"))
+        accepted.settimeout(5)
+        assert (await asyncio.to_thread(accepted.recv, 65536)).startswith(b"HTTP/1.1 101 ")
+        gc.collect()
+        assert len(_TrackedHttp.instances) == 0  # well before the 0.6 s deadline
+        stalled = await asyncio.to_thread(_raw, port)
+        await asyncio.to_thread(stalled.sendall, _upgrade_head("/stall"))
+        data, seconds = await asyncio.to_thread(_read_until_eof, stalled, 10)
+        assert data == b"" and 0.6 * 0.8 <= seconds <= 0.6 + 2, (data, seconds)
+        accepted.settimeout(0.5)  # the accepted socket is still open well after the deadline
+        with pytest.raises(TimeoutError):
+            await asyncio.to_thread(accepted.recv, 65536)
+        accepted.close()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
 
 
 async def test_oversized_request_heads_get_414_or_431() -> None:

@@ -313,19 +313,34 @@ async def test_scripts_are_reloaded_after_a_flush(own_redis: RedisServer, backen
 async def test_publish_many_is_one_round_trip(own_redis: RedisServer, backends: list[RedisBackend]) -> None:
     b = await started(backends, own_redis.url)
     await b.publish("warm", "t.x")  # loads the script
-    pipelines: list[int] = []
-    client = b.commands.client
-    original = client.pipeline
+    pool = b.commands.client.connection_pool
+    original_get = pool.get_connection
+    events: list[str] = []
 
-    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipelines.append(1)
-        return original(*args, **kwargs)
+    async def counting_get(*args: Any, **kwargs: Any) -> Any:
+        connection = await original_get(*args, **kwargs)
+        send, read = connection.send_packed_command, connection.read_response
 
-    client.pipeline = counting_pipeline  # type: ignore[method-assign]
+        async def counting_send(*a: Any, **k: Any) -> Any:
+            events.append("send")
+            return await send(*a, **k)
+
+        async def counting_read(*a: Any, **k: Any) -> Any:
+            events.append("read")
+            return await read(*a, **k)
+
+        connection.send_packed_command = counting_send
+        connection.read_response = counting_read
+        events.append("checkout")
+        return connection
+
+    pool.get_connection = counting_get  # type: ignore[method-assign]
     before = own_redis.command_calls("evalsha")
-    await b.publish_many([PublishRequest(f"c{i % 3}", "t.x", i) for i in range(30)])
-    assert len(pipelines) == 1
-    assert own_redis.command_calls("evalsha") - before == 30
+    results = await b.publish_many([PublishRequest(f"c{i % 3}", "t.x", i) for i in range(30)])
+    # one connection, one write with every call, then the replies: one round trip
+    assert events == ["checkout", "send", "read", "read", "read"]
+    assert own_redis.command_calls("evalsha") - before == 3  # one batch-form script call per conversation
+    assert [(r.conv_id, r.seq) for r in results] == [(f"c{i % 3}", i // 3 + 1) for i in range(30)]
 
 
 # --- the publish script's payload --------------------------------------------
@@ -338,17 +353,37 @@ json_values = st.recursive(
 )
 
 
+def _run_batch(client: redis.Redis, batch: scripts.PublishBatch) -> list[Any]:
+    """Send ``batch``'s pending calls one by one; error replies come back as values."""
+    replies: list[Any] = []
+    for command in batch.commands():
+        try:
+            replies.append(client.execute_command(*command))
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
 def _round_trip(client: redis.Redis, layout: KeyLayout, data: Any, key: str | None) -> None:
-    prepared = prepare_publish(PublishRequest("prop", "t.prop", data, None, key), 60)
-    keys, args = scripts.publish_call(layout, prepared, BackendSettings(history_size=10), "epochx", False)
-    seq, epoch, _duplicate, _ = client.evalsha(scripts.PUBLISH.sha, len(keys), *keys, *args)
-    [(_entry_id, fields)] = client.xrange(layout.log("prop"), f"{seq}-0", f"{seq}-0")
-    payload = fields[b"p"]
-    env = decode_envelope(payload)
-    assert env == Envelope("prop", seq, prepared.id, "t.prop", env.ts, data, epoch.decode(), key)
-    assert encode_envelope(env) == payload  # byte for byte what the Python encoder writes
-    if key is not None and data is not None:
-        assert client.hget(layout.state("prop"), key) == payload
+    """Both forms of the publish script store a payload that decodes to the event and re-encodes byte for byte."""
+    for form in ("one event", "batch"):
+        prepared = prepare_publish(PublishRequest("prop", "t.prop", data, None, key), 60)
+        if form == "one event":
+            keys, args = scripts.publish_call(layout, prepared, BackendSettings(history_size=10), "epochx", False)
+            seq, epoch, _duplicate, _ = client.evalsha(scripts.PUBLISH.sha, len(keys), *keys, *args)
+            epoch = epoch.decode()
+        else:
+            batch = scripts.PublishBatch(layout, [prepared], BackendSettings(history_size=10), "epochx", False)
+            batch.feed(_run_batch(client, batch))
+            [result] = batch.results()
+            seq, epoch = result.seq, result.epoch
+        [(_entry_id, fields)] = client.xrange(layout.log("prop"), f"{seq}-0", f"{seq}-0")
+        payload = fields[b"p"]
+        env = decode_envelope(payload)
+        assert env == Envelope("prop", seq, prepared.id, "t.prop", env.ts, data, epoch, key)
+        assert encode_envelope(env) == payload  # byte for byte what the Python encoder writes
+        if key is not None and data is not None:
+            assert client.hget(layout.state("prop"), key) == payload
 
 
 @pytest.fixture(params=["fakeredis", "redis"])
@@ -479,3 +514,77 @@ async def test_every_conversation_key_gets_a_ttl_and_refreshes_stay_cheap(redis_
     finally:
         client.close()
         await backend.close()
+
+
+# --- the publish script's batch form ----------------------------------------------
+
+
+def _prepared(conv: str, count: int, **options: Any) -> list[Any]:
+    return [prepare_publish(PublishRequest(conv, "t.x", {"i": i}, **options), 600) for i in range(count)]
+
+
+def test_a_retried_batch_is_answered_from_its_batch_key(sync_client: tuple[redis.Redis, KeyLayout]) -> None:
+    client, layout = sync_client
+    events = _prepared("retry", 4) + _prepared("retry-b", 2)
+    batch = scripts.PublishBatch(layout, events, BackendSettings(), "ep1", False)
+    _run_batch(client, batch)  # applied, but pretend every reply was lost
+    assert not batch.done
+    batch.feed(_run_batch(client, batch))  # the retry
+    results = batch.results()
+    assert [(r.conv_id, r.seq, r.duplicate) for r in results] == [
+        ("retry", 1, True), ("retry", 2, True), ("retry", 3, True), ("retry", 4, True),
+        ("retry-b", 1, True), ("retry-b", 2, True)]
+    assert client.xlen(layout.log("retry")) == 4  # nothing published twice
+    assert int(client.hget(layout.meta("retry"), "seq")) == 4
+
+
+def test_a_batch_honours_chosen_ids_and_state_keys(sync_client: tuple[redis.Redis, KeyLayout]) -> None:
+    client, layout = sync_client
+    requests = [
+        PublishRequest("mix", "t.x", 1, "a"),
+        PublishRequest("mix", "t.x", 2),
+        PublishRequest("mix", "t.x", 3, "a"),  # the same id again, in the same batch
+        PublishRequest("mix", "t.x", {"v": 1}, None, "k1"),
+        PublishRequest("mix", "t.x", {"v": 2}, "b", "k2"),
+        PublishRequest("mix", "t.x", None, None, "k1"),  # deletes k1
+    ]
+    batch = scripts.PublishBatch(layout, [prepare_publish(r, 600) for r in requests], BackendSettings(), "ep", False)
+    batch.feed(_run_batch(client, batch))
+    assert [(r.seq, r.duplicate) for r in batch.results()] == [(1, False), (2, False), (1, True), (3, False),
+                                                              (4, False), (5, False)]
+    assert list(client.hkeys(layout.state("mix"))) == [b"k2"]
+    assert decode_envelope(client.hget(layout.state("mix"), "k2")).data == {"v": 2}
+    again = scripts.PublishBatch(layout, [prepare_publish(PublishRequest("mix", "t.x", 0, "b"), 600)],
+                                 BackendSettings(), "ep", False)
+    again.feed(_run_batch(client, again))
+    assert [(r.seq, r.duplicate) for r in again.results()] == [(4, True)]  # ids outlive their batch
+
+
+def test_a_large_batch_is_split_into_bounded_calls(sync_client: tuple[redis.Redis, KeyLayout]) -> None:
+    client, layout = sync_client
+    count = scripts.MAX_BATCH_EVENTS * 2 + 10
+    batch = scripts.PublishBatch(layout, _prepared("big", count), BackendSettings(history_size=10_000), "ep", False)
+    commands = list(batch.commands())
+    assert len(commands) == 3
+    batch = scripts.PublishBatch(layout, _prepared("big", count), BackendSettings(history_size=10_000), "ep", False)
+    batch.feed(_run_batch(client, batch))
+    assert [r.seq for r in batch.results()] == list(range(1, count + 1))
+    assert client.xlen(layout.log("big")) == count
+
+
+def test_a_failing_batch_keeps_the_seqs_it_used(sync_client: tuple[redis.Redis, KeyLayout]) -> None:
+    """An error mid-batch raises, and the events before it keep their seqs: the next publish follows them."""
+    client, layout = sync_client
+    first = scripts.PublishBatch(layout, _prepared("fail", 1), BackendSettings(), "ep", False)
+    first.feed(_run_batch(client, first))
+    client.delete(layout.state("fail"))
+    client.set(layout.state("fail"), "not a hash")  # the state write of the 4th event (seq 4) fails: WRONGTYPE
+    events = [*_prepared("fail", 2), prepare_publish(PublishRequest("fail", "t.x", 1, None, "k"), 600)]
+    batch = scripts.PublishBatch(layout, events, BackendSettings(), "ep", False)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        batch.feed(_run_batch(client, batch))
+    client.delete(layout.state("fail"))
+    after = scripts.PublishBatch(layout, _prepared("fail", 1), BackendSettings(), "ep", False)
+    after.feed(_run_batch(client, after))
+    assert [r.seq for r in after.results()] == [5]  # 1, then 2..4 (the 4th was numbered, then failed)
+    assert [entry_id for entry_id, _ in client.xrange(layout.log("fail"))] == [b"1-0", b"2-0", b"3-0", b"4-0", b"5-0"]

@@ -86,8 +86,10 @@ async def test_publish_and_deliver_on_every_shard(cluster: RedisClusterNodes, ba
         assert [e.seq for e in page.events] == [2, 3, 4] and not page.truncated
         snap = await backend.state(conv)
         assert snap.seq == 4 and set(snap.entities) == {"k"}
-    duplicate = await backend.publish(convs[0], "t.x", 9, id=results[0].id)
-    assert duplicate.duplicate and duplicate.seq == 1
+    first = await backend.publish(convs[0], "t.x", 9, id="evt-once")
+    duplicate = await backend.publish(convs[0], "t.x", 10, id="evt-once")
+    assert not first.duplicate and first.seq == 5
+    assert duplicate.duplicate and duplicate.seq == 5
 
 
 async def test_only_channels_with_listeners_are_subscribed(cluster: RedisClusterNodes, backend: RedisBackend) -> None:

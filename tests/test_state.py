@@ -222,7 +222,7 @@ async def test_foreign_payload_json_cannot_carry_is_skipped_not_a_500(redis_url:
     backend = RedisBackend(redis_url, key_prefix=key_prefix)
     async with InProcessGateway(Settings(key_prefix=key_prefix), backend=backend) as gw:
         await backend.publish("bin", "timeline.item", {"ok": 1}, key="good")
-        raw = PreparedPublish("bin", "timeline.item", "raw-1", "bad", msgpack.packb({"b": b"\x00\xff"}), 600)
+        raw = PreparedPublish("bin", "timeline.item", "raw-1", "bad", msgpack.packb({"b": b"\x00\xff"}), 600, True)
         await backend.commands.publish_many([raw])
         await backend.publish("bin", "timeline.item", {"ok": 3}, key="good2")
         async with httpx.AsyncClient(base_url=gw.http_url) as http:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from broadcaster.backend import DEFAULT_IDEMPOTENCY_TTL_AUTO, BackendStats, Listener
 from broadcaster.codec import DEFAULT_MAX_DATA_BYTES, encode_data
@@ -17,9 +19,31 @@ from broadcaster.validation import validate_conv_id, validate_event_id, validate
 log = logging.getLogger("broadcaster.backend")
 
 
-def new_event_id() -> str:
-    """A random id for events published without one (22 url-safe characters)."""
-    return secrets.token_urlsafe(16)
+class _RandomIds:
+    """Random ids of 20 url-safe characters (120 bits), cut from one large random draw.
+
+    ``secrets.token_urlsafe`` per id costs a system call and a base64 pass each time,
+    a measurable share of a ``publish_many``; here one draw serves 256 ids. The pool
+    is emptied in a forked child, which must not hand out its parent's ids.
+    """
+
+    _BYTES, _CHARS, _BATCH = 15, 20, 256
+
+    def __init__(self) -> None:
+        self._pool: list[str] = []
+        os.register_at_fork(after_in_child=self._pool.clear)
+
+    def next(self) -> str:
+        try:
+            return self._pool.pop()  # atomic under the GIL: threads never share an id
+        except IndexError:
+            text = base64.urlsafe_b64encode(os.urandom(self._BYTES * self._BATCH)).decode()
+            self._pool.extend(text[i : i + self._CHARS] for i in range(self._CHARS, len(text), self._CHARS))
+            return text[: self._CHARS]
+
+
+new_event_id = _RandomIds().next
+"""A random id for events published without one (20 url-safe characters)."""
 
 
 def new_epoch() -> str:
@@ -27,13 +51,14 @@ def new_epoch() -> str:
     return secrets.token_hex(6)
 
 
-@dataclass(slots=True, frozen=True)
-class PreparedPublish:
+class PreparedPublish(NamedTuple):
     """A validated publish request, ready for a backend.
 
     ``data`` is the msgpack encoding of the event data. ``id_ttl`` is how long the
     id is remembered for idempotency: the history TTL for caller-chosen ids, a
     short retry window for generated ones (they only protect the SDK's retries).
+    ``chosen_id`` tells the two apart: in a Redis batch a generated id needs no key of
+    its own, the batch's key covers retries.
     """
 
     conv: str
@@ -42,6 +67,7 @@ class PreparedPublish:
     key: str | None
     data: bytes
     id_ttl: int
+    chosen_id: bool
 
 
 def prepare_publish(
@@ -51,11 +77,17 @@ def prepare_publish(
     conv = validate_conv_id(request.conv)
     etype = validate_event_type(request.type)
     key = validate_state_key(request.key) if request.key is not None else None
-    if request.id is None:
-        event_id, id_ttl = new_event_id(), min(history_ttl, DEFAULT_IDEMPOTENCY_TTL_AUTO)
-    else:
+    chosen_id = request.id is not None
+    if chosen_id:
         event_id, id_ttl = validate_event_id(request.id), history_ttl
-    return PreparedPublish(conv, etype, event_id, key, encode_data(request.data, max_data_bytes), id_ttl)
+    else:
+        event_id, id_ttl = new_event_id(), generated_id_ttl(history_ttl)
+    return PreparedPublish(conv, etype, event_id, key, encode_data(request.data, max_data_bytes), id_ttl, chosen_id)
+
+
+def generated_id_ttl(history_ttl: int) -> int:
+    """How long a generated id (or a batch of them) is remembered: long enough for the SDK's retries."""
+    return min(history_ttl, DEFAULT_IDEMPOTENCY_TTL_AUTO)
 
 
 SubscribeFn = Callable[[str], Awaitable[None]]

@@ -1,31 +1,56 @@
--- broadcaster publish script (envelope version 1). One call = one event, atomically:
--- number it, append it to the history stream, remember its id, upsert the keyed state,
--- and fan it out on the conversation's live channel.
+-- broadcaster publish script (envelope version 1). One call publishes one event, or a
+-- batch of events of one conversation, atomically: each is numbered, appended to the
+-- history stream, its id remembered, the keyed state upserted, and it is fanned out on
+-- the conversation's live channel.
 --
--- KEYS (P = key prefix, C = conversation id; the braces are the Redis Cluster hash tag)
---   [1] P:{C}:meta          hash: seq (last assigned), epoch
+-- KEYS, both forms (P = key prefix, C = conversation id; the braces are the Redis
+-- Cluster hash tag, so every key of a call lives in one slot)
+--   [1] P:{C}:meta          hash: seq (last assigned), epoch, state_bytes
 --   [2] P:{C}:log           stream: entry id <seq>-0, field p = payload
 --   [3] P:{C}:live          pub/sub channel (a KEY, so SPUBLISH works on a cluster)
 --   [4] P:{C}:state         hash: state key -> payload of its latest event
 --   [5] P:{C}:state_order   zset: state key scored by the seq that last wrote it
---   [6] P:{C}:id:<event id> string: the seq first assigned to this event id
--- ARGV
---   [1] conversation id     [2] event id          [3] event type
---   [4] data, msgpack-encoded bytes (0xc0 = nil: with a state key, deletes the entry)
---   [5] state key ("" = none)
---   [6] history size (events kept, approximately: XADD MAXLEN ~)
---   [7] history ttl, seconds [8] idempotency ttl, seconds
---   [9] epoch to use if the conversation has none
---   [10] max state entries   [11] "1" to SPUBLISH (Redis Cluster), else PUBLISH
---   [12] max state bytes (optional; absent or 0 = no byte cap): the encoded size of all
---        state entries, tracked in meta field state_bytes; past it the oldest-updated go
--- Returns {seq, epoch, duplicate (0/1), state entries evicted}
 --
--- The payload is the msgpack map {"v":1,"id","conv","seq","type","ts","data","epoch"}
--- (+ "key"), assembled from msgpack pieces: the data bytes are copied as they came,
--- never decoded (a Lua table cannot tell [] from {} and loses big integers). The few
--- scalars are encoded below rather than with cmsgpack, so the script also runs where
--- cmsgpack is missing (fakeredis, some Redis-compatible servers).
+-- ONE EVENT (the form the README shows to producers in other languages)
+--   KEYS [6] P:{C}:id:<event id>   string: the seq first assigned to this event id
+--   ARGV [1] conversation id     [2] event id          [3] event type
+--        [4] data, msgpack-encoded bytes (0xc0 = nil: with a state key, deletes the entry)
+--        [5] state key ("" = none)
+--        [6] history size (events kept, approximately: XTRIM MAXLEN ~)
+--        [7] history ttl, seconds [8] idempotency ttl, seconds
+--        [9] epoch to use if the conversation has none
+--        [10] max state entries   [11] "1" to SPUBLISH (Redis Cluster), else PUBLISH
+--        [12] max state bytes (optional; absent or 0 = no byte cap): the encoded size of
+--             all state entries, tracked in meta field state_bytes; past it the
+--             oldest-updated go
+--   Returns {seq, epoch, duplicate (0/1), state entries evicted}
+--
+-- A BATCH (what the SDK and the gateways send; cheaper per event)
+--   KEYS [6] P:{C}:batch:<batch id>  string: the seqs the batch got, so a retried batch
+--        is answered from it (every event then reported as a duplicate)
+--        [7...] P:{C}:id:<event id> of each event flagged "i", in event order
+--   ARGV [1] "" (an empty conversation id marks this form)
+--        [2] history size  [3] history ttl (also the TTL of id keys)  [4] batch key ttl
+--        [5] epoch to use if the conversation has none  [6] max state entries
+--        [7] "1" to SPUBLISH, else PUBLISH  [8] max state bytes (0 = no byte cap)
+--        [9] "1" when this batch may have been sent before (a retry: look for its batch
+--            key first), "0" on its first attempt (a fresh batch id cannot have one)
+--        [10] one code character per event, in order: its byte value minus 64 is the sum of
+--             1 = remember the event id (its id key is the next of KEYS[7...]),
+--             2 = the event has a state key (the next of the state keys below),
+--             4 = delete that state entry instead of writing it
+--             ("@" = none of these, "A" = 1, "B" = 2, "C" = 1 + 2, "F" = 2 + 4, "G" = 1 + 2 + 4)
+--        [11...] the fields of each event, in order: the payload's "v", "conv", "type",
+--             "id", "data" (and "key" with a state key) as msgpack keys and values one
+--             after another, without a map header
+--        then the state key of each event with code 2, in order
+--   Returns {epoch, then per event: seq, duplicate (0/1), state entries evicted}
+--
+-- The payload is the msgpack map {"v":1,"conv","type","id","data"(,"key"),"seq","ts","epoch"}.
+-- The data bytes are copied as they came, never decoded (a Lua table cannot tell [] from {}
+-- and loses big integers), and the few scalars are encoded below rather than with
+-- cmsgpack, so the script also runs where cmsgpack is missing (fakeredis, some
+-- Redis-compatible servers).
 
 local function mp_str(s)
   local n = #s
@@ -58,77 +83,146 @@ local function mp_uint(n) -- 0 <= n < 2^53, exact in a Lua number; smallest form
   return string.char(0xcf) .. be32(math.floor(n / 4294967296)) .. be32(n % 4294967296)
 end
 
-local meta, log, live, state, order, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local conv, event_id, etype, data, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local history_ttl = ARGV[7]
-
-local epoch = redis.call('HGET', meta, 'epoch')
-local fresh = not epoch
-if epoch then
-  local first = redis.call('GET', idem)
-  if first then
-    return {tonumber(first), epoch, 1, 0}
-  end
+local meta, log, live, state, order = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local batch = ARGV[1] == ''
+local history_size, history_ttl, new_epoch, max_entries, sharded, max_bytes
+if batch then
+  history_size, history_ttl, new_epoch = ARGV[2], ARGV[3], ARGV[5]
+  max_entries, sharded, max_bytes = tonumber(ARGV[6]), ARGV[7] == '1', tonumber(ARGV[8]) or 0
 else
-  -- A new numbering starts: whatever outlived the old one is stale (an id key
-  -- included: it refers to a seq of the lost epoch).
-  redis.call('DEL', log, state, order, idem)
-  epoch = ARGV[9]
+  history_size, history_ttl, new_epoch = ARGV[6], ARGV[7], ARGV[9]
+  max_entries, sharded, max_bytes = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12] or '0') or 0
+end
+
+local current = redis.call('HMGET', meta, 'epoch', 'seq')
+local epoch = current[1]
+local fresh = not epoch
+if batch and epoch and ARGV[9] == '1' then
+  local done = redis.call('GET', KEYS[6])
+  if done then
+    local reply = {epoch}
+    for seq in string.gmatch(done, '%d+') do
+      reply[#reply + 1] = tonumber(seq)
+      reply[#reply + 1] = 1
+      reply[#reply + 1] = 0
+    end
+    return reply
+  end
+end
+if fresh then
+  -- A new numbering starts: whatever outlived the old one is stale (id and batch keys
+  -- included: they refer to seqs of the lost epoch).
+  redis.call('DEL', log, state, order, unpack(KEYS, 6))
+  epoch = new_epoch
   redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
 end
 
-local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local last = fresh and 0 or tonumber(current[2]) or 0
+local seq = last
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local tail = '\162ts' .. mp_uint(ts) .. '\165epoch' .. mp_str(epoch)
+local fan_out = sharded and 'SPUBLISH' or 'PUBLISH'
 
-local parts = {
-  string.char(key ~= '' and 0x89 or 0x88),
-  mp_str('v'), mp_uint(1),
-  mp_str('id'), mp_str(event_id),
-  mp_str('conv'), mp_str(conv),
-  mp_str('seq'), mp_uint(seq),
-  mp_str('type'), mp_str(etype),
-  mp_str('ts'), mp_uint(ts),
-  mp_str('data'), data,
-  mp_str('epoch'), mp_str(epoch),
-}
-if key ~= '' then
-  parts[#parts + 1] = mp_str('key')
-  parts[#parts + 1] = mp_str(key)
-end
-local payload = table.concat(parts)
-
-redis.call('XADD', log, 'MAXLEN', '~', ARGV[6], seq .. '-0', 'p', payload)
-redis.call('SET', idem, seq, 'EX', ARGV[8])
-
-local evicted = 0
-if key ~= '' then
+-- Write (or delete) state entry `key`; returns how many old entries the caps evicted.
+local function write_state(key, delete, payload)
   local previous = redis.call('HSTRLEN', state, key)
-  if data == '\192' then
+  if delete then
     if redis.call('HDEL', state, key) == 1 then
       redis.call('HINCRBY', meta, 'state_bytes', -previous)
     end
     redis.call('ZREM', order, key)
-  else
-    redis.call('HSET', state, key, payload)
-    redis.call('ZADD', order, seq, key)
-    local bytes = redis.call('HINCRBY', meta, 'state_bytes', #payload - previous)
-    local cap = tonumber(ARGV[10])
-    local max_bytes = tonumber(ARGV[12] or '0') or 0
-    local count = redis.call('ZCARD', order)
-    -- evict oldest-updated first; the entry just written (the newest) always stays
-    while count > cap or (max_bytes > 0 and bytes > max_bytes and count > 1) do
-      local oldest = redis.call('ZPOPMIN', order)
-      local size = redis.call('HSTRLEN', state, oldest[1])
-      redis.call('HDEL', state, oldest[1])
-      bytes = redis.call('HINCRBY', meta, 'state_bytes', -size)
-      count = count - 1
-      evicted = evicted + 1
-    end
+    return 0
   end
+  redis.call('HSET', state, key, payload)
+  redis.call('ZADD', order, seq, key)
+  local bytes = redis.call('HINCRBY', meta, 'state_bytes', #payload - previous)
+  local count = redis.call('ZCARD', order)
+  local evicted = 0
+  -- evict oldest-updated first; the entry just written (the newest) always stays
+  while count > max_entries or (max_bytes > 0 and bytes > max_bytes and count > 1) do
+    local oldest = redis.call('ZPOPMIN', order)
+    local size = redis.call('HSTRLEN', state, oldest[1])
+    redis.call('HDEL', state, oldest[1])
+    bytes = redis.call('HINCRBY', meta, 'state_bytes', -size)
+    count = count - 1
+    evicted = evicted + 1
+  end
+  return evicted
 end
 
--- Refresh the conversation's TTL. Four EXPIREs per event are a large share of the script's
+-- Publish one event; `id_key` (or false) remembers its id for `id_ttl` seconds.
+-- Returns its seq, 1 if it was a duplicate of an earlier event (else 0), and evictions.
+local function publish(fields, key, delete, id_key, id_ttl)
+  if id_key then
+    local first = redis.call('GET', id_key)
+    if first then
+      return tonumber(first), 1, 0
+    end
+  end
+  seq = seq + 1
+  local payload = string.char(key ~= '' and 0x89 or 0x88) .. fields .. '\163seq' .. mp_uint(seq) .. tail
+  redis.call('XADD', log, seq .. '-0', 'p', payload)
+  if id_key then
+    redis.call('SET', id_key, seq, 'EX', id_ttl)
+  end
+  local evicted = 0
+  if key ~= '' then
+    evicted = write_state(key, delete, payload)
+  end
+  redis.call(fan_out, live, payload)
+  return seq, 0, evicted
+end
+
+-- A failing call (a key of the wrong type, say) has still applied the events before the
+-- failure: the seq counter must cover them before the error is raised.
+local reply
+local wrote_state = false
+local ok, failure = pcall(function()
+  if batch then
+    reply = {epoch}
+    local seqs = {}
+    local next_id_key = 7
+    local codes = ARGV[10]
+    local next_state_key = 11 + #codes
+    for j = 1, #codes do
+      local code = string.byte(codes, j) - 64
+      local id_key, key = false, ''
+      if code % 2 == 1 then
+        id_key = KEYS[next_id_key]
+        next_id_key = next_id_key + 1
+      end
+      if code % 4 >= 2 then
+        key = ARGV[next_state_key]
+        next_state_key = next_state_key + 1
+        wrote_state = true
+      end
+      local s, duplicate, evicted = publish(ARGV[10 + j], key, code >= 4, id_key, history_ttl)
+      seqs[j] = s
+      reply[#reply + 1] = s
+      reply[#reply + 1] = duplicate
+      reply[#reply + 1] = evicted
+    end
+    redis.call('SET', KEYS[6], table.concat(seqs, ' '), 'EX', ARGV[4])
+  else
+    local conv, event_id, etype, data, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+    local fields = '\161v\001\164conv' .. mp_str(conv) .. '\164type' .. mp_str(etype) .. '\162id'
+      .. mp_str(event_id) .. '\164data' .. data
+    if key ~= '' then
+      fields = fields .. '\163key' .. mp_str(key)
+    end
+    wrote_state = key ~= ''
+    local s, duplicate, evicted = publish(fields, key, data == '\192', KEYS[6], ARGV[8])
+    reply = {s, epoch, duplicate, evicted}
+  end
+end)
+if seq ~= last then
+  redis.call('HSET', meta, 'seq', seq)
+  -- one trim per call, not per XADD: a third cheaper per event; the stream may hold up to a
+  -- call's worth of events more than history size in between (it is approximate anyway)
+  redis.call('XTRIM', log, 'MAXLEN', '~', history_size)
+end
+-- Refresh the conversation's TTL. Four EXPIREs per call are a large share of the script's
 -- cost, so they are skipped while the TTL is within `slack` seconds of full (at most 60 s,
 -- 1% of the TTL): a conversation may expire up to that much earlier than exactly
 -- history-ttl after its last publish. Keys just created (a new epoch, a log started after a
@@ -140,14 +234,11 @@ if fresh or redis.call('TTL', meta) < ttl - slack or redis.call('TTL', log) == -
   redis.call('EXPIRE', log, history_ttl)
   redis.call('EXPIRE', state, history_ttl)
   redis.call('EXPIRE', order, history_ttl)
-elseif key ~= '' and redis.call('TTL', state) == -1 then
+elseif wrote_state and redis.call('TTL', state) == -1 then
   redis.call('EXPIRE', state, history_ttl)
   redis.call('EXPIRE', order, history_ttl)
 end
-
-if ARGV[11] == '1' then
-  redis.call('SPUBLISH', live, payload)
-else
-  redis.call('PUBLISH', live, payload)
+if not ok then
+  error(failure)
 end
-return {seq, epoch, 0, evicted}
+return reply

@@ -28,12 +28,13 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -222,17 +223,46 @@ class RedisCommands:
 
         return await self.retry.acall(attempt)
 
-    async def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
-        """Send ``commands`` in one round trip; error replies come back as exception values."""
-        if len(commands) == 1:
-            try:
-                return [await self.client.execute_command(*commands[0])]
-            except ResponseError as exc:
-                return [exc]
-        pipe = self.client.pipeline(transaction=False) if isinstance(self.client, Redis) else self.client.pipeline()
+    async def _send(self, commands: Iterable[scripts.Command]) -> list[Any]:
+        """Send ``commands`` in one round trip; error replies come back as exception values.
+
+        On a single server they go out in one write on one pooled connection, with
+        none of redis-py's pipeline bookkeeping (a write per command would cost an
+        ``asyncio.wait_for`` each: concurrent callers overlap better than that).
+        A cluster client routes a pipeline per node.
+        """
+        client = self.client
+        if isinstance(client, Redis):
+            return await _send_on_one_connection(client.connection_pool, commands)
+        pipe = client.pipeline()
         for command in commands:
             pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
+
+
+async def _send_on_one_connection(pool: ConnectionPool, commands: Iterable[scripts.Command]) -> list[Any]:
+    """Send every command on one pooled connection in one write, then read every reply, in order.
+
+    The connection is dropped (not returned to the pool) unless every reply was read,
+    cancellation included: unread replies must never reach the next user.
+    """
+    packed = [hiredis.pack_command(command) for command in commands]
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    complete = False
+    try:
+        await connection.send_packed_command(packed)
+        replies: list[Any] = []
+        for _ in packed:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        complete = True
+        return replies
+    finally:
+        if not complete:
+            await connection.disconnect(nowait=True)
+        await pool.release(connection)
 
 
 class _Topology:

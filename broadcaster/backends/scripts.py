@@ -5,8 +5,8 @@ the blocking SDK: they only differ in how they send a command and await its repl
 
 * ``PUBLISH``, ``READ``, ``PRESENCE_REPORT``, ``PRESENCE``: the ``.lua`` sources
   shipped as package data, with their SHA1 for ``EVALSHA``;
-* ``publish_call`` / ``parse_publish_reply`` and friends: build a script's KEYS and
-  ARGV, and turn its reply into the core dataclasses;
+* ``publish_batch_call`` / ``parse_publish_batch_reply`` and friends: build a script's
+  KEYS and ARGV, and turn its reply into the core dataclasses;
 * :class:`PublishBatch`: the retry-safe bookkeeping of one ``publish_many``;
 * :func:`parse_redis_url`: ``redis://``, ``rediss://``, ``redis+cluster://`` and ``rediss+cluster://`` URLs.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl, unquote
 from redis.exceptions import NoScriptError
 
 from broadcaster.backend import BackendSettings, BackendStats, Head, HistoryPage, Presence, StateSnapshot
-from broadcaster.backends.base import PreparedPublish
-from broadcaster.codec import decode_envelope
+from broadcaster.backends.base import PreparedPublish, generated_id_ttl, new_event_id
+from broadcaster.codec import decode_envelope, envelope_fields, envelope_fields_head
 from broadcaster.envelope import Envelope, PublishResult
 from broadcaster.errors import PayloadDecodeError, ValidationError
 from broadcaster.keys import KeyLayout
@@ -73,19 +73,21 @@ def _text(value: Any) -> str:
 # --- publish -----------------------------------------------------------------
 
 
+MAX_BATCH_EVENTS = 256
+"""Events per publish script call: bounds how long one call holds Redis (roughly 10 µs an event)."""
+
+_NIL = b"\xc0"
+# Per-event codes of the batch form (see publish.lua): 64 plus these bits.
+_CODE_BASE, _CODE_ID, _CODE_STATE, _CODE_STATE_DELETE = 64, 1, 2, 2 + 4
+_NO_REPLY = object()
+
+
 def publish_call(
     layout: KeyLayout, prepared: PreparedPublish, settings: BackendSettings, epoch: str, sharded: bool
 ) -> tuple[list[str], list[bytes | str | int]]:
-    """KEYS and ARGV of ``publish.lua`` for one validated event (see the script's header)."""
+    """KEYS and ARGV of ``publish.lua``'s one-event form (the README's; see the script's header)."""
     conv = prepared.conv
-    keys = [
-        layout.meta(conv),
-        layout.log(conv),
-        layout.live(conv),
-        layout.state(conv),
-        layout.state_order(conv),
-        layout.idempotency(conv, prepared.id),
-    ]
+    keys = [*_conversation_keys(layout, conv), layout.idempotency(conv, prepared.id)]
     args: list[bytes | str | int] = [
         conv,
         prepared.id,
@@ -104,58 +106,146 @@ def publish_call(
 
 
 def parse_publish_reply(conv: str, event_id: str, reply: Any) -> PublishResult:
-    """The :class:`PublishResult` of a ``publish.lua`` reply ``[seq, epoch, duplicate, evicted]``."""
+    """The :class:`PublishResult` of a one-event reply ``[seq, epoch, duplicate, evicted]``."""
     seq, epoch, duplicate, evicted = reply
     return PublishResult(conv, int(seq), event_id, _text(epoch), duplicate=bool(int(duplicate)),
                          evicted=int(evicted))
 
 
+def publish_batch_call(
+    layout: KeyLayout, batch_id: str, events: Sequence[PreparedPublish], settings: BackendSettings, epoch: str,
+    sharded: bool, retry: bool,
+) -> Command:
+    """``publish.lua``'s batch form for ``events``, all of one conversation, in order.
+
+    ``retry``: this batch id may have been sent before, so the script first looks
+    for its batch key; a fresh batch id skips that lookup.
+    """
+    conv = events[0].conv
+    keys = [*_conversation_keys(layout, conv), layout.batch(conv, batch_id)]
+    args: list[bytes | str | int] = [
+        "", settings.history_size, settings.history_ttl, generated_id_ttl(settings.history_ttl), epoch,
+        settings.state_max_entries, "1" if sharded else "0", settings.state_max_bytes, "1" if retry else "0",
+    ]
+    codes = bytearray()
+    fields: list[bytes] = []
+    state_keys: list[str] = []
+    heads: dict[str, bytes] = {}
+    for event in events:
+        code = _CODE_BASE
+        if event.chosen_id:
+            keys.append(layout.idempotency(conv, event.id))
+            code += _CODE_ID
+        if event.key is not None:
+            state_keys.append(event.key)
+            code += _CODE_STATE_DELETE if event.data == _NIL else _CODE_STATE
+        head = heads.get(event.type)
+        if head is None:
+            head = heads[event.type] = envelope_fields_head(conv, event.type)
+        codes.append(code)
+        fields.append(envelope_fields(head, event.id, event.data, event.key))
+    return PUBLISH.command(keys, [*args, bytes(codes), *fields, *state_keys])
+
+
+def parse_publish_batch_reply(events: Sequence[PreparedPublish], reply: Any) -> list[PublishResult]:
+    """One :class:`PublishResult` per event from a batch reply ``[epoch, seq, duplicate, evicted, ...]``."""
+    epoch = _text(reply[0])
+    if len(reply) != 1 + 3 * len(events):
+        raise ValueError(f"publish script answered {len(reply) - 1} values for {len(events)} events")
+    return [
+        PublishResult(event.conv, reply[i], event.id, epoch, reply[i + 1] == 1, reply[i + 2])
+        for event, i in zip(events, range(1, len(reply), 3), strict=True)
+    ]
+
+
+def _conversation_keys(layout: KeyLayout, conv: str) -> list[str]:
+    return [layout.meta(conv), layout.log(conv), layout.live(conv), layout.state(conv), layout.state_order(conv)]
+
+
 class PublishBatch:
     """The publishes of one ``publish_many`` call, free of I/O.
 
-    A driver loops: ``commands()`` gives the ``EVALSHA`` calls still without a
-    result, in order; it sends them (one pipeline, one round trip) and hands the
-    replies to ``feed()``. A ``NOSCRIPT`` reply leaves its event pending and sets
-    ``needs_script`` (load ``PUBLISH.source``, then loop); another error reply is
-    raised once the successes next to it are recorded. Because each event keeps
-    its id and epoch across attempts, a driver may retry after any failure: an
-    event applied by an attempt whose reply was lost then reports ``duplicate``.
+    Events are grouped by conversation (in order within each; at most
+    ``MAX_BATCH_EVENTS`` per call), one batch-form script call per group. A driver
+    loops: ``commands()`` gives the calls still without a reply; it sends them (one
+    pipeline, one round trip) and hands the replies to ``feed()``. A ``NOSCRIPT``
+    reply leaves its group pending and sets ``needs_script`` (load
+    ``PUBLISH.source``, then loop); another error reply is raised once the successes
+    next to it are recorded. Each group keeps its batch id, event ids and epoch
+    across attempts, so a driver may retry after any failure: a group applied by an
+    attempt whose reply was lost is answered from its batch key, every event a
+    ``duplicate``.
     """
 
     def __init__(
         self, layout: KeyLayout, prepared: Sequence[PreparedPublish], settings: BackendSettings, epoch: str,
         sharded: bool,
     ) -> None:
-        self._prepared = list(prepared)
-        self._commands = [PUBLISH.command(*publish_call(layout, p, settings, epoch, sharded)) for p in prepared]
-        self._results: list[PublishResult | None] = [None] * len(self._prepared)
+        self._layout, self._settings, self._epoch, self._sharded = layout, settings, epoch, sharded
+        by_conv: dict[str, list[int]] = {}
+        for index, event in enumerate(prepared):
+            by_conv.setdefault(event.conv, []).append(index)
+        self._groups: list[tuple[list[int], list[PreparedPublish], str]] = []
+        for indices in by_conv.values():
+            for start in range(0, len(indices), MAX_BATCH_EVENTS):
+                chunk = indices[start : start + MAX_BATCH_EVENTS]
+                self._groups.append((chunk, [prepared[i] for i in chunk], new_event_id()))
+        self._results: list[PublishResult | None] = [None] * len(prepared)
+        self._pending = list(range(len(self._groups)))
         self._sent: list[int] = []
+        self._attempts = 0
         self.needs_script = False
 
     @property
     def done(self) -> bool:
-        return all(r is not None for r in self._results)
+        return not self._pending
 
-    def commands(self) -> list[Command]:
-        """The commands to send now (those without a result yet), in publish order."""
-        self._sent = [i for i, r in enumerate(self._results) if r is None]
+    def commands(self) -> Iterator[Command]:
+        """The calls to send now (those without a result yet), in publish order.
+
+        Each is built when taken, so a driver that sends each call before taking the
+        next keeps Redis busy while it builds the rest.
+        """
+        self._sent = list(self._pending)
         self.needs_script = False
-        return [self._commands[i] for i in self._sent]
+        retry = self._attempts > 0
+        self._attempts += 1
+        groups = [self._groups[g] for g in self._sent]
+        return (publish_batch_call(self._layout, batch_id, events, self._settings, self._epoch, self._sharded, retry)
+                for _, events, batch_id in groups)
 
-    def feed(self, replies: Sequence[Any]) -> None:
-        """Record the replies to the last ``commands()``; raise the first non-NOSCRIPT error."""
-        if len(replies) != len(self._sent):
-            raise ValueError(f"{len(replies)} replies for {len(self._sent)} commands")
+    def feed(self, replies: Iterable[Any]) -> None:
+        """Record the replies to the last ``commands()``; raise the first non-NOSCRIPT error.
+
+        Replies are taken one at a time, so a driver may pass a generator that reads
+        each off the socket as it arrives. If taking one raises (the connection
+        dropped), the calls without a reply stay pending and the error propagates.
+        """
+        sent, self._sent = self._sent, []
+        pending: list[int] = []
         error: BaseException | None = None
-        for index, reply in zip(self._sent, replies, strict=True):
-            if is_noscript(reply):
-                self.needs_script = True
-            elif isinstance(reply, BaseException):
-                error = error or reply
-            else:
-                item = self._prepared[index]
-                self._results[index] = parse_publish_reply(item.conv, item.id, reply)
-        self._sent = []
+        replies = iter(replies)
+        position = 0
+        try:
+            for position, group in enumerate(sent):
+                reply = next(replies, _NO_REPLY)
+                if reply is _NO_REPLY:
+                    raise ValueError(f"{position} replies for {len(sent)} commands")
+                if isinstance(reply, BaseException):
+                    pending.append(group)
+                    if is_noscript(reply):
+                        self.needs_script = True
+                    else:
+                        error = error or reply
+                    continue
+                indices, events, _ = self._groups[group]
+                for index, result in zip(indices, parse_publish_batch_reply(events, reply), strict=True):
+                    self._results[index] = result
+            position = len(sent)
+            if next(replies, _NO_REPLY) is not _NO_REPLY:
+                raise ValueError(f"more replies than the {len(sent)} commands sent")
+        finally:
+            self._pending = pending + sent[position:]
         if error is not None:
             raise error
 
