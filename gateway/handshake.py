@@ -139,7 +139,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         super().handle_websocket_upgrade()
-        upgraded = self.transport.get_protocol()
+        upgraded: Any = self.transport.get_protocol()
         conn = getattr(upgraded, "conn", None)
         if (conn is not None and getattr(conn, "handshake_exc", None) is not None
                 and not getattr(upgraded, "handshake_initiated", True)):
