@@ -536,6 +536,8 @@ def test_a_retried_batch_is_answered_from_its_batch_key(sync_client: tuple[redis
         ("retry-b", 1, True), ("retry-b", 2, True)]
     assert client.xlen(layout.log("retry")) == 4  # nothing published twice
     assert int(client.hget(layout.meta("retry"), "seq")) == 4
+    [batch_key] = client.scan_iter(match=layout.batch("retry", "*"))
+    assert 0 < client.ttl(batch_key) <= 300  # a batch key only has to outlive the SDK's retries
 
 
 def test_a_batch_honours_chosen_ids_and_state_keys(sync_client: tuple[redis.Redis, KeyLayout]) -> None:

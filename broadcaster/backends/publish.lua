@@ -226,10 +226,11 @@ end
 -- cost, so they are skipped while the TTL is within `slack` seconds of full (at most 60 s,
 -- 1% of the TTL): a conversation may expire up to that much earlier than exactly
 -- history-ttl after its last publish. Keys just created (a new epoch, a log started after a
--- read created the epoch, a state hash that had emptied) have no TTL yet and always get one.
+-- read created the epoch: seq was 0, a state hash that had emptied) have no TTL yet and always
+-- get one.
 local ttl = tonumber(history_ttl)
 local slack = math.min(60, math.floor(ttl / 100))
-if fresh or redis.call('TTL', meta) < ttl - slack or redis.call('TTL', log) == -1 then
+if fresh or last == 0 or redis.call('TTL', meta) < ttl - slack then
   redis.call('EXPIRE', meta, history_ttl)
   redis.call('EXPIRE', log, history_ttl)
   redis.call('EXPIRE', state, history_ttl)
