@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -31,6 +33,7 @@ from tests.support.redis_server import RedisServer, free_port
 from tests.support.tcp_proxy import TcpProxy
 
 SETTINGS = BackendSettings(unsubscribe_delay=0)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -590,3 +593,21 @@ def test_a_failing_batch_keeps_the_seqs_it_used(sync_client: tuple[redis.Redis, 
     after.feed(_run_batch(client, after))
     assert [r.seq for r in after.results()] == [5]  # 1, then 2..4 (the 4th was numbered, then failed)
     assert [entry_id for entry_id, _ in client.xrange(layout.log("fail"))] == [b"1-0", b"2-0", b"3-0", b"4-0", b"5-0"]
+
+
+def test_the_readme_shell_call_publishes_and_deduplicates(own_redis: RedisServer) -> None:
+    """The README's "Publishing from another language" command, run as written against a private Redis."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Publishing from another language", 1)[1]
+    command = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert command.startswith("redis-cli EVAL")
+    command = command.replace("redis-cli", f"redis-cli -p {own_redis.port}", 1)
+    replies = [subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.split() for _ in range(2)]
+    assert replies[0][0] == "1" and replies[0][2:] == ["0", "0"]  # seq 1, not a duplicate, nothing evicted
+    assert replies[1][0] == "1" and replies[1][2] == "1"  # the same id again: seq 1, duplicate
+    client = own_redis.client()
+    [(_entry_id, fields)] = client.xrange("bc:{conv-1}:log")
+    env = decode_envelope(fields[b"p"])
+    assert (env.conv, env.seq, env.id, env.type, env.data) == ("conv-1", 1, "evt-42", "chat.message", {"text": "hi"})
+    client.close()

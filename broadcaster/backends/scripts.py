@@ -105,13 +105,6 @@ def publish_call(
     return keys, args
 
 
-def parse_publish_reply(conv: str, event_id: str, reply: Any) -> PublishResult:
-    """The :class:`PublishResult` of a one-event reply ``[seq, epoch, duplicate, evicted]``."""
-    seq, epoch, duplicate, evicted = reply
-    return PublishResult(conv, int(seq), event_id, _text(epoch), duplicate=bool(int(duplicate)),
-                         evicted=int(evicted))
-
-
 def publish_batch_call(
     layout: KeyLayout, batch_id: str, events: Sequence[PreparedPublish], settings: BackendSettings, epoch: str,
     sharded: bool, retry: bool,
