@@ -136,6 +136,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         http=http_protocol(settings.handshake_timeout),
         ws=DirectSendProtocol,
         ws_max_size=settings.max_client_message_bytes,
+        ws_per_message_deflate=settings.ws_compression == "deflate",
         ws_ping_interval=settings.ping_interval or None,
         ws_ping_timeout=settings.ping_interval or None,
         lifespan="on",

@@ -42,6 +42,7 @@ class Settings:
     drain_seconds: float = 10.0
     ping_interval: float = 20.0
     handshake_timeout: float = 10.0
+    ws_compression: str = "deflate"
     presence_ttl: float = 15.0
     redis_probe_interval: float = 5.0
     redis_probe_timeout: float = 2.0
@@ -83,6 +84,8 @@ HELP: dict[str, str] = {
                      "is closed 1011 (0: off)",
     "handshake_timeout": "seconds a client has to send a complete HTTP request (websocket upgrade included) "
                          "once it connected or started a request; slower: connection dropped (0: off)",
+    "ws_compression": "deflate: accept permessage-deflate when a client offers it (browsers do; about 37 KiB "
+                      "more per socket); off: never compress",
     "redis_probe_interval": "seconds of silence on a Redis pub/sub link before it is probed with PING",
     "redis_probe_timeout": "seconds a probe waits for PONG before the link is rebuilt",
     "presence_ttl": "seconds a gateway's presence counts outlive its last heartbeat (heartbeat: a third of it)",
@@ -136,6 +139,8 @@ def check(settings: Settings) -> None:
         raise ValueError("--port must be 1-65535")
     if settings.log_format not in ("json", "text"):
         raise ValueError("--log-format must be json or text")
+    if settings.ws_compression not in ("deflate", "off"):
+        raise ValueError("--ws-compression must be deflate or off")
     for name in ("ping_interval", "handshake_timeout", "drain_seconds"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")

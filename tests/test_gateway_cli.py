@@ -14,8 +14,10 @@ from gateway.settings import Settings, option_names, settings_from
 def test_every_option_has_an_env_var_and_cli_wins() -> None:
     env = {Settings.env_name("port"): "9001", Settings.env_name("history_size"): "5",
            Settings.env_name("publish_key"): "a, b", Settings.env_name("drain_seconds"): "2.5"}
+    env[Settings.env_name("ws_compression")] = "off"
     s = settings_from({"port": 9002}, env)
     assert (s.port, s.history_size, s.publish_key, s.drain_seconds) == (9002, 5, ["a", "b"], 2.5)
+    assert s.ws_compression == "off"
     defaults = settings_from({}, {})
     assert (defaults.host, defaults.port, defaults.redis_url, defaults.key_prefix) == ("127.0.0.1", 8000, None, "bc")
     assert (defaults.history_size, defaults.history_ttl, defaults.max_queue_bytes) == (1000, 86400, 1024 * 1024)
@@ -30,6 +32,7 @@ def test_every_option_has_an_env_var_and_cli_wins() -> None:
     ({"BROADCASTER_PORT": "abc"}, "BROADCASTER_PORT"),
     ({"BROADCASTER_LOG_FORMAT": "xml"}, "--log-format"),
     ({"BROADCASTER_MAX_QUEUE_BYTES": "0"}, "--max-queue-bytes"),
+    ({"BROADCASTER_WS_COMPRESSION": "gzip"}, "--ws-compression"),
 ])
 def test_bad_values_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):

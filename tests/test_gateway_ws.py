@@ -287,3 +287,17 @@ async def test_publish_key_required_when_set() -> None:
             assert (await http.post(url, json={"type": "a"}, headers={"Authorization": "Bearer no"})).status_code == 403
             ok = await http.post(url, json={"type": "a"}, headers={"Authorization": "Bearer k2"})
             assert ok.status_code == 200 and ok.json()["seq"] == 1
+
+
+@pytest.mark.parametrize("setting", ["deflate", "off"])
+async def test_ws_compression_option_decides_permessage_deflate(setting: str) -> None:
+    """A client offering permessage-deflate (as browsers do) gets it unless --ws-compression off."""
+    async with InProcessGateway(Settings(ws_compression=setting)) as gw:
+        async with websockets.connect(gw.ws_url("conv_id=z"), compression="deflate") as ws:
+            negotiated = [ext.name for ext in ws.protocol.extensions]
+            assert negotiated == (["permessage-deflate"] if setting == "deflate" else [])
+            await gw.gateway.backend.publish("z", "chat.msg", {"n": 1})
+            seen = ""
+            while '"chat.msg"' not in seen:
+                seen = str(await asyncio.wait_for(ws.recv(), 10))
+            assert '"n":1' in seen
