@@ -73,9 +73,13 @@ class Producer:
         return self._transport.publish_many(prepare([(conv, type, data, id, key)], self.options))[0]
 
     def publish_many(self, items: Iterable[PublishItem]) -> list[PublishResult]:
-        """Publish events in order: Redis pipelines them in one round trip, HTTP sends one request each.
+        """Publish events; results come back in the order of ``items``.
 
-        Every item is validated before any is sent.
+        Over Redis: one round trip, one script call per conversation (up to 256 events
+        each), so each conversation's events keep their order and are numbered
+        consecutively; events of different conversations are not ordered against each
+        other. Over HTTP: one request per event, in order. Every item is validated
+        before any is sent.
         """
         return self._transport.publish_many(prepare(items, self.options))
 
