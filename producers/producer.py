@@ -75,10 +75,10 @@ class Producer:
     def publish_many(self, items: Iterable[PublishItem]) -> list[PublishResult]:
         """Publish events; results come back in the order of ``items``.
 
-        Over Redis: one round trip, one script call per conversation (up to 256 events
-        each), so each conversation's events keep their order and are numbered
-        consecutively; events of different conversations are not ordered against each
-        other. Over HTTP: one request per event, in order. Every item is validated
+        Over Redis: one round trip, one atomic script call per conversation (per 256
+        events), so each conversation's events keep their order, with no other
+        producer's event between them within a call; events of different
+        conversations are not ordered against each other. Over HTTP: one request per event, in order. Every item is validated
         before any is sent.
         """
         return self._transport.publish_many(prepare(items, self.options))
