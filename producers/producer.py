@@ -78,8 +78,8 @@ class Producer:
         Over Redis: one round trip, one atomic script call per conversation (per 256
         events), so each conversation's events keep their order, with no other
         producer's event between them within a call; events of different
-        conversations are not ordered against each other. Over HTTP: one request per event, in order. Every item is validated
-        before any is sent.
+        conversations are not ordered against each other. Over HTTP: one request per
+        event, in order. Every item is validated before any is sent.
         """
         return self._transport.publish_many(prepare(items, self.options))
 
