@@ -86,9 +86,7 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         # objects (headers and all) are never read again; let them go (memory of idle sockets).
         # The request also lives on in websockets' parser generator (a local of its suspended
         # frame), so its headers are emptied in place rather than only dropped here.
-        if self.handshake_deadline is not None:
-            self.handshake_deadline.cancel()
-            self.handshake_deadline = None
+        self._cancel_handshake_deadline()
         if self.request is not None:
             self.request.headers.clear()
         self.request = None  # type: ignore[assignment]
@@ -96,10 +94,13 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         super().start_keepalive()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_handshake_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_handshake_deadline(self) -> None:
         if self.handshake_deadline is not None:
             self.handshake_deadline.cancel()
             self.handshake_deadline = None
-        super().connection_lost(exc)
 
     def send_text_now(self, data: bytes) -> bool:
         """Write ``data`` (UTF-8 JSON) as one text frame now; False if it has to go through ``send``."""

@@ -9,7 +9,7 @@ and the retry policy are the shared ones from :mod:`broadcaster.backends.scripts
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -85,39 +85,41 @@ class SyncRedisTransport:
         for script in scripts.SCRIPTS:
             self.client.script_load(script.source)
 
-    def _send(self, commands: Iterable[scripts.Command]) -> Iterable[Any]:
+    def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
         """Send ``commands`` in one round trip; error replies come back as exception values.
 
-        On a single server the commands go out in one write on one pooled connection,
-        with none of redis-py's pipeline bookkeeping, and the replies are read lazily,
-        one per item taken, so each can be used while Redis still runs the next. A
-        cluster client routes a pipeline per node instead.
+        On a single server they go out in one write on one pooled connection, with
+        none of redis-py's pipeline bookkeeping. A cluster client routes a pipeline
+        per node instead.
         """
         client = self.client
         if isinstance(client, redis.Redis):
-            return _replies_on_one_connection(client.connection_pool, commands)
+            return _send_on_one_connection(client.connection_pool, commands)
         pipe = client.pipeline()
         for command in commands:
             pipe.execute_command(*command)
         return list(pipe.execute(raise_on_error=False))
 
 
-def _replies_on_one_connection(pool: redis.ConnectionPool, commands: Iterable[scripts.Command]) -> Iterator[Any]:
-    """Send every command on one pooled connection in one write, then yield the replies in order.
+def _send_on_one_connection(pool: redis.ConnectionPool, commands: Sequence[scripts.Command]) -> list[Any]:
+    """Send every command on one pooled connection in one write, then read every reply, in order.
 
-    The connection is dropped (not returned to the pool) unless every reply was read.
+    The connection is dropped (not returned to the pool) unless every reply was read:
+    unread replies must never reach the next user.
     """
-    packed = [hiredis.pack_command(command) for command in commands]
+    packed = b"".join(hiredis.pack_command(command) for command in commands)
     connection = pool.get_connection()
     complete = False
     try:
-        connection.send_packed_command([b"".join(packed)])  # type: ignore[no-untyped-call]
-        for _ in packed:
+        connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
+        for _ in commands:
             try:
-                yield connection.read_response()
+                replies.append(connection.read_response())
             except ResponseError as exc:
-                yield exc
+                replies.append(exc)
         complete = True
+        return replies
     finally:
         if not complete:
             connection.disconnect()  # type: ignore[no-untyped-call]

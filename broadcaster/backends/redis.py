@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import hiredis
@@ -223,7 +223,7 @@ class RedisCommands:
 
         return await self.retry.acall(attempt)
 
-    async def _send(self, commands: Iterable[scripts.Command]) -> list[Any]:
+    async def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
         """Send ``commands`` in one round trip; error replies come back as exception values.
 
         On a single server they go out in one write on one pooled connection, with
@@ -240,7 +240,7 @@ class RedisCommands:
         return list(await pipe.execute(raise_on_error=False))
 
 
-async def _send_on_one_connection(pool: ConnectionPool, commands: Iterable[scripts.Command]) -> list[Any]:
+async def _send_on_one_connection(pool: ConnectionPool, commands: Sequence[scripts.Command]) -> list[Any]:
     """Send every command on one pooled connection in one write, then read every reply, in order.
 
     The connection is dropped (not returned to the pool) unless every reply was read,

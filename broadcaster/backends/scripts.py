@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -79,7 +79,6 @@ MAX_BATCH_EVENTS = 256
 _NIL = b"\xc0"
 # Per-event codes of the batch form (see publish.lua): 64 plus these bits.
 _CODE_BASE, _CODE_ID, _CODE_STATE, _CODE_STATE_DELETE = 64, 1, 2, 2 + 4
-_NO_REPLY = object()
 
 
 def publish_call(
@@ -193,52 +192,33 @@ class PublishBatch:
     def done(self) -> bool:
         return not self._pending
 
-    def commands(self) -> Iterator[Command]:
-        """The calls to send now (those without a result yet), in publish order.
-
-        Each is built when taken, so a driver that sends each call before taking the
-        next keeps Redis busy while it builds the rest.
-        """
+    def commands(self) -> list[Command]:
+        """The calls to send now (those without a result yet), in publish order."""
         self._sent = list(self._pending)
         self.needs_script = False
         retry = self._attempts > 0
         self._attempts += 1
-        groups = [self._groups[g] for g in self._sent]
-        return (publish_batch_call(self._layout, batch_id, events, self._settings, self._epoch, self._sharded, retry)
-                for _, events, batch_id in groups)
+        return [publish_batch_call(self._layout, batch_id, events, self._settings, self._epoch, self._sharded, retry)
+                for _, events, batch_id in (self._groups[g] for g in self._sent)]
 
-    def feed(self, replies: Iterable[Any]) -> None:
-        """Record the replies to the last ``commands()``; raise the first non-NOSCRIPT error.
-
-        Replies are taken one at a time, so a driver may pass a generator that reads
-        each off the socket as it arrives. If taking one raises (the connection
-        dropped), the calls without a reply stay pending and the error propagates.
-        """
-        sent, self._sent = self._sent, []
+    def feed(self, replies: Sequence[Any]) -> None:
+        """Record the replies to the last ``commands()``; raise the first non-NOSCRIPT error."""
+        if len(replies) != len(self._sent):
+            raise ValueError(f"{len(replies)} replies for {len(self._sent)} commands")
         pending: list[int] = []
         error: BaseException | None = None
-        replies = iter(replies)
-        position = 0
-        try:
-            for position, group in enumerate(sent):
-                reply = next(replies, _NO_REPLY)
-                if reply is _NO_REPLY:
-                    raise ValueError(f"{position} replies for {len(sent)} commands")
-                if isinstance(reply, BaseException):
-                    pending.append(group)
-                    if is_noscript(reply):
-                        self.needs_script = True
-                    else:
-                        error = error or reply
-                    continue
-                indices, events, _ = self._groups[group]
-                for index, result in zip(indices, parse_publish_batch_reply(events, reply), strict=True):
-                    self._results[index] = result
-            position = len(sent)
-            if next(replies, _NO_REPLY) is not _NO_REPLY:
-                raise ValueError(f"more replies than the {len(sent)} commands sent")
-        finally:
-            self._pending = pending + sent[position:]
+        for group, reply in zip(self._sent, replies, strict=True):
+            if isinstance(reply, BaseException):
+                pending.append(group)
+                if is_noscript(reply):
+                    self.needs_script = True
+                else:
+                    error = error or reply
+                continue
+            indices, events, _ = self._groups[group]
+            for index, result in zip(indices, parse_publish_batch_reply(events, reply), strict=True):
+                self._results[index] = result
+        self._pending, self._sent = pending, []
         if error is not None:
             raise error
 
