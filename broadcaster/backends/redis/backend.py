@@ -1,0 +1,157 @@
+"""The Redis backend itself: the command half and the pub/sub half behind :class:`Backend`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from broadcaster.backend import (
+    Backend,
+    BackendSettings,
+    BackendStats,
+    Head,
+    HistoryPage,
+    Listener,
+    Presence,
+    ReconnectCallback,
+    ResubscribeCallback,
+    StateSnapshot,
+)
+from broadcaster.backends import scripts
+from broadcaster.backends.base import ChannelRegistry, prepare_publish
+from broadcaster.backends.redis.clients import AsyncClient, make_async_client
+from broadcaster.backends.redis.commands import RedisCommands
+from broadcaster.backends.redis.subscriber import Subscriber
+from broadcaster.envelope import Envelope, PublishRequest, PublishResult
+from broadcaster.keys import KeyLayout
+from broadcaster.retry import RetryPolicy
+
+
+class RedisBackend(Backend):
+    """The Redis / Redis Cluster backend (see the package docstring).
+
+    ``url``: ``redis://``, ``rediss://``, ``redis+cluster://host:port[,host:port...]`` or
+    ``rediss+cluster://...`` (see :func:`broadcaster.backends.scripts.parse_redis_url`).
+    ``probe_interval`` / ``probe_timeout``: seconds of pub/sub silence before a
+    PING, and seconds to wait for its PONG. ``retry_budget``: seconds transient
+    errors are retried before :class:`BackendUnavailable` (also the time ``start``
+    and a subscription wait for Redis).
+
+    ``client`` (keyword, optional): a redis-py asyncio client (``Redis`` or
+    ``RedisCluster``) to use instead of one built from ``url`` — e.g. a fakeredis
+    ``FakeAsyncRedis`` in tests. Its connection pool also builds the pub/sub
+    connection, so the code path is the one used against a real server.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        key_prefix: str = "bc",
+        settings: BackendSettings | None = None,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 2.0,
+        retry_budget: float = 10.0,
+        client: AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings or BackendSettings()
+        self.stats = BackendStats()
+        self.url = url
+        self.layout = KeyLayout(key_prefix)
+        self._retry_budget = retry_budget
+        self._probe_timeout = probe_timeout
+        if client is None:
+            client = make_async_client(scripts.parse_redis_url(url))
+        self.commands = RedisCommands(client, layout=self.layout, settings=self.settings, stats=self.stats,
+                                      retry=RetryPolicy(budget=retry_budget))
+        self._callbacks: list[ReconnectCallback] = []
+        self._resubscribe_callbacks: list[ResubscribeCallback] = []
+        self._subscriber = Subscriber(
+            client, layout=self.layout, stats=self.stats, dispatch=self._dispatch,
+            has_listeners=self._has_listeners, callbacks=self._callbacks,
+            resubscribe_callbacks=self._resubscribe_callbacks, probe_interval=probe_interval,
+            probe_timeout=probe_timeout, subscribe_timeout=max(retry_budget, 1.0),
+        )
+        self._registry = ChannelRegistry(self._subscriber.subscribe, self._subscriber.unsubscribe, self.stats,
+                                         self.settings.unsubscribe_delay)
+
+    @classmethod
+    def from_client(cls, client: AsyncClient, **options: Any) -> RedisBackend:
+        """A backend over an existing redis-py asyncio client (see the ``client`` argument)."""
+        return cls("client://", client=client, **options)
+
+    def _dispatch(self, env: Envelope) -> None:
+        self._registry.dispatch(env)
+
+    def _has_listeners(self, conv: str) -> bool:
+        return self._registry.has_listeners(conv)
+
+    async def start(self) -> None:
+        """Open the pub/sub connection; BackendUnavailable if Redis stays unreachable for ``retry_budget``."""
+        await self._subscriber.start(max(self._retry_budget, 1.0))
+
+    async def close(self) -> None:
+        await self._registry.close()
+        await self._subscriber.close()
+        await self.commands.close()
+
+    @property
+    def connected(self) -> bool:
+        """True while live delivery works — on a cluster, while at least one primary's pub/sub link is up.
+
+        One shard down pauses the live events of its own conversations only (they are
+        repaired from history when it is back); the others keep flowing, so readiness
+        does not drop on every gateway at once. ``down_nodes`` names the shards down.
+        """
+        return self._subscriber.up
+
+    @property
+    def down_nodes(self) -> list[str]:
+        """Nodes (``host:port``; ``main`` for a single server) whose pub/sub link is down right now."""
+        return self._subscriber.down_nodes
+
+    async def ping(self) -> bool:
+        return await self.commands.ping(self._probe_timeout)
+
+    async def publish(
+        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None
+    ) -> PublishResult:
+        return (await self.publish_many([PublishRequest(conv, type, data, id, key)]))[0]
+
+    async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        prepared = [prepare_publish(r, self.settings.history_ttl, self.settings.max_data_bytes) for r in requests]
+        return await self.commands.publish_many(prepared)
+
+    async def subscribe(self, conv: str, listener: Listener) -> None:
+        await self._registry.add(conv, listener)
+
+    async def unsubscribe(self, conv: str, listener: Listener) -> None:
+        await self._registry.remove(conv, listener)
+
+    def add_reconnect_callback(self, callback: ReconnectCallback) -> None:
+        """Call ``callback`` after each re-established pub/sub connection (one per node on a cluster)."""
+        self._callbacks.append(callback)
+
+    def add_resubscribe_callback(self, callback: ResubscribeCallback) -> None:
+        """Call ``callback(convs)`` with the conversations of a re-established connection or of a moved channel.
+
+        Only the conversations concerned, never ``None``: those whose channel was live,
+        lost its subscription (its node's connection dropped, its slot moved) and is
+        confirmed again.
+        """
+        self._resubscribe_callbacks.append(callback)
+
+    async def head(self, conv: str) -> Head:
+        return await self.commands.head(conv)
+
+    async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
+        return await self.commands.history(conv, since, limit)
+
+    async def state(self, conv: str) -> StateSnapshot:
+        return await self.commands.state(conv)
+
+    async def report_presence(self, gateway_id: str, counts: Mapping[str, Mapping[str, int]], ttl: float) -> None:
+        await self.commands.report_presence(gateway_id, counts, ttl)
+
+    async def presence(self, conv: str) -> Presence:
+        return await self.commands.presence(conv)
