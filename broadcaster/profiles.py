@@ -150,12 +150,15 @@ def build_profile(name: str, spec: Mapping[str, Any], where: str = "profile") ->
     unknown = set(spec) - _ALLOWED_KEYS
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {_names(unknown)}; allowed: {sorted(_ALLOWED_KEYS)}")
+    include_patterns = _string_list(spec.get("include", ["*"]), f"{where}.include")
+    exclude_patterns = _string_list(spec.get("exclude", []), f"{where}.exclude")
+    # Only GlobSet's own ValueError is wrapped: a ProfileError already names where it is.
     try:
-        include = GlobSet(_string_list(spec.get("include", ["*"]), f"{where}.include"))
+        include = GlobSet(include_patterns)
     except ValueError as exc:
         raise ProfileError(f"{where}.include: {exc}") from None
     try:
-        exclude = GlobSet(_string_list(spec.get("exclude", []), f"{where}.exclude"))
+        exclude = GlobSet(exclude_patterns)
     except ValueError as exc:
         raise ProfileError(f"{where}.exclude: {exc}") from None
     paths = []

@@ -109,6 +109,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _json_error(body: bytes, exc: orjson.JSONDecodeError) -> str:
+    """``body is not valid JSON: <what> at line L column C (byte B)``, with the text around it."""
+    if not body.strip():
+        return "body is not valid JSON: it is empty (send {\"type\": ..., \"data\": ...})"
+    # orjson counts characters of the decoded text; the excerpt comes from the same text.
+    text = body.decode("utf-8", "replace")
+    pos = min(max(exc.pos, 0), len(text))
+    near = text[max(0, pos - 20):pos + 20].replace("\n", " ")
+    return f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {pos}), near {near!r}"
+
+
 @router.post("/v1/conversations/{conv_id}/events")
 async def publish(conv_id: str, request: Request) -> Response:
     gw = _gateway(request)
@@ -124,8 +135,8 @@ async def publish(conv_id: str, request: Request) -> Response:
     body = await _read_body(request, limit)
     try:
         parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ApiError(422, "invalid", "body is not valid JSON", "body") from None
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(422, "invalid", _json_error(body, exc), "body") from None
     if not isinstance(parsed, dict) or "type" not in parsed:
         raise ApiError(422, "invalid", 'body must be a JSON object with "type" (and "data", "id", "key")', "body")
     unknown = set(parsed) - _BODY_KEYS

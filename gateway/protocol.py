@@ -110,8 +110,33 @@ def _subscribe(conv_id: Any, since: Any, epoch: Any, hydrate: Any, types: Any, c
     return SubscribeRequest(conv_id, _since(since, code), _epoch(epoch, code), _hydrate(hydrate, code), type_filter)
 
 
+CONNECT_PARAMETERS = ("conv_id", "profile", "since", "epoch", "hydrate", "types", "token")
+"""Query parameters ``/ws`` knows. Any other is refused (4400), except names starting with ``_``."""
+IGNORED_PARAMETER_PREFIX = "_"
+"""Query parameters whose name starts with this are the client's own (cache-busters like ``_=1712...``)."""
+MAX_CLOSE_REASON = 120
+"""A close reason is at most 123 bytes on the wire; the endpoint cuts reasons to this."""
+
+
+def _unknown_parameters(query: Mapping[str, str]) -> None:
+    """Refuse a query parameter the gateway does not know (a typo like ``convid`` would otherwise be ignored)."""
+    unknown = [name for name in query if name not in CONNECT_PARAMETERS
+               and not name.startswith(IGNORED_PARAMETER_PREFIX)]
+    if not unknown:
+        return
+    allowed = ", ".join(CONNECT_PARAMETERS)
+    names = ", ".join(repr(name[:24]) for name in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+    message = f"unknown query parameter{'s' if len(unknown) > 1 else ''} {names}; allowed: {allowed}"
+    if len(message.encode()) > MAX_CLOSE_REASON:
+        message = f"unknown query parameter {unknown[0][:24]!r}; allowed: {allowed}"
+    if len(message.encode()) > MAX_CLOSE_REASON:  # non-ASCII names: keep the list of allowed ones whole
+        message = f"unknown query parameter; allowed: {allowed}"
+    raise ProtocolError(CLOSE_BAD_REQUEST, message)
+
+
 def parse_connect_query(query: Mapping[str, str]) -> ConnectRequest:
     """Parse the ``/ws`` query string; ProtocolError codes are close codes (4400)."""
+    _unknown_parameters(query)
     profile = query.get("profile", "default")
     if not is_valid_name(profile):
         raise ProtocolError(CLOSE_BAD_REQUEST, "profile must be 1-128 characters of [A-Za-z0-9._:-]")

@@ -22,9 +22,12 @@ What it does for you (docs/delivery.md has the why):
   never repeats one) and counts it in ``stats.duplicates``;
 * surfaces ``ws.reset`` as a :class:`Reset` item and ``ws.state`` as a :class:`State`
   item, in stream order with the events;
-* stops for good on the close codes a retry cannot cure (4400, 4401, 4403, 4404):
-  the iterator raises :class:`ClientClosed`; any other close (1006, 1012, 1013,
-  4408, 4429...) or network error means reconnect.
+* stops for good on what a retry cannot cure - the close codes 4400, 4401, 4403,
+  4404, and a ``ws.error`` ``bad_subscribe`` answering one of its subscriptions
+  (:class:`SubscribeRefused`): the iterator raises :class:`ClientClosed` saying why;
+  any other close (1006, 1012, 1013, 4408, 4429...), ``ws.error`` ``unavailable`` or
+  network error means reconnect. Arguments that cannot work (a malformed conversation
+  id, epoch or ``since``) raise ``ValueError`` at once instead.
 
 Items are queued for the consumer up to ``max_queue``; past that the client stops
 reading, the gateway eventually closes the slow socket (4408) and the client resumes
@@ -50,10 +53,15 @@ from websockets.exceptions import ConnectionClosed
 
 from broadcaster.validation import is_valid_name
 
+MAX_EPOCH_LENGTH = 64
+MAX_SINCE = 10**18
+
 log = logging.getLogger("producers.client")
 
 FATAL_CLOSE_CODES = frozenset({4400, 4401, 4403, 4404})
 """Close codes after which reconnecting cannot help: the client stops."""
+FATAL_SUBSCRIBE_ERRORS = frozenset({"bad_subscribe"})
+"""``ws.error`` codes answering a ``ws.subscribe`` that every gateway would give again: the client stops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +116,31 @@ Item = Event | Reset | State
 
 
 class ClientClosed(Exception):
-    """The gateway refused the client with a close code a retry cannot cure (4400, 4401, 4403, 4404)."""
+    """The gateway refused the client in a way a retry cannot cure: close code 4400, 4401, 4403 or 4404,
+    or (subclass :class:`SubscribeRefused`) a subscription it refuses."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(f"closed by the gateway with {code}: {reason}")
         self.code = code
         self.reason = reason
+
+
+class SubscribeRefused(ClientClosed):
+    """The gateway refused a subscription the way it would refuse it again (``ws.error`` ``bad_subscribe``).
+
+    The client stopped rather than reconnect forever with a request no gateway accepts.
+    ``conv_id`` is the conversation, ``error_code`` / ``message`` the gateway's ``ws.error``;
+    ``code`` is 4400 (bad request), as for a refused connect query.
+    """
+
+    def __init__(self, conv_id: str, error_code: str, message: str) -> None:
+        Exception.__init__(self, f"the gateway refused the subscription to {conv_id!r} ({error_code}: {message}); "
+                                 "retrying cannot fix it: change the subscribe arguments")
+        self.code = 4400
+        self.reason = message
+        self.conv_id = conv_id
+        self.error_code = error_code
+        self.message = message
 
 
 @dataclass(slots=True)
@@ -187,6 +214,8 @@ class BroadcasterClient:
         self.urls = [_ws_url(u, profile) for u in url_list]
         self.profile = profile
         self.token = token
+        if isinstance(types, str):
+            raise ValueError("types must be a sequence of globs, e.g. ['chat.*'], not a string")
         self.types = tuple(types) if types is not None else None
         self.hydrate = hydrate
         self.backoff_initial = backoff_initial
@@ -207,6 +236,7 @@ class BroadcasterClient:
         self._closed = False
         self._end: object | None = None
         self._subscribe_failed = False
+        self._refused: SubscribeRefused | None = None
         self._changed = asyncio.Event()
         for conv in conversations:
             self._add(conv, since=None, epoch=None, types=None, hydrate=None)
@@ -305,8 +335,15 @@ class BroadcasterClient:
              hydrate: bool | None) -> None:
         if not is_valid_name(conv_id):
             raise ValueError(f"invalid conversation id {conv_id!r}")
-        if since is not None and since < 0:
-            raise ValueError("since must be >= 0")
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int)
+                                  or not 0 <= since < MAX_SINCE):
+            raise ValueError(f"since must be an integer from 0 to {MAX_SINCE - 1}, not {since!r}")
+        if epoch is not None and (not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_LENGTH
+                                  or not epoch.isascii() or not epoch.isalnum()):
+            raise ValueError(f"epoch must be 1-{MAX_EPOCH_LENGTH} ASCII letters and digits (as the gateway "
+                             f"sends them in ws.subscribed), not {epoch!r}")
+        if isinstance(types, str):
+            raise ValueError("types must be a sequence of globs, e.g. ['chat.*'], not a string")
         old = self._convs.get(conv_id)
         conv = _Conversation(conv_id, tuple(types) if types is not None else self.types,
                              self.hydrate if hydrate is None else hydrate)
@@ -325,6 +362,7 @@ class BroadcasterClient:
             try:
                 established = await self._session(url)
             except ClientClosed as exc:
+                log.warning("stopped: %s", exc)
                 self._finish(exc)
                 return
             except asyncio.CancelledError:
@@ -345,6 +383,7 @@ class BroadcasterClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         established = False
         self._subscribe_failed = False
+        self._refused = None
         try:
             async with connect(url, additional_headers=headers, open_timeout=self.open_timeout,
                                ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
@@ -368,6 +407,8 @@ class BroadcasterClient:
             code = exc.rcvd.code if exc.rcvd is not None else 1006
             reason = exc.rcvd.reason if exc.rcvd is not None else ""
             self._disconnected(code)
+            if self._refused is not None:
+                raise self._refused from None
             if code in FATAL_CLOSE_CODES:
                 raise ClientClosed(code, reason) from None
             log.info("connection to %s closed with %s %s", url, code, reason)
@@ -379,6 +420,8 @@ class BroadcasterClient:
         # the server ended the stream cleanly (close frame read by the iterator)
         rcvd = ws.close_code if ws.close_code is not None else 1006
         self._disconnected(rcvd)
+        if self._refused is not None:
+            raise self._refused
         if rcvd in FATAL_CLOSE_CODES:
             raise ClientClosed(rcvd, ws.close_reason or "")
         return established and not self._subscribe_failed
@@ -448,10 +491,15 @@ class BroadcasterClient:
                 conv.seq = None
                 await self._send_subscribe(conv)
         elif kind == "ws.error":
-            log.warning("gateway error %s: %s", obj.get("code"), obj.get("message"))
-            if obj.get("code") in ("unavailable", "bad_subscribe") and self._awaiting:
-                # The answer to the oldest pending ws.subscribe. The backend is unreachable from this
-                # gateway (or the request was refused): reconnect, with backoff, to the next URL.
+            code = str(obj.get("code"))
+            log.warning("gateway error %s: %s", code, obj.get("message"))
+            if code in FATAL_SUBSCRIBE_ERRORS and self._awaiting:
+                # The answer to the oldest pending ws.subscribe, and any gateway would answer it the
+                # same way: stop, saying why, rather than reconnect forever.
+                self._refused = SubscribeRefused(self._awaiting[0], code, str(obj.get("message")))
+                await ws.close(1000, "subscription refused; stopping")
+            elif code == "unavailable" and self._awaiting:
+                # The backend is unreachable from this gateway: reconnect, with backoff, to the next URL.
                 self._subscribe_failed = True
                 await ws.close(1000, "subscribe failed; reconnecting")
 
@@ -514,4 +562,4 @@ def _ws_url(url: str, profile: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
 
 
-__all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Event", "Item", "Reset", "State"]
+__all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Event", "Item", "Reset", "State", "SubscribeRefused"]

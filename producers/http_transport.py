@@ -22,6 +22,7 @@ from broadcaster.backend import Presence
 from broadcaster.envelope import PublishResult
 from broadcaster.errors import BroadcasterError, PayloadTooLarge, ValidationError
 from broadcaster.retry import RetryPolicy
+from broadcaster.urls import redact_url
 from broadcaster.validation import validate_conv_id
 from producers.errors import PublishForbidden, UnexpectedResponse
 from producers.options import Outgoing, ProducerOptions
@@ -50,8 +51,9 @@ class HttpCall:
 class HttpProtocol:
     """Requests and answer handling of the gateway's HTTP API, free of I/O."""
 
-    def __init__(self, options: ProducerOptions) -> None:
+    def __init__(self, options: ProducerOptions, base_url: str | None = None) -> None:
         self.options = options
+        self.url = redact_url(base_url) if base_url else None
 
     def publish_call(self, out: Outgoing) -> HttpCall:
         request = out.request
@@ -83,7 +85,7 @@ class HttpProtocol:
             try:
                 return orjson.loads(content)
             except orjson.JSONDecodeError:
-                raise UnexpectedResponse(status, text) from None
+                raise UnexpectedResponse(status, text, self.url) from None
         if status >= 500:
             raise ServerError(status, text)
         error = _error_body(content)
@@ -93,8 +95,8 @@ class HttpProtocol:
         if status == 413:
             raise PayloadTooLarge(str(error.get("field") or "data"), message)
         if status in (401, 403):
-            raise PublishForbidden(status, message)
-        raise UnexpectedResponse(status, text)
+            raise PublishForbidden(status, message, self.url)
+        raise UnexpectedResponse(status, text, self.url)
 
 
 def _error_body(content: bytes) -> dict[str, Any]:
@@ -109,7 +111,7 @@ class SyncHttpTransport:
     """Blocking HTTP transport (one httpx.Client, keep-alive)."""
 
     def __init__(self, base_url: str, options: ProducerOptions) -> None:
-        self.protocol = HttpProtocol(options)
+        self.protocol = HttpProtocol(options, base_url)
         self.retry = RetryPolicy(budget=options.retry_budget, is_transient=is_transient_http_error)
         self.client = httpx.Client(base_url=base_url, timeout=options.timeout)
 
@@ -145,7 +147,7 @@ class AsyncHttpTransport:
     """Asyncio HTTP transport (one httpx.AsyncClient, keep-alive)."""
 
     def __init__(self, base_url: str, options: ProducerOptions) -> None:
-        self.protocol = HttpProtocol(options)
+        self.protocol = HttpProtocol(options, base_url)
         self.retry = RetryPolicy(budget=options.retry_budget, is_transient=is_transient_http_error)
         self.client = httpx.AsyncClient(base_url=base_url, timeout=options.timeout)
 

@@ -8,19 +8,22 @@ ids happen up front (:mod:`producers.options`), the transport only sends.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Protocol
 
 from broadcaster.backend import Presence
-from broadcaster.backends.scripts import parse_redis_url
+from broadcaster.backends.scripts import RedisTarget, parse_redis_url
 from broadcaster.envelope import PublishResult
-from broadcaster.errors import ValidationError
+from broadcaster.errors import BackendUnavailable, ValidationError
+from broadcaster.urls import redact_url
 from producers.http_transport import AsyncHttpTransport, SyncHttpTransport
 from producers.options import Outgoing, ProducerOptions, PublishItem, prepare
 from producers.redis_transport import AsyncRedisTransport, SyncRedisTransport
 
 HTTP_SCHEMES = ("http", "https")
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
 
 
 class SyncTransport(Protocol):
@@ -35,11 +38,39 @@ class AsyncTransport(Protocol):
     async def close(self) -> None: ...
 
 
+_SCHEMES_HELP = ("http:// or https:// (a gateway's HTTP API), or redis://, rediss://, redis+cluster://, "
+                 "rediss+cluster://, unix:// (straight to Redis)")
+
+
 def _scheme(url: str) -> str:
+    """The URL's scheme, lower-cased; ValidationError (field ``url``) naming the URL and every scheme supported."""
+    if not isinstance(url, str):
+        raise ValidationError("url", f"expected a URL string, got {type(url).__name__}; use {_SCHEMES_HELP}")
     scheme, sep, _ = url.partition("://")
     if not sep:
-        raise ValidationError("url", f"not a URL: {url!r}")
-    return scheme.lower()
+        raise ValidationError("url", f"not a URL: {redact_url(url)!r}; use {_SCHEMES_HELP}")
+    scheme = scheme.lower()
+    if scheme not in HTTP_SCHEMES + REDIS_SCHEMES:
+        raise ValidationError("url", f"unsupported scheme {scheme!r} in {redact_url(url)!r}; use {_SCHEMES_HELP}")
+    return scheme
+
+
+def _redis_target(url: str) -> RedisTarget:
+    try:
+        return parse_redis_url(url)
+    except ValidationError as exc:  # its message may quote the URL whole: never with the password
+        raise ValidationError("url", exc.message.replace(url, redact_url(url))) from None
+
+
+@contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """Say which URL stayed unreachable (credentials redacted)."""
+    try:
+        yield
+    except BackendUnavailable as exc:
+        cause = exc.__cause__
+        detail = f": {cause}" if cause is not None and str(cause) and str(cause) not in str(exc) else ""
+        raise BackendUnavailable(f"{where}: {exc}{detail}") from exc
 
 
 def _watching(presence: Presence, profile: str | None) -> bool:
@@ -49,9 +80,11 @@ def _watching(presence: Presence, profile: str | None) -> bool:
 class Producer:
     """Blocking producer; see :meth:`from_url`. Thread-safe as redis-py / httpx clients are."""
 
-    def __init__(self, transport: SyncTransport, options: ProducerOptions) -> None:
+    def __init__(self, transport: SyncTransport, options: ProducerOptions, url: str = "") -> None:
         self._transport = transport
         self.options = options
+        self.url = redact_url(url)
+        """Where it publishes (credentials redacted)."""
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "bc", **options: Any) -> Producer:
@@ -64,13 +97,15 @@ class Producer:
         if _scheme(url) in HTTP_SCHEMES:
             transport = SyncHttpTransport(url, opts)
         else:
-            transport = SyncRedisTransport(parse_redis_url(url), key_prefix, opts)
-        return cls(transport, opts)
+            transport = SyncRedisTransport(_redis_target(url), key_prefix, opts)
+        return cls(transport, opts, url)
 
     def publish(self, conv: str, type: str, data: Any = None, id: str | None = None,
                 key: str | None = None) -> PublishResult:
         """Publish one event (see CONTRACT §5); retried on transient errors, then BackendUnavailable."""
-        return self._transport.publish_many(prepare([(conv, type, data, id, key)], self.options))[0]
+        batch = prepare([(conv, type, data, id, key)], self.options)
+        with _naming(self.url):
+            return self._transport.publish_many(batch)[0]
 
     def publish_many(self, items: Iterable[PublishItem]) -> list[PublishResult]:
         """Publish events; results come back in the order of ``items``.
@@ -81,11 +116,14 @@ class Producer:
         conversations are not ordered against each other. Over HTTP: one request per
         event, in order. Every item is validated before any is sent.
         """
-        return self._transport.publish_many(prepare(items, self.options))
+        batch = prepare(items, self.options)
+        with _naming(self.url):
+            return self._transport.publish_many(batch)
 
     def presence(self, conv: str) -> Presence:
         """Live connections watching ``conv`` over every gateway."""
-        return self._transport.presence(conv)
+        with _naming(self.url):
+            return self._transport.presence(conv)
 
     def has_subscribers(self, conv: str, profile: str | None = None) -> bool:
         """True if someone watches ``conv`` (with ``profile``, when given): skip producing otherwise."""
@@ -105,9 +143,11 @@ class Producer:
 class AsyncProducer:
     """Asyncio producer: :class:`Producer`'s methods as coroutines; ``async with`` closes it."""
 
-    def __init__(self, transport: AsyncTransport, options: ProducerOptions) -> None:
+    def __init__(self, transport: AsyncTransport, options: ProducerOptions, url: str = "") -> None:
         self._transport = transport
         self.options = options
+        self.url = redact_url(url)
+        """Where it publishes (credentials redacted)."""
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str = "bc", **options: Any) -> AsyncProducer:
@@ -117,18 +157,23 @@ class AsyncProducer:
         if _scheme(url) in HTTP_SCHEMES:
             transport = AsyncHttpTransport(url, opts)
         else:
-            transport = AsyncRedisTransport(parse_redis_url(url), key_prefix, opts)
-        return cls(transport, opts)
+            transport = AsyncRedisTransport(_redis_target(url), key_prefix, opts)
+        return cls(transport, opts, url)
 
     async def publish(self, conv: str, type: str, data: Any = None, id: str | None = None,
                       key: str | None = None) -> PublishResult:
-        return (await self._transport.publish_many(prepare([(conv, type, data, id, key)], self.options)))[0]
+        batch = prepare([(conv, type, data, id, key)], self.options)
+        with _naming(self.url):
+            return (await self._transport.publish_many(batch))[0]
 
     async def publish_many(self, items: Iterable[PublishItem]) -> list[PublishResult]:
-        return await self._transport.publish_many(prepare(items, self.options))
+        batch = prepare(items, self.options)
+        with _naming(self.url):
+            return await self._transport.publish_many(batch)
 
     async def presence(self, conv: str) -> Presence:
-        return await self._transport.presence(conv)
+        with _naming(self.url):
+            return await self._transport.presence(conv)
 
     async def has_subscribers(self, conv: str, profile: str | None = None) -> bool:
         return _watching(await self.presence(conv), profile)
