@@ -55,8 +55,11 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 VENVS = BENCH / ".venv"
 sys.path.insert(0, str(BENCH))
+sys.path.insert(1, str(ROOT))  # devtools (standard library only: this may run in the tools venv)
 
 import hist  # noqa: E402
+
+from devtools.procs import Supervised, free_port, http_status, redis_ping  # noqa: E402
 
 try:
     import psutil
@@ -142,12 +145,6 @@ def busy_seconds() -> float:
         return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def renice(pid: int, niceness: int) -> None:
     """Give a measured process priority ``niceness`` (negative = ahead of other work; needs root)."""
     if niceness:
@@ -227,7 +224,7 @@ class Child:
 class Server:
     kind: str
     ports: list[int]
-    procs: list[subprocess.Popen[bytes]]
+    procs: list[Supervised]
 
     @property
     def pids(self) -> list[int]:
@@ -266,16 +263,13 @@ class Server:
         return f"ws://127.0.0.1:{port}/ws?{query}"
 
     def stop(self) -> None:
+        """SIGTERM to every server process at once, SIGKILL to those still running 10 s later."""
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.procs:
-            try:
+            if proc.proc is not None:
                 proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # --- the run's context ----------------------------------------------------------------------------
@@ -353,28 +347,21 @@ def start_server(ctx: Context, kind: str, prefix: str, profile: str | None) -> S
             argv = [ctx.peer_python["floor"], str(BENCH / "servers" / "floor.py"), "--port", str(port),
                     "--redis-url", ctx.redis_url, "--prefix", prefix]
         cwd = ctx.args.gateway_root if kind == "ours" and ctx.args.gateway_root else str(ROOT)
-        with (ctx.logdir / f"server-{kind}-{port}.log").open("ab") as err:
-            procs.append(subprocess.Popen(argv, stdout=err, stderr=err, cwd=cwd, env=env))
+        logfile = ctx.logdir / f"server-{kind}-{port}.log"
+        procs.append(Supervised(f"{kind} server on port {port}", argv, logfile, cwd=cwd, env=env).start())
         renice(procs[-1].pid, ctx.args.nice)
         ports.append(port)
     server = Server(kind, ports, procs)
     log(f"  {kind} server pid(s) {server.pids} on port(s) {ports}")
     deadline = time.monotonic() + 30
-    for proc, port in zip(procs, ports, strict=True):
-        while True:
-            if proc.poll() is not None:
-                server.stop()
-                raise RuntimeError(f"{kind} server exited with {proc.returncode}; see {ctx.logdir}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError(f"{kind} server did not answer /healthz within 30s; see {ctx.logdir}")
-            time.sleep(0.1)
+    try:
+        for proc, port in zip(procs, ports, strict=True):
+            url = f"http://127.0.0.1:{port}/healthz"
+            proc.wait_until(lambda url=url: http_status(url) == 200, max(0.0, deadline - time.monotonic()),
+                            what="answering /healthz", interval=0.1, details=lambda: f"(logs in {ctx.logdir})")
+    except BaseException:
+        server.stop()
+        raise
     return server
 
 
@@ -652,23 +639,23 @@ def redis_for(args: argparse.Namespace, logdir: Path) -> Any:
         return
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="bench-redis-"))
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(data), "--logfile", str(logdir / "redis.log")])
+    proc = Supervised("the private redis-server",
+                      [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                       "--dir", str(data), "--logfile", str(logdir / "redis.log")], logdir / "redis.out").start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the private redis-server did not start")
-            time.sleep(0.05)
+        proc.wait_until(lambda: redis_ping(port) == b"+PONG", 10, what="answering PING",
+                        details=lambda: _tail(logdir / "redis.log"))
         yield f"redis://127.0.0.1:{port}/0", proc.pid
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop(signal.SIGTERM, timeout=10)
         shutil.rmtree(data, ignore_errors=True)
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return f"(no {path})"
 
 
 def redis_pid(url: str) -> int | None:

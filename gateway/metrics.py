@@ -1,10 +1,14 @@
 """Prometheus metrics. Counters live as plain ints in the pool, hub and backend; a
-collector reads them at scrape time, so the hot path never takes a metrics lock."""
+collector reads them at scrape time, so the hot path never takes a metrics lock.
+
+The collector knows nothing of the gateway: it is handed a :class:`MetricSources`, the
+three counter objects and a few live readings, and reads only those."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -12,31 +16,49 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from gateway.state import Gateway
+    from broadcaster.backend import BackendStats
+    from broadcaster.hub import HubStats
+    from gateway.connection import PoolStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSources:
+    """Everything the collector reads: the components' counter objects (mutated in place, read
+    at scrape time) and the live readings that are not counters."""
+
+    pool: PoolStats
+    hub: HubStats
+    backend: BackendStats
+    connections: Callable[[], int]
+    """Open websocket connections."""
+    subscriptions: Callable[[], int]
+    """Subscriptions of the open connections."""
+    conversations: Callable[[], int]
+    """Conversations this process watches."""
+    draining: Callable[[], bool]
+    backend_connected: Callable[[], bool]
 
 
 class GatewayCollector(Collector):
     """Turns the gateway's counters into metric families on each scrape."""
 
-    def __init__(self, gateway: Callable[[], Gateway | None]) -> None:
-        self._gateway = gateway
+    def __init__(self, sources: MetricSources) -> None:
+        self._sources = sources
 
     def collect(self) -> Iterator[Metric]:
-        gw = self._gateway()
-        if gw is None:
-            return
-        pool, hub, backend = gw.pool.stats, gw.hub.stats, gw.backend.stats
-        yield GaugeMetricFamily("broadcaster_connections", "Open websocket connections", value=len(gw.pool))
+        src = self._sources
+        pool, hub, backend = src.pool, src.hub, src.backend
+        yield GaugeMetricFamily("broadcaster_connections", "Open websocket connections", value=src.connections())
         yield GaugeMetricFamily("broadcaster_subscriptions", "Subscriptions of open connections",
-                                value=sum(len(c.convs) for c in gw.pool.connections.values()))
+                                value=src.subscriptions())
         yield GaugeMetricFamily("broadcaster_conversations", "Conversations watched in this process",
-                                value=len(gw.hub.conversations()))
+                                value=src.conversations())
         yield GaugeMetricFamily("broadcaster_queued_bytes", "Bytes queued for connections", value=pool.queued_bytes)
-        yield GaugeMetricFamily("broadcaster_draining", "1 while draining", value=int(gw.pool.draining))
+        yield GaugeMetricFamily("broadcaster_draining", "1 while draining", value=int(src.draining()))
         yield GaugeMetricFamily("broadcaster_backend_connected", "1 while the backend delivers live events",
-                                value=int(gw.backend.connected))
+                                value=int(src.backend_connected()))
         counters = {
             "broadcaster_connections_opened": ("Websocket connections accepted", pool.connections_opened),
             "broadcaster_events_in": ("Live payloads received from the backend", hub.events_in),
@@ -99,9 +121,9 @@ class LoopHistogram(Collector):
 class Metrics:
     """The registry of one gateway (not the global one: tests run several apps per process)."""
 
-    def __init__(self, gateway: Callable[[], Gateway | None]) -> None:
+    def __init__(self, sources: MetricSources) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(GatewayCollector(gateway))
+        self.registry.register(GatewayCollector(sources))
         self.dispatch_latency = LoopHistogram(
             "broadcaster_publish_to_dispatch_seconds", "From publish (event ts) to hand-off to connection queues",
             LATENCY_BUCKETS, self.registry)

@@ -22,7 +22,7 @@ from broadcaster.presence import PresenceReporter
 from broadcaster.profiles import ProfileRegistry
 from gateway.auth import Authenticator, PublishKeys
 from gateway.connection import ConnectionPool
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, MetricSources
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -64,16 +64,26 @@ class Gateway:
         self.publisher = BackendPublisher(self.backend)
         self.plugins = PluginContext(self.publisher, self.gateway_id)
         self.plugin_setups = [load_plugin(path) for path in settings.plugin]
-        self.metrics = Metrics(lambda: self)
         self.hub = Hub(self.backend, gateway_id=self.gateway_id, hooks=self.plugins,
                        on_dispatch=self._observe_dispatch)
         self.pool = ConnectionPool()
+        self.metrics = Metrics(self._metric_sources())
         self.auth = Authenticator(settings.auth_secret, settings.auth_public_key, audience=settings.auth_audience,
                                   issuer=settings.auth_issuer)
         self.publish_keys = PublishKeys(settings.publish_key)
         self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,
                                          heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl)
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _metric_sources(self) -> MetricSources:
+        pool, hub, backend = self.pool, self.hub, self.backend
+        return MetricSources(
+            pool=pool.stats, hub=hub.stats, backend=backend.stats,
+            connections=pool.__len__,
+            subscriptions=lambda: sum(len(c.convs) for c in pool.connections.values()),
+            conversations=lambda: len(hub.conversations()),
+            draining=lambda: pool.draining,
+            backend_connected=lambda: backend.connected)
 
     def _observe_dispatch(self, env: Envelope) -> None:
         self.metrics.dispatch_latency.observe(max(0.0, time.time() - env.ts / 1000))

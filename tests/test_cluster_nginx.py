@@ -1,9 +1,9 @@
-"""A loopback cluster (gateway.cluster): Redis, three gateway processes and the compose nginx.conf.
+"""A loopback cluster (devtools.cluster): Redis, three gateway processes and the compose nginx.conf.
 
 Clients connect through nginx and spread over the gateways; every client receives every
 event; a gateway stopped mid-stream (SIGTERM: drain with 1012; SIGKILL: the socket just
 dies) loses no client: each reconnects through nginx, resumes with since/epoch and ends
-with exactly seq 1..N. Also the ``python -m gateway.cluster`` command itself, and its
+with exactly seq 1..N. Also the ``python -m devtools.cluster`` command itself, and its
 refusal to run without nginx.
 """
 
@@ -28,8 +28,8 @@ import httpx
 import pytest
 import websockets
 
-from gateway import cluster as cluster_module
-from gateway.cluster import ClusterError, LoopbackCluster
+from devtools import cluster as cluster_module
+from devtools.cluster import ClusterError, LoopbackCluster
 from tests.support.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -203,11 +203,11 @@ async def test_stopped_gateway_clients_resume_through_nginx(full_cluster: Loopba
 
 
 def test_cluster_command_runs_and_stops_on_sigint(tmp_path: Path) -> None:
-    """``python -m gateway.cluster``: prints its URLs once ready, serves through nginx, stops cleanly on SIGINT."""
+    """``python -m devtools.cluster``: prints its URLs once ready, serves through nginx, stops cleanly on SIGINT."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cluster", "--gateways", "2", "--port", "0", "--quiet", "--",
+        [sys.executable, "-m", "devtools.cluster", "--gateways", "2", "--port", "0", "--quiet", "--",
          "--drain-seconds", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # cwd: the conf is found anyway
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -251,8 +251,9 @@ def test_missing_nginx_fails_clearly_before_starting_anything(monkeypatch: pytes
         c.start()
     assert c.redis is None and c.gateways == [] and c.dir is None
 
-    result = subprocess.run([sys.executable, "-m", "gateway.cluster", "--nginx", str(tmp_path / "nginx")],
-                            capture_output=True, text=True, timeout=30, env={**os.environ})
+    result = subprocess.run([sys.executable, "-m", "devtools.cluster", "--nginx", str(tmp_path / "nginx")],
+                            capture_output=True, text=True, timeout=30, env={**os.environ},
+                            cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 1
     assert "is not an executable file" in result.stderr
 

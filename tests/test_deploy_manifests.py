@@ -1,21 +1,24 @@
 """Offline checks of the deployment files: Dockerfile, docker-compose.yml, nginx, Kubernetes.
 
-No Docker engine, kubectl or cluster is needed. The Kubernetes kustomizations are rendered
-by deploy/render_kustomize.py and validated with ``kubernetes-validate --strict``; the
+No Docker engine or cluster is needed. Every kustomization (base and both overlays) is
+rendered by the real kustomize, ``kubectl kustomize DIR`` (offline: what ``kubectl apply
+-k DIR`` would send), and the output validated with ``kubernetes-validate --strict``; the
 compose file with ``check-jsonschema --builtin-schema vendor.compose-spec``; the nginx
 config with the real ``nginx`` binary (``nginx -t`` and a proxied websocket). Every tool
 must be installed: a missing one fails the test, it is never skipped.
 
 Python tools come from the running interpreter's environment (the directory of
 ``sys.executable``): ``pip install kubernetes-validate check-jsonschema pyyaml dockerfile``
-(``dockerfile`` wraps BuildKit's Dockerfile parser).
-nginx comes from the system: ``apt-get install -y nginx``.
+(``dockerfile`` wraps BuildKit's Dockerfile parser). From the system: ``kubectl`` (with
+its built-in kustomize v5; on PATH or /usr/bin/kubectl) and nginx (``apt-get install -y
+nginx``).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import http.server
-import importlib.util
 import json
 import os
 import re
@@ -25,9 +28,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,8 @@ import dockerfile
 import pytest
 import yaml
 
+from devtools.cluster import render_nginx_prefix
+from devtools.procs import Supervised, free_port
 from gateway.settings import Settings, option_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +46,8 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 BASE = K8S / "base"
 PRODUCTION = K8S / "overlays" / "production"
+MANAGED_REDIS = K8S / "overlays" / "managed-redis"
+KUSTOMIZATIONS = {"base": BASE, "production": PRODUCTION, "managed-redis": MANAGED_REDIS}
 NGINX_DIR = DEPLOY / "nginx"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -62,6 +68,9 @@ GATEWAY_SELECTOR = {
     "app.kubernetes.io/component": "gateway",
 }
 
+# kubectl's built-in kustomize: the version `kubectl apply -k` uses (v5 reads these files).
+KUSTOMIZE_MAJOR = 5
+
 # Files whose BROADCASTER_* names must all be gateway options.
 ENV_SCANNED_FILES = [
     DOCKERFILE,
@@ -72,17 +81,6 @@ ENV_SCANNED_FILES = [
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _load_renderer() -> Any:
-    spec = importlib.util.spec_from_file_location("render_kustomize", DEPLOY / "render_kustomize.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rk = _load_renderer()
 
 
 def venv_tool(name: str) -> str:
@@ -102,8 +100,30 @@ def nginx_binary() -> str:
     return found
 
 
+def kubectl_binary() -> str:
+    """kubectl (installed on every machine of this kind as /usr/bin/kubectl); fails, never skips, if absent."""
+    found = shutil.which("kubectl") or ("/usr/bin/kubectl" if os.access("/usr/bin/kubectl", os.X_OK) else None)
+    if found is None:
+        pytest.fail("kubectl is not installed (looked on PATH and at /usr/bin/kubectl): the Kubernetes "
+                    "manifests are rendered by its built-in kustomize, `kubectl kustomize DIR`. Install "
+                    "kubectl 1.27+ (https://kubernetes.io/docs/tasks/tools/) and run again.")
+    return found
+
+
 def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def kubectl_kustomize(directory: Path) -> str:
+    """``kubectl kustomize DIR``: the YAML ``kubectl apply -k DIR`` would apply; fails with kustomize's error."""
+    result = run([kubectl_binary(), "kustomize", str(directory)])
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
+    return result.stdout
+
+
+@functools.cache
+def render_text(name: str) -> str:
+    return kubectl_kustomize(KUSTOMIZATIONS[name])
 
 
 def kubernetes_validate(files: list[Path]) -> subprocess.CompletedProcess[str]:
@@ -122,21 +142,12 @@ def find(resources: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any
     return hits[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, deadline: float = 5.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    pytest.fail(f"nothing listens on 127.0.0.1:{port}")
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def kustomization(directory: Path) -> dict[str, Any]:
@@ -144,29 +155,10 @@ def kustomization(directory: Path) -> dict[str, Any]:
     return document
 
 
-def managed_redis_kustomization() -> dict[str, Any]:
-    """The production kustomization edited as its comment says: four lines uncommented, one removed."""
-    lines = []
-    for line in (PRODUCTION / "kustomization.yaml").read_text().splitlines():
-        if line.strip() == "- path: redis.patch.yaml":
-            continue
-        lines.append(re.sub(r"^(\s*)# (- path: managed-redis/)", r"\1\2", line))
-    document: dict[str, Any] = yaml.safe_load("\n".join(lines))
-    paths = [p.get("path") for p in document["patches"]]
-    assert sum(1 for p in paths if p and p.startswith("managed-redis/")) == 4, paths
-    return document
-
-
-RENDERS: dict[str, Callable[[], list[dict[str, Any]]]] = {
-    "base": lambda: rk.render(BASE),
-    "production": lambda: rk.render(PRODUCTION),
-    "production-managed-redis": lambda: rk.render(PRODUCTION, managed_redis_kustomization()),
-}
-
-
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
-    return {name: make() for name, make in RENDERS.items()}
+    """Every kustomization as kubectl renders it, parsed: {name: [resource, ...]}."""
+    return {name: [d for d in yaml.safe_load_all(render_text(name)) if d] for name in KUSTOMIZATIONS}
 
 
 def gateway_container(resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -201,20 +193,11 @@ def compose() -> dict[str, Any]:
 
 
 def nginx_conf_for_loopback(prefix: Path, listen_port: int, upstream_ports: list[int]) -> Path:
-    """Lay out PREFIX with nginx.conf (listening on 127.0.0.1:listen_port) and a loopback upstream.conf."""
-    text, count = re.subn(
-        r"^(\s*)listen 8080;",
-        rf"\g<1>listen 127.0.0.1:{listen_port};",
-        (NGINX_DIR / "nginx.conf").read_text(),
-        flags=re.M,
-    )
-    assert count == 1
-    (prefix / "nginx.conf").write_text(text)
-    servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;\n" for port in upstream_ports)
-    (prefix / "upstream.conf").write_text(
-        f"upstream {UPSTREAM_NAME} {{\n    least_conn;\n{servers}    keepalive 8;\n}}\n"
-    )
-    return prefix / "nginx.conf"
+    """PREFIX with compose's nginx.conf listening on 127.0.0.1:listen_port and a loopback upstream.conf.
+
+    The loopback cluster's own renderer (devtools.cluster), so the test runs what it runs.
+    """
+    return render_nginx_prefix(prefix, NGINX_DIR / "nginx.conf", "127.0.0.1", listen_port, upstream_ports)
 
 
 class _HealthHandler(http.server.BaseHTTPRequestHandler):
@@ -241,10 +224,17 @@ def health_server() -> Iterator[http.server.HTTPServer]:
         server.server_close()
 
 
-# ---------------------------------------------------------------------------- kustomize renderer
+# ---------------------------------------------------------------------------- kustomize (kubectl)
 
 
-@pytest.mark.parametrize("name", list(RENDERS))
+def test_kubectl_has_kustomize_v5() -> None:
+    result = run([kubectl_binary(), "version", "--client"])
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"Kustomize Version: v(\d+)\.", result.stdout)
+    assert match and int(match.group(1)) == KUSTOMIZE_MAJOR, result.stdout
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
 def test_kustomizations_render(name: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     resources = rendered[name]
     idents = [f"{r['kind']}/{r['metadata']['name']}" for r in resources]
@@ -267,76 +257,27 @@ def test_kustomizations_render(name: str, rendered: dict[str, list[dict[str, Any
     assert "Secret" not in kinds
 
 
-def test_renderer_cli_writes_yaml() -> None:
-    result = run([sys.executable, str(DEPLOY / "render_kustomize.py"), str(PRODUCTION)])
-    assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet"}
+def test_kubectl_kustomize_rejects_a_broken_kustomization(tmp_path: Path) -> None:
+    """Guards the check itself: a patch of a resource the overlay does not have fails the render."""
+    (tmp_path / "patch.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: nope\n"
+                                         "spec:\n  replicas: 2\n")
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources:\n  - {os.path.relpath(BASE, tmp_path)}\npatches:\n  - path: patch.yaml\n")
+    result = run([kubectl_binary(), "kustomize", str(tmp_path)])
+    assert result.returncode != 0 and "nope" in result.stderr, result.stdout + result.stderr
 
 
-def test_renderer_refuses_unsupported_fields(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonAnnotations: {a: b}\n")
-    with pytest.raises(rk.KustomizeError, match="commonAnnotations"):
-        rk.render(tmp_path)
-
-
-def test_strategic_merge_semantics() -> None:
-    base: dict[str, Any] = {
-        "spec": {
-            "containers": [
-                {
-                    "name": "gateway",
-                    "image": "x",
-                    "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}, {"name": "C", "value": "3"}],
-                }
-            ],
-            "tolerations": [{"key": "k"}],
-        }
-    }
-    patch = {
-        "spec": {
-            "containers": [
-                {
-                    "name": "gateway",
-                    "env": [
-                        {"name": "B", "value": None, "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
-                        {"name": "C", "$patch": "delete"},
-                        {"name": "D", "value": "4"},
-                    ],
-                }
-            ],
-            "tolerations": [{"key": "other"}],
-        }
-    }
-    merged = rk.strategic_merge(base, patch)
-    (container,) = merged["spec"]["containers"]
-    assert container["image"] == "x"
-    # kustomize's order: the patch's items first, then the untouched base items.
-    assert container["env"] == [
-        {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
-        {"name": "D", "value": "4"},
-        {"name": "A", "value": "1"},
-    ]
-    assert merged["spec"]["tolerations"] == [{"key": "other"}]  # no merge key: replaced
-    assert base["spec"]["containers"][0]["env"][1] == {"name": "B", "value": "2"}  # input untouched
-
-
-def test_json6902_operations() -> None:
-    resource = {"spec": {"rules": [{"host": "a"}], "x": 1}}
-    for op in (
-        {"op": "replace", "path": "/spec/rules/0/host", "value": "b"},
-        {"op": "add", "path": "/spec/rules/-", "value": {"host": "c"}},
-        {"op": "add", "path": "/spec/tls", "value": [{"secretName": "t"}]},
-        {"op": "remove", "path": "/spec/x"},
-    ):
-        rk._json6902(resource, op, "test")
-    assert resource == {"spec": {"rules": [{"host": "b"}, {"host": "c"}], "tls": [{"secretName": "t"}]}}
+def test_managed_redis_overlay_is_production_without_redis(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    production = {(r["kind"], r["metadata"]["name"]) for r in rendered["production"]}
+    managed = {(r["kind"], r["metadata"]["name"]) for r in rendered["managed-redis"]}
+    assert production - managed == {("StatefulSet", "redis"), ("Service", "redis"), ("NetworkPolicy", "redis")}
+    assert managed <= production
 
 
 def test_generated_configmap_is_hashed_and_referenced(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for resources in rendered.values():
         (cm,) = [r for r in resources if r["kind"] == "ConfigMap"]
-        assert re.fullmatch(r"broadcaster-profiles-[0-9a-f]{10}", cm["metadata"]["name"])
+        assert re.fullmatch(r"broadcaster-profiles-[0-9a-z]{10}", cm["metadata"]["name"])  # kustomize's hash
         assert cm["data"]["profiles.toml"] == (BASE / "profiles.toml").read_text()
         deployment = find(resources, "Deployment", "broadcaster-gateway")
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -363,10 +304,8 @@ def test_every_file_under_k8s_is_used_or_an_example() -> None:
             for item in entry.get("files", []):
                 used.add((directory / item.partition("=")[2 if "=" in item else 0]).resolve())
 
-    walk(BASE)
-    walk(PRODUCTION)
-    for entry in managed_redis_kustomization()["patches"]:
-        used.add((PRODUCTION / entry["path"]).resolve())
+    for directory in KUSTOMIZATIONS.values():
+        walk(directory)
     on_disk = {p.resolve() for p in K8S.rglob("*") if p.is_file()}
     examples = {p for p in on_disk if p.name.endswith(".example.yaml")}
     assert on_disk - used - examples == set()
@@ -411,18 +350,20 @@ def test_manifest_files_validate_strict() -> None:
     assert_validated(kubernetes_validate(files))
 
 
-def test_rendered_output_validates_strict(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+def test_rendered_output_validates_strict(tmp_path: Path) -> None:
+    """kubectl kustomize's output of every kustomization, as is."""
     files = []
-    for name, resources in rendered.items():
+    for name in KUSTOMIZATIONS:
         path = tmp_path / f"{name}.yaml"
-        path.write_text(rk.dump(resources))
+        path.write_text(render_text(name))
         files.append(path)
     assert_validated(kubernetes_validate(files))
 
 
-def test_kubernetes_validate_rejects_unknown_fields(tmp_path: Path) -> None:
+def test_kubernetes_validate_rejects_unknown_fields(rendered: dict[str, list[dict[str, Any]]],
+                                                    tmp_path: Path) -> None:
     """Guards the check itself: with --strict a misspelt field must fail."""
-    deployment = find(rk.render(BASE), "Deployment", "broadcaster-gateway")
+    deployment = copy.deepcopy(find(rendered["base"], "Deployment", "broadcaster-gateway"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["readinesProbe"] = container.pop("readinessProbe")
     path = tmp_path / "bad.yaml"
@@ -434,7 +375,7 @@ def test_kubernetes_validate_rejects_unknown_fields(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- Kubernetes semantics
 
 
-@pytest.mark.parametrize("name", list(RENDERS))
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
 def test_gateway_deployment(name: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     resources = rendered[name]
     deployment = find(resources, "Deployment", "broadcaster-gateway")
@@ -494,14 +435,14 @@ def test_gateway_deployment(name: str, rendered: dict[str, list[dict[str, Any]]]
 
     # Redis URL: the in-cluster headless Service, or the managed one from a Secret.
     redis_url = env["BROADCASTER_REDIS_URL"]
-    if name == "production-managed-redis":
+    if name == "managed-redis":
         assert "value" not in redis_url
         assert redis_url["valueFrom"]["secretKeyRef"] == {"name": "broadcaster-redis", "key": "url"}
     else:
         assert redis_url == {"name": "BROADCASTER_REDIS_URL", "value": "redis://redis:6379/0"}
 
 
-@pytest.mark.parametrize("name", list(RENDERS))
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
 def test_service_ingress_hpa_pdb_networkpolicy(name: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
     resources = rendered[name]
     deployment = find(resources, "Deployment", "broadcaster-gateway")
@@ -586,7 +527,7 @@ def test_production_overlay_pins_images_and_sizes(rendered: dict[str, list[dict[
 
 
 def test_managed_redis_switch_drops_in_cluster_redis(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    resources = rendered["production-managed-redis"]
+    resources = rendered["managed-redis"]
     assert not [r for r in resources if r["metadata"]["name"] == "redis"]
     assert not [r for r in resources if r["kind"] == "StatefulSet"]
 
@@ -684,14 +625,12 @@ def test_compose_producer_loop_publishes_valid_json(tmp_path: Path) -> None:
     for path in (stub, tmp_path / "sleep"):
         path.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    process = subprocess.Popen(["/bin/sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    loop = Supervised("producer loop", ["/bin/sh", "-c", script], tmp_path / "loop.out", env=env).start()
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (not calls.exists() or len(calls.read_text().splitlines()) < 3):
-            time.sleep(0.02)
+        loop.wait_until(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 3, 10,
+                        what="publishing three times", interval=0.02)
     finally:
-        process.kill()
-        process.wait()
+        loop.kill()
     lines = [json.loads(line) for line in calls.read_text().splitlines()[:3]]
     for n, args in enumerate(lines, start=1):
         assert args[:2] == ["demo", "chat.message"]
@@ -866,18 +805,15 @@ def test_nginx_proxies_websockets_and_http(tmp_path: Path) -> None:
     upstream_port = upstream.socket.getsockname()[1]
     lb_port = free_port()
     conf = nginx_conf_for_loopback(tmp_path, lb_port, [upstream_port])
-    nginx = subprocess.Popen(
-        [nginx_binary(), "-p", f"{tmp_path}/", "-c", str(conf), "-e", "stderr", "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    nginx = Supervised(
+        "nginx", [nginx_binary(), "-p", f"{tmp_path}/", "-c", str(conf), "-e", "stderr", "-g", "daemon off;"],
+        tmp_path / "nginx.out").start()
     try:
-        wait_for_port(lb_port)
+        nginx.wait_until(lambda: listening(lb_port), 5, what=f"listening on 127.0.0.1:{lb_port}")
         with connect(f"ws://127.0.0.1:{lb_port}/ws?conv_id=demo", open_timeout=5) as client:
             client.send("hello")
             assert client.recv(timeout=5) == "echo:hello"
-            time.sleep(0.1)  # idle well within proxy_read_timeout: still open
-            client.send("again")
+            client.send("again")  # the same upgraded connection carries on
             assert client.recv(timeout=5) == "echo:again"
         (headers,) = handshakes
         lowered = {k.lower(): v for k, v in headers.items()}
@@ -892,14 +828,9 @@ def test_nginx_proxies_websockets_and_http(tmp_path: Path) -> None:
             sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert sock.recv(1024).startswith(b"HTTP/1.1 404")
     finally:
-        nginx.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = nginx.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            nginx.kill()
-            _, stderr = nginx.communicate()
+        nginx.stop(signal.SIGTERM, timeout=10)
         upstream.shutdown()
-    assert b"[emerg]" not in stderr, stderr.decode()
+    assert "[emerg]" not in nginx.output(), nginx.output()
 
 
 # ---------------------------------------------------------------------------- docs

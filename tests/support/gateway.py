@@ -9,12 +9,9 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -22,16 +19,13 @@ import uvicorn
 
 from broadcaster.backend import Backend
 from broadcaster.profiles import ProfileRegistry
+from devtools.procs import Supervised, free_port
 from gateway.app import create_app
 from gateway.server import uvicorn_config
 from gateway.settings import Settings
 from gateway.state import Gateway
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["GatewayProcess", "InProcessGateway", "free_port", "json_lines", "start_gateways"]
 
 
 class InProcessGateway:
@@ -89,8 +83,10 @@ class GatewayProcess:
         self.port = port or free_port()
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
-        self.log = tempfile.NamedTemporaryFile(prefix="gateway-", suffix=".log", delete=False)
-        self.proc: subprocess.Popen[bytes] | None = None
+        fd, self.log = tempfile.mkstemp(prefix="gateway-", suffix=".log")
+        os.close(fd)
+        command = [sys.executable, "-m", "gateway.cli", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        self.process = Supervised(f"gateway on port {self.port}", command, self.log, env=self.env)
 
     @property
     def http_url(self) -> str:
@@ -100,49 +96,42 @@ class GatewayProcess:
         return f"ws://127.0.0.1:{self.port}/ws" + (f"?{query}" if query else "")
 
     def start(self, timeout: float = 15.0) -> GatewayProcess:
-        command = [sys.executable, "-m", "gateway.cli", "--host", "127.0.0.1", "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(command, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process.start()
         self.wait_healthy(timeout)
         return self
 
     def wait_healthy(self, timeout: float = 15.0, path: str = "/readyz") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
+        """Poll ``path`` until 200: RuntimeError if the process exits first, TimeoutError at the deadline."""
+        def answers() -> bool:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.http_url + path, timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"gateway on port {self.port} not ready within {timeout}s:\n{self.output()}")
+                return httpx.get(self.http_url + path, timeout=1.0).status_code == 200
+            return False
+
+        self.process.wait_until(answers, timeout, what=f"ready ({path})")
 
     def output(self) -> str:
-        with open(self.log.name, encoding="utf-8", errors="replace") as f:
-            return f.read()[-5000:]
+        return self.process.output()
 
     def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
+        assert self.process.proc is not None
+        self.process.proc.send_signal(sig)
 
     def kill(self) -> None:
         """SIGKILL: no drain, no presence withdrawal."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.process.running:
+            self.process.kill()
 
     def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
+        """Wait for the exit (subprocess.TimeoutExpired after ``timeout``; the process keeps running)."""
+        assert self.process.proc is not None
+        return self.process.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """SIGTERM (the gateway drains), SIGKILL after 15 s; the log file is removed."""
+        if self.process.running:
+            self.process.stop(signal.SIGTERM, timeout=15)
         with contextlib.suppress(OSError):
-            os.unlink(self.log.name)
+            os.unlink(self.log)
 
     def __enter__(self) -> GatewayProcess:
         return self.start()
@@ -156,9 +145,7 @@ def start_gateways(count: int, *args: str, env: dict[str, str] | None = None) ->
     procs = [GatewayProcess(*args, env=env) for _ in range(count)]
     try:
         for p in procs:
-            command: Sequence[str] = [sys.executable, "-m", "gateway.cli", "--host", "127.0.0.1", "--port",
-                                      str(p.port), *p.args]
-            p.proc = subprocess.Popen(command, env=p.env, stdout=p.log, stderr=subprocess.STDOUT)
+            p.process.start()
         for p in procs:
             p.wait_healthy()
     except BaseException:

@@ -21,7 +21,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,40 +29,9 @@ from typing import Any
 
 import redis
 
-HOST = "127.0.0.1"
+from devtools.procs import HOST, Supervised, free_port, redis_ping
 
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(*, with_bus: bool = False) -> int:
-    """A loopback TCP port nobody listens on; ``with_bus``: port + 10000 too (Redis Cluster bus)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = int(s.getsockname()[1])
-        if not with_bus:
-            return port
-        if port + 10000 <= 65535 and _port_is_free(port + 10000):
-            return port
-    raise RuntimeError("no free port pair found for a cluster node")
-
-
-def _ping(port: int, timeout: float = 0.5) -> bytes:
-    """The first reply line to a raw PING (``b"+PONG"``, ``b"-LOADING ..."``), or b"" if nothing answers."""
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(256).split(b"\r\n", 1)[0]
-    except OSError:
-        return b""
+__all__ = ["HOST", "RedisClusterNodes", "RedisServer", "free_port"]
 
 
 class RedisServer:
@@ -85,7 +53,7 @@ class RedisServer:
         self.startup_timeout = startup_timeout
         self.dir = tempfile.mkdtemp(prefix=f"redis-{self.port}-")
         self.logfile = os.path.join(self.dir, "redis.log")
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.process: Supervised | None = None
 
     @property
     def url(self) -> str:
@@ -108,25 +76,24 @@ class RedisServer:
         """Start the server and wait until it answers PING; raise RuntimeError with its log otherwise."""
         if self.running:
             return self
-        self.proc = subprocess.Popen(self.command_line(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stdout and stderr (what it says before its --logfile is open) go to a file of their own.
+        self.process = Supervised(f"redis-server on port {self.port}", self.command_line(),
+                                  os.path.join(self.dir, "redis.out")).start()
         self.wait_ready(self.startup_timeout)
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:
-        """Poll PING until ``+PONG`` (not ``-LOADING``) or the deadline; fail loudly if the process died."""
-        deadline = time.monotonic() + timeout
-        last = b""
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}:\n"
-                                   f"{err}\n{self.log_tail()}")
-            last = _ping(self.port)
-            if last == b"+PONG" and self._answering_pid() == (self.proc.pid if self.proc else None):
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} not ready within {timeout}s (last reply {last!r}):\n"
-                           f"{self.log_tail()}")
+        """Poll PING until ``+PONG`` (not ``-LOADING``) from our process; RuntimeError if it dies or at the deadline."""
+        assert self.process is not None, "start() first"
+        pid = self.process.pid
+        last = [b""]
+
+        def answers() -> bool:
+            last[0] = redis_ping(self.port)
+            return last[0] == b"+PONG" and self._answering_pid() == pid
+
+        self.process.wait_until(answers, timeout, interval=0.02,
+                                details=lambda: f"(last reply {last[0]!r})\n{self.log_tail()}")
 
     def _answering_pid(self) -> int | None:
         """The process id of the server answering on our port (another one may hold the port)."""
@@ -138,39 +105,28 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.running
 
     def kill(self) -> None:
         """SIGKILL the server (no save, no goodbye to clients) and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self._close_pipes()
+        if self.process is not None:
+            self.process.kill()
 
     def stop(self) -> None:
         """SIGTERM the server and wait; SIGKILL if it does not exit within 10 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close_pipes()
+        if self.process is not None:
+            self.process.stop(signal.SIGTERM, timeout=10)
 
     def restart(self) -> RedisServer:
         """Start again on the same port and dir (after ``kill()`` or ``stop()``)."""
         self.kill()
-        self.proc = None
+        self.process = None
         return self.start()
 
     def cleanup(self) -> None:
         """Stop the server and delete its directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _close_pipes(self) -> None:
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
