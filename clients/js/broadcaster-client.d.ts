@@ -141,7 +141,7 @@ export interface BroadcasterClientOptions {
   maxAttempts?: number;
   /** Connect on the first subscribe(). Default true. */
   autoConnect?: boolean;
-  /** Extra query parameters for the /ws URL. */
+  /** Extra query parameters for the /ws URL; the gateway refuses names it does not know (close 4400) unless they start with `_`. */
   params?: Record<string, string>;
 }
 

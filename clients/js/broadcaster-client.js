@@ -112,7 +112,8 @@ export class BroadcasterClient extends EventTarget {
    * @param {number} [options.connectTimeoutMs] give up on an opening socket after this long, default 10000
    * @param {number} [options.maxAttempts]      reconnects in a row that may fail before "failed", default Infinity
    * @param {boolean} [options.autoConnect]     connect on the first subscribe(), default true
-   * @param {Record<string, string>} [options.params] extra query parameters for the /ws URL
+   * @param {Record<string, string>} [options.params] extra query parameters for the /ws URL; the gateway
+   *   refuses names it does not know (close 4400) unless they start with `_`
    */
   constructor(options = {}) {
     super();

@@ -1,29 +1,70 @@
 // Start a real `broadcaster-gateway` as a subprocess for end-to-end tests.
 //
-// The command is BROADCASTER_GATEWAY_CMD (a shell command line; default `broadcaster-gateway`
-// from PATH); `--port N` and any extra arguments are appended. The child runs in its own
-// process group so that stopping it also stops whatever the command line started.
+// Which gateway (the first that applies; see findGateway):
+//   1. BROADCASTER_GATEWAY_CMD - a shell command line, e.g. "python -m gateway.cli";
+//   2. BROADCASTER_GATEWAY     - the path of a broadcaster-gateway executable;
+//   3. the repository's own .venv/bin/broadcaster-gateway (the README's `pip install -e .`);
+//   4. broadcaster-gateway on PATH.
+// None of them: the end-to-end suites fail, saying what was tried - they never skip.
+// `--port N` and any extra arguments are appended. The child runs in its own process
+// group so that stopping it also stops whatever the command line started.
 
 import { spawn } from "node:child_process";
-import { accessSync, constants } from "node:fs";
+import { accessSync, constants, statSync } from "node:fs";
 import { createServer } from "node:net";
-import { delimiter, join } from "node:path";
+import { delimiter, dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
 import { sleep } from "./util.js";
 
-export const GATEWAY_CMD = process.env.BROADCASTER_GATEWAY_CMD || "broadcaster-gateway";
+/** The repository root (clients/js/test-support -> ../../..). */
+export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+const VENV_GATEWAY = join(REPO_ROOT, ".venv", "bin", "broadcaster-gateway");
 
-/** Why the gateway tests cannot run here, or null when they can. */
-export function gatewayUnavailable() {
-  if (process.env.BROADCASTER_GATEWAY_CMD) return null;
-  for (const dir of (process.env.PATH ?? "").split(delimiter)) {
-    try {
-      accessSync(join(dir, "broadcaster-gateway"), constants.X_OK);
-      return null;
-    } catch {
-      /* not here */
+function executable(path) {
+  try {
+    accessSync(path, constants.X_OK);
+    return statSync(path).isFile();
+  } catch {
+    return false;
+  }
+}
+
+const shellQuote = (text) => `'${text.replace(/'/g, `'\\''`)}'`;
+
+/**
+ * The gateway the end-to-end tests start.
+ * @param {NodeJS.ProcessEnv} [env]
+ * @returns {{command: string, source: string} | {error: string}}
+ *   command: a shell command line; source: where it came from. error: why none was found.
+ */
+export function findGateway(env = process.env) {
+  if (env.BROADCASTER_GATEWAY_CMD) return { command: env.BROADCASTER_GATEWAY_CMD, source: "BROADCASTER_GATEWAY_CMD" };
+  if (env.BROADCASTER_GATEWAY) {
+    if (!executable(env.BROADCASTER_GATEWAY)) {
+      return { error: `BROADCASTER_GATEWAY=${env.BROADCASTER_GATEWAY} is not an executable file` };
+    }
+    return { command: shellQuote(env.BROADCASTER_GATEWAY), source: "BROADCASTER_GATEWAY" };
+  }
+  if (executable(VENV_GATEWAY)) return { command: shellQuote(VENV_GATEWAY), source: "the repository's .venv" };
+  for (const dir of (env.PATH ?? "").split(delimiter)) {
+    if (dir && executable(join(dir, "broadcaster-gateway"))) {
+      return { command: shellQuote(join(dir, "broadcaster-gateway")), source: "PATH" };
     }
   }
-  return "broadcaster-gateway is not on PATH (set BROADCASTER_GATEWAY_CMD, or `pip install -e .`)";
+  return {
+    error:
+      `no broadcaster-gateway found: not at ${VENV_GATEWAY} nor on PATH, and neither BROADCASTER_GATEWAY (a path) ` +
+      "nor BROADCASTER_GATEWAY_CMD (a command line) is set. Install it as the README says " +
+      "(python3 -m venv .venv && .venv/bin/pip install -e . at the repository root), or run only the unit " +
+      "tests: npm run test:unit",
+  };
+}
+
+/** The gateway's command line; throws, saying what to do, when there is none. */
+export function gatewayCommand(env = process.env) {
+  const found = findGateway(env);
+  if ("error" in found) throw new Error(found.error);
+  return found.command;
 }
 
 export async function freePort() {
@@ -55,7 +96,7 @@ export class Gateway {
     delete env.BROADCASTER_REDIS_URL;
     delete env.BROADCASTER_PORT;
     delete env.BROADCASTER_HOST;
-    const line = [GATEWAY_CMD, "--host", "127.0.0.1", "--port", String(port), ...args].join(" ");
+    const line = [gatewayCommand(), "--host", "127.0.0.1", "--port", String(port), ...args].join(" ");
     this.child = spawn(line, { shell: true, detached: true, env, stdio: ["ignore", "pipe", "pipe"] });
     const keep = (chunk) => {
       this.output = (this.output + chunk).slice(-20_000);
