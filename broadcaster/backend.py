@@ -33,7 +33,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 
@@ -96,6 +96,14 @@ class HistoryPage:
     seq: int
     events: list[Envelope]
     truncated: bool
+
+
+class HistoryRead(NamedTuple):
+    """One read of :meth:`Backend.history_many`: the arguments of one :meth:`Backend.history` call."""
+
+    conv: str
+    since: int = 0
+    limit: int | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -189,6 +197,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
         """Kept events with seq > ``since`` (see :class:`HistoryPage`)."""
+
+    async def history_many(self, reads: Sequence[HistoryRead]) -> list[HistoryPage]:
+        """``history(conv, since, limit)`` of every read, in order; all pages or the first error.
+
+        A backend with round trips to save reads them together (the Redis backend: one
+        pipeline); this default reads them one after the other.
+        """
+        return [await self.history(conv, since, limit) for conv, since, limit in reads]
 
     @abc.abstractmethod
     async def state(self, conv: str) -> StateSnapshot:

@@ -18,7 +18,12 @@ Guarantees, per subscription (CONTRACT §3):
   moved cluster slot) its feed repairs from history.
 * When a conversation's epoch changes (its backend state was lost) every
   subscriber gets ``ws.reset`` ``epoch_changed`` with seq 0, then the events of the
-  new epoch. When the gap cannot be filled because history no longer holds it,
+  new epoch. A client never receives an event of an epoch it was not told (by
+  ``ws.subscribed``, ``ws.state`` or ``ws.reset``): a resume whose history read finds
+  another epoch stops there and is reset by the feed, like everyone else.
+* Repairs read history through one :class:`BatchedHistory`: however many feeds
+  repair at once (every feed after a pub/sub reconnect), a few batched reads run at
+  a time. When the gap cannot be filled because history no longer holds it,
   ``ws.reset`` ``history_truncated`` and live from the latest seq.
 * Each event is intercepted once and rendered once per profile (filter,
   drop_fields, enrich, JSON encode) no matter how many connections use it.
@@ -34,8 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from broadcaster.backend import Backend, Listener
+from broadcaster.batched_reads import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, BatchedHistory
 from broadcaster.codec import dumps, embed, json_object
 from broadcaster.envelope import Envelope
+from broadcaster.errors import BackendUnavailable
 from broadcaster.hooks import PluginContext, SubscriptionInfo
 from broadcaster.locks import KeyedLock
 from broadcaster.profiles import EnrichContext, GlobSet, Profile
@@ -73,14 +80,19 @@ class HubStats:
 
 
 _GroupKey = tuple[str, tuple[str, ...]]
-_Pending = tuple[int, bytes, bool]  # (seq, payload, is_reset)
+_Pending = tuple[int, bytes, bool, str]  # (seq, payload, is_reset, epoch)
 
 
 @dataclass(slots=True, eq=False)
 class _Member:
+    """One subscription. ``epoch`` is the last epoch its client was told (``ws.subscribed``,
+    ``ws.state`` or ``ws.reset``): it receives events of that epoch only. ``pending`` queues
+    what the feed sends while the subscription preamble is still going out."""
+
     sub: Subscriber
     group: _Group
     position: int = 0
+    epoch: str = ""
     pending: list[_Pending] | None = field(default_factory=list)
 
 
@@ -119,7 +131,12 @@ class Hub:
         gateway_id: str,
         hooks: PluginContext | None = None,
         on_dispatch: Callable[[Envelope], None] | None = None,
+        repair_batch: int = DEFAULT_BATCH_SIZE,
+        repair_concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
+        """``repair_batch`` / ``repair_concurrency``: feeds repairing from history read it in
+        batches of that many conversations, that many batches at a time (see
+        :class:`broadcaster.batched_reads.BatchedHistory`)."""
         self.backend = backend
         self.gateway_id = gateway_id
         self.hooks = hooks
@@ -128,6 +145,7 @@ class Hub:
         self._feeds: dict[str, _Feed] = {}
         self._feed_lock = KeyedLock()
         self._dirty: set[str] = set()
+        self._repair_reads = BatchedHistory(backend, batch_size=repair_batch, concurrency=repair_concurrency)
         backend.add_resubscribe_callback(self.repair)
 
     # ---- subscriptions -------------------------------------------------------------------
@@ -203,6 +221,7 @@ class Hub:
             if feed.sync_task is not None:
                 feed.sync_task.cancel()
             await self.backend.unsubscribe(conv, feed.listener)
+        await self._repair_reads.close()
 
     async def _join(
         self, sub: Subscriber, conv: str, profile: Profile, types: GlobSet | None
@@ -261,13 +280,17 @@ class Hub:
         conv, sub = feed.conv, member.sub
         if hydrate:
             snapshot = await self.backend.state(conv)
+            member.epoch = snapshot.epoch
             sub.send(self._control("ws.subscribed", conv, epoch=snapshot.epoch, seq=snapshot.seq))
             head = {"type": "ws.state", "conv_id": conv, "epoch": snapshot.epoch, "seq": snapshot.seq}
             sub.send(embed(head, "entities", self.render_entities(snapshot.entities, member.group.profile,
                                                                   member.group.types)))
             position = snapshot.seq
+            if snapshot.epoch != feed.epoch:
+                self._notice_epoch(feed)
         else:
             latest, current_epoch = feed.last_seq, feed.epoch
+            member.epoch = current_epoch
             sub.send(self._control("ws.subscribed", conv, epoch=current_epoch, seq=latest))
             position = latest
             if epoch is not None and epoch != current_epoch:
@@ -279,13 +302,21 @@ class Hub:
         self._go_live(member, position)
 
     async def _replay(self, feed: _Feed, member: _Member, since: int, latest: int) -> int:
-        """Send kept events with seq > since; returns the position reached (or resets)."""
+        """Send kept events with seq > since; returns the position reached (or resets).
+
+        Pages are taken only in the epoch the client was told (``member.epoch``): a page
+        of another epoch ends the replay. The client is then reset by the feed, which
+        resets every subscriber when it moves to the new epoch: the reset is already
+        queued in ``member.pending`` if the feed moved while the page was read, or
+        follows once the feed, told to look, finds the new epoch in history.
+        """
         position = since
         while True:
             page = await self.backend.history(feed.conv, since=position, limit=REPAIR_PAGE)
-            if page.epoch != feed.epoch:
-                member.sub.send(self._reset(feed.conv, "epoch_changed", page.epoch, page.seq))
-                return page.seq
+            if page.epoch != member.epoch:
+                if feed.epoch == member.epoch:
+                    self._notice_epoch(feed)
+                return position
             if page.truncated:
                 member.sub.send(self._reset(feed.conv, "history_truncated", page.epoch, latest))
                 return latest
@@ -298,17 +329,22 @@ class Hub:
             if not page.events or position >= page.seq:
                 return position
 
+    def _notice_epoch(self, feed: _Feed) -> None:
+        """A read showed ``feed``'s conversation in another epoch: repair the feed, which resets everyone."""
+        self._start_sync(feed)
+
     def _go_live(self, member: _Member, position: int) -> None:
+        """Send what the feed queued for ``member`` during its preamble; from now on it is sent live."""
         pending = member.pending or []
         member.pending = None
-        send = member.sub.send
-        for seq, payload, is_reset in pending:
+        send, epoch = member.sub.send, member.epoch
+        for seq, payload, is_reset, item_epoch in pending:
             if is_reset:
                 send(payload)
-                position = seq
-            elif seq > position:
+                position, epoch = seq, item_epoch
+            elif seq > position and item_epoch == epoch:
                 send(payload)
-        member.position = position
+        member.position, member.epoch = position, epoch
 
     # ---- live path -----------------------------------------------------------------------
 
@@ -339,7 +375,7 @@ class Hub:
             return
         obj = intercepted.event_object()
         rendered: dict[str, bytes | None] = {}
-        seq = env.seq
+        seq, epoch = env.seq, env.epoch
         for group in feed.groups.values():
             name = group.profile.name
             if name in rendered:
@@ -350,8 +386,8 @@ class Hub:
                 continue
             for member in group.members.values():
                 if member.pending is not None:
-                    member.pending.append((seq, payload, False))
-                elif seq > member.position:
+                    member.pending.append((seq, payload, False, epoch))
+                elif seq > member.position and member.epoch == epoch:
                     member.sub.send(payload)
                     self.stats.deliveries += 1
 
@@ -359,10 +395,10 @@ class Hub:
         payload = self._reset(feed.conv, reason, epoch, seq)
         for member in feed.members.values():
             if member.pending is not None:
-                member.pending.append((seq, payload, True))
+                member.pending.append((seq, payload, True, epoch))
             else:
                 member.sub.send(payload)
-                member.position = seq
+                member.position, member.epoch = seq, epoch
 
     def _start_sync(self, feed: _Feed) -> None:
         feed.syncing = True
@@ -393,10 +429,13 @@ class Hub:
             before = (feed.epoch, feed.last_seq)
             try:
                 await self._catch_up(feed)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("repair of %s failed (%s); retrying in %.2fs", feed.conv, exc, delay)
+            except BackendUnavailable as exc:  # logged once per failed batch by BatchedHistory
+                log.debug("repair of %s failed (%s); retrying in %.2fs", feed.conv, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            except Exception:
+                log.exception("repair of %s failed; retrying in %.2fs", feed.conv, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -413,7 +452,7 @@ class Hub:
 
     async def _catch_up(self, feed: _Feed) -> None:
         while True:
-            page = await self.backend.history(feed.conv, since=feed.last_seq, limit=REPAIR_PAGE)
+            page = await self._repair_reads.history(feed.conv, feed.last_seq, REPAIR_PAGE)
             if page.epoch != feed.epoch:
                 self.stats.resets += 1
                 feed.epoch, feed.last_seq = page.epoch, 0

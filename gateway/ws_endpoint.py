@@ -11,9 +11,10 @@ import secrets
 import time
 
 from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from broadcaster.codec import dumps
+from broadcaster.errors import BackendUnavailable
 from broadcaster.hub import server_time_ms
 from broadcaster.profiles import Profile
 from gateway.auth import AuthError, Grant, bearer
@@ -88,14 +89,23 @@ class Session:
         try:
             await gw.hub.subscribe(conn, request.conv_id, self.profile, types=request.types,
                                    since=request.since, epoch=request.epoch, hydrate=request.hydrate)
-        except Exception as exc:
+        except BackendUnavailable as exc:
             log.warning("subscribe %s failed: %s", request.conv_id, exc)
-            if initial:
-                conn.close(CLOSE_TRY_AGAIN_LATER, "backend unavailable")
-            else:
-                conn.send(_error("unavailable", f"cannot subscribe to {request.conv_id} right now"))
+            self._subscribe_failed(request.conv_id, initial)
+            return
+        except Exception:
+            log.exception("subscribe %s failed", request.conv_id)
+            self._subscribe_failed(request.conv_id, initial)
             return
         conn.convs.add(request.conv_id)
+
+    def _subscribe_failed(self, conv_id: str, initial: bool) -> None:
+        """Tell the client; a failed re-subscribe ended the previous subscription too (the hub replaced it)."""
+        self.conn.convs.discard(conv_id)
+        if initial:
+            self.conn.close(CLOSE_TRY_AGAIN_LATER, "backend unavailable")
+        else:
+            self.conn.send(_error("unavailable", f"cannot subscribe to {conv_id} right now"))
 
     async def unsubscribe(self, conv_id: str) -> None:
         await self.gateway.hub.unsubscribe(self.conn, conv_id)
@@ -184,8 +194,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             if text is None:
                 text = message.get("bytes") or b""
             await session.handle(text)
-    except Exception as exc:  # a broken peer must never take the gateway down
+    except (WebSocketDisconnect, OSError, RuntimeError) as exc:  # the peer went away mid-send or mid-receive
         log.debug("connection %s ended: %s", conn.connection_id, exc)
+    except Exception:  # a bug: log it, and never let one connection take the gateway down
+        log.exception("connection %s failed", conn.connection_id)
     finally:
         await session.end()
         await gw.pool.remove(conn)

@@ -11,6 +11,7 @@ from broadcaster.backend import (
     BackendStats,
     Head,
     HistoryPage,
+    HistoryRead,
     Listener,
     Presence,
     ReconnectCallback,
@@ -146,6 +147,10 @@ class RedisBackend(Backend):
 
     async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
         return await self.commands.history(conv, since, limit)
+
+    async def history_many(self, reads: Sequence[HistoryRead]) -> list[HistoryPage]:
+        """Every read in one pipeline (one round trip per node); see :meth:`RedisCommands.history_many`."""
+        return await self.commands.history_many(reads)
 
     async def state(self, conv: str) -> StateSnapshot:
         return await self.commands.state(conv)
