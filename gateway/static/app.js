@@ -1,12 +1,19 @@
-// Demo page of the gateway: one BroadcasterClient, a publish form and a presence counter.
+// Demo page of the gateway: a small live inspector around one BroadcasterClient.
+//
+// Every event row shows its seq, publish time and the gateway that delivered it; seqs the
+// profile (or the types filter) hides are shown as a marker row, so a gap never looks like
+// a loss. Connects, reconnects, resumes and ws.reset appear in the list as they happen.
+// The side panel polls presence and draws events per second (a canvas, no dependencies).
 //
 // Query parameters (for links and browser tests): conv, profile, types, token,
-// history=0 (live only), hydrate=1, autoconnect=1.
+// history=0 (live only), hydrate=1, autoconnect=0 (wait for the Connect button; the page
+// connects on load otherwise; autoconnect=1 is accepted too).
 
 import { BroadcasterClient } from "/client/broadcaster-client.js";
 
 const MAX_ROWS = 1000;
 const PRESENCE_EVERY_MS = 2000;
+const RATE_WINDOW_S = 60;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -22,6 +29,7 @@ const ui = {
   status: $("status"),
   statusDetail: $("status-detail"),
   presence: $("presence"),
+  presenceProfiles: $("presence-profiles"),
   events: $("events"),
   clear: $("clear"),
   statePanel: $("state-panel"),
@@ -34,9 +42,21 @@ const ui = {
   pubKey: $("pub-key"),
   publish: $("publish"),
   pubResult: $("pub-result"),
+  stat: {
+    gateway: $("stat-gateway"),
+    latest: $("stat-latest"),
+    shown: $("stat-shown"),
+    hidden: $("stat-hidden"),
+    reconnects: $("stat-reconnects"),
+    resets: $("stat-resets"),
+  },
+  rate: $("rate"),
+  rateNow: $("rate-now"),
+  ratePeak: $("rate-peak"),
+  rateTotal: $("rate-total"),
 };
 
-/** The open session: its client, conversation and presence timer. */
+/** The open session: its client, conversation, filter description and what it has seen. */
 let session = null;
 /** Keyed state entries of the hydrated conversation (key -> event). */
 let entities = new Map();
@@ -47,6 +67,73 @@ const wsUrl = () => {
   return url.toString();
 };
 const apiUrl = (conv, tail) => new URL(`/v1/conversations/${encodeURIComponent(conv)}/${tail}`, location.href);
+
+// ---- events per second -------------------------------------------------------------------------
+
+/** Counts per whole second, the last RATE_WINDOW_S of them (oldest first). */
+const rate = {
+  shown: new Array(RATE_WINDOW_S).fill(0),
+  hidden: new Array(RATE_WINDOW_S).fill(0),
+  second: Math.floor(Date.now() / 1000),
+  peak: 0,
+};
+
+function rateAdvance() {
+  const now = Math.floor(Date.now() / 1000);
+  const steps = Math.min(RATE_WINDOW_S, now - rate.second);
+  for (let i = 0; i < steps; i++) {
+    rate.shown.shift();
+    rate.shown.push(0);
+    rate.hidden.shift();
+    rate.hidden.push(0);
+  }
+  if (steps > 0) rate.second = now;
+}
+
+function rateCount(kind, n = 1) {
+  rateAdvance();
+  rate[kind][RATE_WINDOW_S - 1] += n;
+}
+
+function drawRate() {
+  rateAdvance();
+  const canvas = ui.rate;
+  const ctx = canvas.getContext("2d");
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || canvas.width;
+  const height = canvas.clientHeight || canvas.height;
+  if (canvas.width !== Math.round(width * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  const totals = rate.shown.map((n, i) => n + rate.hidden[i]);
+  const top = Math.max(1, ...totals);
+  const style = getComputedStyle(document.documentElement);
+  const bar = width / RATE_WINDOW_S;
+  ctx.strokeStyle = style.getPropertyValue("--border").trim() || "#ddd";
+  ctx.beginPath();
+  ctx.moveTo(0, height - 0.5);
+  ctx.lineTo(width, height - 0.5);
+  ctx.stroke();
+  for (let i = 0; i < RATE_WINDOW_S; i++) {
+    const shownH = (rate.shown[i] / top) * (height - 4);
+    const hiddenH = (rate.hidden[i] / top) * (height - 4);
+    ctx.fillStyle = style.getPropertyValue("--accent").trim() || "#2f6fde";
+    ctx.fillRect(i * bar + 1, height - shownH, Math.max(1, bar - 2), shownH);
+    ctx.fillStyle = style.getPropertyValue("--muted").trim() || "#999";
+    ctx.fillRect(i * bar + 1, height - shownH - hiddenH, Math.max(1, bar - 2), hiddenH);
+  }
+  // "now" is the last complete second: the current one is still filling up.
+  const now = totals[RATE_WINDOW_S - 2];
+  rate.peak = Math.max(rate.peak, ...totals.slice(0, -1));
+  const total = totals.reduce((a, b) => a + b, 0);
+  ui.rateNow.textContent = String(now);
+  ui.ratePeak.textContent = String(rate.peak);
+  ui.rateTotal.textContent = String(total);
+  canvas.dataset.total = String(total);
+}
 
 // ---- connection ----------------------------------------------------------------------------
 
@@ -69,25 +156,43 @@ function connect() {
   ui.statePanel.hidden = !hydrate;
 
   const client = new BroadcasterClient({ url: wsUrl(), profile, token: token || null });
-  client.on("status", onStatus);
-  client.on("event", onEvent);
-  client.on("state", onState);
-  client.on("reset", onReset);
-  // Count this page as soon as the gateway has it (again, after a reconnect), not at the next poll.
-  client.on("subscribed", () => pollPresence());
-  client.on("error", (err) => note(`error ${err.code ?? ""}: ${err.message ?? ""}`, "error"));
-
   const options = { types: types || null, hydrate };
   // Replay what history holds (since 0) unless hydrating or asked for live events only.
   if (!hydrate && ui.history.checked) options.since = 0;
+  const filter = types ? `profile '${profile}' and types ${types}` : `profile '${profile}'`;
+  const current = {
+    client,
+    conv,
+    filter,
+    hydrate,
+    /** True while a connection is up (between its hello and its close). */
+    open: false,
+    presenceTimer: null,
+    /** Seq of the last position shown (event, state or reset); null until the stream is positioned. */
+    lastSeq: hydrate ? null : (options.since ?? null),
+    stats: { gateway: null, latest: null, shown: 0, hidden: 0, reconnects: 0, resets: 0, hellos: 0 },
+  };
+  session = current;
+  renderStats();
+  const mine = (handler) => (detail) => {
+    if (session === current) handler(current, detail);
+  };
+  client.on("status", mine(onStatus));
+  client.on("hello", mine(onHello));
+  client.on("subscribed", mine(onSubscribed));
+  client.on("event", mine(onEvent));
+  client.on("state", mine(onState));
+  client.on("reset", mine(onReset));
+  client.on("error", mine((s, err) => note(`error ${err.code ?? ""}: ${err.message ?? ""}`, "error")));
   try {
     client.subscribe(conv, options);
   } catch (err) {
     note(String(err.message ?? err), "error");
     client.close();
+    session = null;
     return;
   }
-  session = { client, conv, presenceTimer: setInterval(pollPresence, PRESENCE_EVERY_MS) };
+  current.presenceTimer = setInterval(pollPresence, PRESENCE_EVERY_MS);
   pollPresence();
   ui.disconnect.disabled = false;
   syncQuery(conv, profile);
@@ -102,12 +207,57 @@ function disconnect() {
   setStatus("closed", "");
 }
 
-function onStatus(s) {
+const CLOSE_MEANINGS = {
+  1000: "closed",
+  1001: "going away",
+  1006: "connection lost",
+  1011: "no pong in time",
+  1012: "gateway draining",
+  1013: "backend unavailable",
+  4408: "too slow",
+  4429: "too many messages",
+};
+
+function onStatus(s, st) {
   let detail = "";
-  if (s.status === "connecting") detail = s.attempt ? `attempt ${s.attempt + 1}` : "";
-  else if (s.status === "closed" && s.willReconnect) detail = `code ${s.code}, retrying in ${s.delayMs} ms`;
-  else if (s.status === "failed") detail = `code ${s.code}${s.reason ? `: ${s.reason}` : ""}`;
-  setStatus(s.status, detail);
+  if (st.status === "connecting") detail = st.attempt ? `attempt ${st.attempt + 1}` : "";
+  else if (st.status === "closed" && st.willReconnect) {
+    detail = `code ${st.code}, retrying in ${st.delayMs} ms`;
+    const meaning = CLOSE_MEANINGS[st.code] ?? st.reason ?? "";
+    const why = `close ${st.code}${meaning ? `: ${meaning}` : ""}`;
+    if (s.open) note(`disconnected from ${s.stats.gateway} (${why}); reconnecting in ${st.delayMs} ms`, "connection");
+    else note(`could not connect (${why}); retrying in ${st.delayMs} ms`, "connection");
+    s.open = false;
+  } else if (st.status === "failed") {
+    detail = `code ${st.code}${st.reason ? `: ${st.reason}` : ""}`;
+    note(`gave up: close ${st.code}${st.reason ? ` (${st.reason})` : ""}`, "error");
+  }
+  setStatus(st.status, detail);
+}
+
+function onHello(s, hello) {
+  s.stats.hellos += 1;
+  const again = s.stats.hellos > 1;
+  if (again) s.stats.reconnects += 1;
+  s.stats.gateway = hello.gateway_id;
+  s.open = true;
+  const pos = s.client.position(s.conv);
+  const where = again && pos?.seq !== null && pos?.seq !== undefined ? `; resuming after seq ${pos.seq}` : "";
+  note(`${again ? "reconnected" : "connected"} to gateway ${hello.gateway_id} (connection ${hello.connection_id})${where}`,
+    "connection");
+  renderStats();
+  pollPresence();
+}
+
+function onSubscribed(s, sub) {
+  if (typeof sub.seq === "number") s.stats.latest = Math.max(s.stats.latest ?? 0, sub.seq);
+  // Live only (no since, no hydrate): nothing older than this will come.
+  if (s.lastSeq === null && !s.hydrate && typeof sub.seq === "number") s.lastSeq = sub.seq;
+  if (s.stats.hellos > 1) note(`resubscribed to ${sub.conv_id} on ${s.stats.gateway}: latest seq ${sub.seq}, ` +
+    `epoch ${sub.epoch}`, "connection");
+  renderStats();
+  // Count this page as soon as the gateway has it (again, after a reconnect), not at the next poll.
+  pollPresence();
 }
 
 function setStatus(status, detail) {
@@ -118,13 +268,20 @@ function setStatus(status, detail) {
 
 // ---- rendering -------------------------------------------------------------------------------
 
-function onEvent(event) {
+function onEvent(s, event) {
+  if (s.lastSeq !== null && event.seq > s.lastSeq + 1) gap(s, s.lastSeq + 1, event.seq - 1);
+  s.lastSeq = event.seq;
+  s.stats.shown += 1;
+  s.stats.latest = Math.max(s.stats.latest ?? 0, event.seq);
+  rateCount("shown");
   const row = document.createElement("li");
   row.className = "event";
   row.dataset.seq = String(event.seq);
   row.dataset.type = event.type;
   row.append(
     cell("seq", String(event.seq)),
+    cell("time", clock(event.ts)),
+    cell("gateway", s.stats.gateway ?? "?"),
     cell("type", event.type),
     cell("data", JSON.stringify(event.data)),
   );
@@ -132,20 +289,52 @@ function onEvent(event) {
     row.append(cell("key", `key ${event.key}`));
     applyEntity(event);
   }
-  row.title = `id ${event.id} · ${new Date(event.ts).toISOString()}`;
+  row.title = `id ${event.id} · published ${new Date(event.ts).toISOString()} · via ${s.stats.gateway ?? "?"}`;
+  append(row);
+  renderStats();
+}
+
+/** A marker for seqs from..to, which the profile or types filter kept from this page. */
+function gap(s, from, to) {
+  const count = to - from + 1;
+  s.stats.hidden += count;
+  rateCount("hidden", count);
+  const row = document.createElement("li");
+  row.className = "gap";
+  row.dataset.from = String(from);
+  row.dataset.to = String(to);
+  const seqs = count === 1 ? `seq ${from}` : `seqs ${from}–${to}`;
+  row.textContent = `${seqs}: ${count} event${count === 1 ? "" : "s"} hidden by ${s.filter} (not lost)`;
   append(row);
 }
 
-function onState(state) {
+function onState(s, state) {
+  s.lastSeq = state.seq;
+  s.stats.latest = Math.max(s.stats.latest ?? 0, state.seq);
   entities = new Map(Object.entries(state.entities ?? {}));
   ui.stateSeq.textContent = `as of seq ${state.seq}`;
   renderState();
   note(`state: ${entities.size} entities as of seq ${state.seq} (epoch ${state.epoch})`, "state");
+  renderStats();
 }
 
-function onReset(reset) {
+function onReset(s, reset) {
+  s.lastSeq = reset.seq;
+  s.stats.resets += 1;
+  s.stats.latest = reset.seq;
   const what = reset.reason === "epoch_changed" ? "the conversation's data was lost" : "older events are gone";
-  note(`reset (${reset.reason}): ${what}; continuing from seq ${reset.seq}, epoch ${reset.epoch}`, "reset");
+  note(`ws.reset (${reset.reason}): ${what}; continuing from seq ${reset.seq}, epoch ${reset.epoch}`, "reset");
+  renderStats();
+}
+
+function renderStats() {
+  const st = session?.stats;
+  ui.stat.gateway.textContent = st?.gateway ?? "–";
+  ui.stat.latest.textContent = st?.latest === null || st?.latest === undefined ? "–" : String(st.latest);
+  ui.stat.shown.textContent = String(st?.shown ?? 0);
+  ui.stat.hidden.textContent = String(st?.hidden ?? 0);
+  ui.stat.reconnects.textContent = String(st?.reconnects ?? 0);
+  ui.stat.resets.textContent = String(st?.resets ?? 0);
 }
 
 function applyEntity(event) {
@@ -170,7 +359,8 @@ function renderState() {
 function note(text, kind) {
   const row = document.createElement("li");
   row.className = `note ${kind}`;
-  row.textContent = text;
+  const time = cell("time", clock(Date.now()));
+  row.append(time, document.createTextNode(text));
   append(row);
 }
 
@@ -179,6 +369,14 @@ function cell(kind, text) {
   span.className = kind;
   span.textContent = text;
   return span;
+}
+
+const pad = (n, width = 2) => String(n).padStart(width, "0");
+
+/** Local wall-clock time with milliseconds, e.g. 14:03:07.215. */
+function clock(ms) {
+  const d = new Date(ms);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
 }
 
 function append(row) {
@@ -204,9 +402,9 @@ async function pollPresence() {
     const body = await res.json();
     if (session !== current) return;
     ui.presence.textContent = String(body.connections);
-    ui.presence.title = Object.entries(body.by_profile ?? {})
-      .map(([profile, n]) => `${profile}: ${n}`)
-      .join(", ");
+    const byProfile = Object.entries(body.by_profile ?? {}).map(([profile, n]) => `${profile}: ${n}`).join(", ");
+    ui.presence.title = byProfile;
+    ui.presenceProfiles.textContent = byProfile ? `(${byProfile})` : "";
   } catch (err) {
     if (session === current) ui.presence.textContent = "?";
   }
@@ -281,7 +479,13 @@ function init() {
     e.preventDefault();
     publish();
   });
-  if (q.get("autoconnect") === "1") connect();
+  setInterval(drawRate, 1000);
+  drawRate();
+  if (q.get("autoconnect") === "0") {
+    setStatus("idle", "not connected: press Connect (the link has autoconnect=0)");
+  } else {
+    connect();
+  }
 }
 
 init();
