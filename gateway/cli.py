@@ -93,13 +93,14 @@ class StartupWatch(logging.Filter):
 
     While Redis does not answer yet the backend logs a line per reconnect attempt; here
     they are held back (the last error is kept for the final message) until start-up
-    is over. When it fails because the backend stayed unreachable, uvicorn's traceback
-    of that one known error is held back too: :func:`backend_unreachable_message`
-    says it in one line.
+    is over (``--log-level debug`` shows them). When it fails because the backend stayed
+    unreachable, uvicorn's traceback of that one known error is held back too:
+    :func:`backend_unreachable_message` says it in one line.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, verbose: bool = False) -> None:
         super().__init__()
+        self.verbose = verbose
         self.starting = True
         self.failure: BaseException | None = None
         self.last_error: BaseException | None = None
@@ -114,7 +115,7 @@ class StartupWatch(logging.Filter):
                 if isinstance(arg, BaseException):
                     self.last_error = arg
             self.held_back += 1
-            return False
+            return self.verbose
         if record.name.startswith("uvicorn") and isinstance(self.failure, BackendUnavailable):
             return record.levelno < logging.ERROR  # the traceback and "Application startup failed"
         return True
@@ -134,6 +135,10 @@ class StartupWatch(logging.Filter):
                 async with lifespan(app) as state:
                     started = True
                     self.starting = False
+                    if self.held_back and not self.verbose:
+                        logging.getLogger("gateway").info(
+                            "the backend answered after %d failed connection attempt(s) (last: %s)",
+                            self.held_back, self.last_error)
                     yield state
             except BaseException as exc:
                 if not started:
@@ -188,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StartupError, ValueError) as exc:
         print(f"broadcaster-gateway: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    watch = StartupWatch()
+    watch = StartupWatch(verbose=settings.log_level.lower() == "debug")
     watch.install()
     app.router.lifespan_context = watch.watch(app.router.lifespan_context)
     if settings.redis_url:
