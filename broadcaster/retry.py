@@ -149,6 +149,15 @@ def _backoff(attempt: int, initial: float, cap: float) -> float:
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
+    """One line per retry; a client-side pool that was full (``MaxConnectionsError``) only at debug.
+
+    A full pool says this process asked for more connections at once than it keeps,
+    not that the server is failing: logged per attempt it turned one burst of reads into
+    thousands of lines. The callers bound their concurrency (the blocking pool,
+    :class:`broadcaster.backends.redis.RedisCommands`, the hub's batched repairs), so
+    it should not happen at all; when it does, the final BackendUnavailable still says so.
+    """
     exc = state.outcome.exception() if state.outcome is not None else None
-    log.info("attempt %d failed (%r); retrying in %.2fs", state.attempt_number, exc,
-             state.upcoming_sleep)
+    level = logging.DEBUG if isinstance(exc, rx.MaxConnectionsError) else logging.INFO
+    log.log(level, "attempt %d failed (%r); retrying in %.2fs", state.attempt_number, exc,
+            state.upcoming_sleep)

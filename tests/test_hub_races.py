@@ -1,7 +1,7 @@
 """Scripted interleavings: a resume whose history read is paused while the epoch changes,
 and a re-subscribe the backend refuses.
 
-The backend here is the memory backend with a gate on history reads: the test decides
+The backend here is a small scripted one with a gate on history reads: the test decides
 when a read computes its answer, so the order of events is the test's, not the
 scheduler's.
 """
@@ -10,14 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from broadcaster.backend import BackendSettings, HistoryPage, Listener
-from broadcaster.backends.memory import MemoryBackend
+from broadcaster.backend import (
+    Backend,
+    BackendSettings,
+    BackendStats,
+    Head,
+    HistoryPage,
+    Listener,
+    Presence,
+    ReconnectCallback,
+    StateSnapshot,
+)
+from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 from broadcaster.errors import BackendUnavailable
 from broadcaster.hub import Hub
 from broadcaster.profiles import ProfileRegistry
@@ -40,13 +51,22 @@ async def poll(condition: Callable[[], bool], what: str, timeout: float = 10.0) 
         await asyncio.sleep(0.005)
 
 
-class GatedBackend(MemoryBackend):
-    """The memory backend; ``gate_next_history()`` makes the next history read wait for ``open_gate()``
-    before it computes its answer (so it sees whatever happened meanwhile). ``fail_subscribes``: that
-    many backend subscribes fail with BackendUnavailable."""
+class GatedBackend(Backend):
+    """A small in-memory backend written for these scripts (no expiry, no state, no ids kept).
+
+    ``gate_next_history()`` makes the next history read wait for ``open_gate()`` before it
+    computes its answer (so it sees whatever happened meanwhile). ``lose(conv)`` drops a
+    conversation and starts a new epoch for it (Redis restarted empty). ``fail_subscribes``:
+    that many subscribes fail with BackendUnavailable. Live events reach listeners on the
+    next loop iteration, as over pub/sub.
+    """
 
     def __init__(self) -> None:
-        super().__init__(BackendSettings(unsubscribe_delay=0))
+        self.settings = BackendSettings(unsubscribe_delay=0)
+        self.stats = BackendStats()
+        self._epochs: dict[str, str] = {}
+        self._logs: dict[str, list[Envelope]] = {}
+        self._listeners: dict[str, list[Listener]] = {}
         self._gate: asyncio.Event | None = None
         self._held: asyncio.Event | None = None
         self.gated_read_waiting = asyncio.Event()
@@ -60,21 +80,76 @@ class GatedBackend(MemoryBackend):
         self._held.set()
 
     def lose(self, conv: str) -> None:
-        """The conversation's state is gone (Redis restarted empty): its next access starts a new epoch."""
-        self._convs.pop(conv)
+        self._epochs[conv] = secrets.token_hex(6)
+        self._logs[conv] = []
+
+    def _epoch(self, conv: str) -> str:
+        return self._epochs.setdefault(conv, secrets.token_hex(6))
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._listeners.clear()
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def ping(self) -> bool:
+        return True
+
+    async def publish(self, conv: str, type: str, data: Any = None, *, id: str | None = None,
+                      key: str | None = None) -> PublishResult:
+        return (await self.publish_many([PublishRequest(conv, type, data, id, key)]))[0]
+
+    async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
+        results = []
+        loop = asyncio.get_running_loop()
+        for r in requests:
+            log = self._logs.setdefault(r.conv, [])
+            env = Envelope(r.conv, len(log) + 1, r.id or secrets.token_hex(8), r.type, int(time.time() * 1000),
+                           r.data, self._epoch(r.conv))
+            log.append(env)
+            for listener in list(self._listeners.get(r.conv, [])):
+                loop.call_soon(listener, env)
+            results.append(PublishResult(r.conv, env.seq, env.id, env.epoch))
+        return results
+
+    async def subscribe(self, conv: str, listener: Listener) -> None:
+        if self.fail_subscribes > 0:
+            self.fail_subscribes -= 1
+            raise BackendUnavailable("injected: subscribe refused")
+        self._listeners.setdefault(conv, []).append(listener)
+
+    async def unsubscribe(self, conv: str, listener: Listener) -> None:
+        listeners = self._listeners.get(conv, [])
+        if listener in listeners:
+            listeners.remove(listener)
+
+    def add_reconnect_callback(self, callback: ReconnectCallback) -> None:
+        return None
+
+    async def head(self, conv: str) -> Head:
+        return Head(self._epoch(conv), len(self._logs.get(conv, [])))
 
     async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
         gate, self._gate = self._gate, None
         if gate is not None:
             self.gated_read_waiting.set()
             await gate.wait()
-        return await super().history(conv, since, limit)
+        log = self._logs.get(conv, [])
+        events = [e for e in log if e.seq > since][:limit]
+        return HistoryPage(self._epoch(conv), len(log), events, False)
 
-    async def subscribe(self, conv: str, listener: Listener) -> None:
-        if self.fail_subscribes > 0:
-            self.fail_subscribes -= 1
-            raise BackendUnavailable("injected: subscribe refused")
-        await super().subscribe(conv, listener)
+    async def state(self, conv: str) -> StateSnapshot:
+        return StateSnapshot(self._epoch(conv), len(self._logs.get(conv, [])), {})
+
+    async def report_presence(self, gateway_id: str, counts: Mapping[str, Mapping[str, int]], ttl: float) -> None:
+        return None
+
+    async def presence(self, conv: str) -> Presence:
+        return Presence(0)
 
 
 class Recorder:
@@ -165,7 +240,7 @@ async def test_replay_read_answered_in_the_old_epoch_then_the_reset(backend: Gat
 
     async def answered_then_held(self: GatedBackend, conv: str, since: int = 0,
                                  limit: int | None = None) -> HistoryPage:
-        page = await original(self, conv, since, limit)
+        page = await original(self, conv, since, limit)  # no gate set: answered now
         if since == 1:  # the resume's read only
             page_ready.set()
             await release.wait()
