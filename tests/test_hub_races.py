@@ -54,8 +54,9 @@ async def poll(condition: Callable[[], bool], what: str, timeout: float = 10.0) 
 class GatedBackend(Backend):
     """A small in-memory backend written for these scripts (no expiry, no state, no ids kept).
 
-    ``gate_next_history()`` makes the next history read wait for ``open_gate()`` before it
-    computes its answer (so it sees whatever happened meanwhile). ``lose(conv)`` drops a
+    ``gate_next_history()`` (``gate_next_state()``) makes the next history (state) read
+    wait for ``open_gate()`` before it computes its answer (so it sees whatever happened
+    meanwhile). ``lose(conv)`` drops a
     conversation and starts a new epoch for it (Redis restarted empty). ``fail_subscribes``:
     that many subscribes fail with BackendUnavailable. Live events reach listeners on the
     next loop iteration, as over pub/sub.
@@ -68,12 +69,16 @@ class GatedBackend(Backend):
         self._logs: dict[str, list[Envelope]] = {}
         self._listeners: dict[str, list[Listener]] = {}
         self._gate: asyncio.Event | None = None
+        self._state_gate: asyncio.Event | None = None
         self._held: asyncio.Event | None = None
         self.gated_read_waiting = asyncio.Event()
         self.fail_subscribes = 0
 
     def gate_next_history(self) -> None:
         self._gate = self._held = asyncio.Event()
+
+    def gate_next_state(self) -> None:
+        self._state_gate = self._held = asyncio.Event()
 
     def open_gate(self) -> None:
         assert self._held is not None
@@ -143,6 +148,10 @@ class GatedBackend(Backend):
         return HistoryPage(self._epoch(conv), len(log), events, False)
 
     async def state(self, conv: str) -> StateSnapshot:
+        gate, self._state_gate = self._state_gate, None
+        if gate is not None:
+            self.gated_read_waiting.set()
+            await gate.wait()
         return StateSnapshot(self._epoch(conv), len(self._logs.get(conv, [])), {})
 
     async def report_presence(self, gateway_id: str, counts: Mapping[str, Mapping[str, int]], ttl: float) -> None:
@@ -288,6 +297,36 @@ async def test_history_in_a_new_epoch_the_feed_has_not_seen_yet_resets_through_t
     await poll(lambda: len(rec.objects) == 3, "live 1 of the new epoch")
     assert script(rec.objects, epochs) == [("ws.subscribed", old, 3), ("ws.reset", new, 0), ("chat.msg", new, 1)]
     assert script(watcher.objects, epochs)[-2:] == [("ws.reset", new, 0), ("chat.msg", new, 1)]
+    await hub.close()
+
+
+async def test_hydrate_snapshot_of_a_new_epoch_never_gets_the_old_epochs_queued_events(
+        backend: GatedBackend) -> None:
+    """Old-epoch events queued while the snapshot was read are not sent after a snapshot of the new epoch."""
+    hub = Hub(backend, gateway_id="g")
+    epochs: dict[str, str] = {}
+    watcher = Recorder()
+    await hub.subscribe(watcher, "c", DEFAULT)
+    await publish(backend, "c", 3, epochs)
+    await poll(lambda: len(watcher.objects) == 4, "1..3 live")
+    old = watcher.objects[0]["epoch"]
+
+    backend.gate_next_state()
+    rec = Recorder()
+    hydrate = asyncio.create_task(hub.subscribe(rec, "c", DEFAULT, hydrate=True))
+    await asyncio.wait_for(backend.gated_read_waiting.wait(), 5)
+    await publish(backend, "c", 2, epochs)  # 4, 5 of the old epoch, live: queued for the hydrating client
+    await poll(lambda: len(watcher.objects) == 6, "4, 5 live")
+    backend.lose("c")  # nothing published in the new epoch yet: the feed cannot know
+    backend.open_gate()
+    await asyncio.wait_for(hydrate, 5)
+    new = (await backend.head("c")).epoch
+    await poll(lambda: len(rec.objects) == 3, "the reset")
+    assert script(rec.objects, epochs) == [("ws.subscribed", new, 0), ("ws.state", new, 0), ("ws.reset", new, 0)]
+    assert new != old
+    await publish(backend, "c", 1, epochs)
+    await poll(lambda: len(rec.objects) == 4, "live 1 of the new epoch")
+    never_an_untold_epoch(script(rec.objects, epochs))
     await hub.close()
 
 
