@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         help_text = f"{HELP[f.name]} (env {Settings.env_name(f.name)}; default {default!r})"
         if f.name in LIST_OPTIONS:
             parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
+        elif isinstance(default, bool):  # a flag (env: 1/0, true/false)
+            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
@@ -79,13 +81,14 @@ def _import_from_cwd() -> None:
     """Let ``--plugin`` and profile ``enrich`` hooks import modules of the current directory.
 
     A console script's ``sys.path[0]`` is the directory of the script, not the one it was
-    started from; ``python -m`` and uvicorn (``--app-dir .``) put the current directory
-    first, and so does this, so ``--plugin examples.plugins.chat_summary:setup`` works
-    from the repository root as documented.
+    started from, so ``--plugin examples.plugins.chat_summary:setup`` failed from the
+    repository root with "No module named 'examples'". ``python -m`` and uvicorn put the
+    current directory first; here it goes last, so a stray ``redis.py`` in the current
+    directory cannot shadow an installed package.
     """
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
 
 
 class StartupWatch(logging.Filter):
