@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import Any
 
 log = logging.getLogger("gateway.connection")
@@ -35,15 +36,25 @@ DIRECT_SEND = "gateway.direct_send"
 """ASGI scope extension holding the server's :data:`DirectSend` for the socket."""
 
 
+_direct_send_enabled = True
+
+
+def enable_direct_send(enabled: bool) -> None:
+    """Whether :func:`direct_send_of` looks for the server's direct send; set by ``gateway.server`` from the
+    start-up check (``gateway.compat``, feature ``direct_send``: Starlette's ``WebSocket.send`` and ``scope``)."""
+    global _direct_send_enabled
+    _direct_send_enabled = enabled
+
+
 def direct_send_of(send: AsgiSend) -> DirectSend | None:
     """The synchronous send the server put in the scope of ``send``'s websocket (a Starlette
     ``WebSocket.send``), or None."""
-    scope = getattr(getattr(send, "__self__", None), "scope", None)
-    if isinstance(scope, dict):
-        direct = (scope.get("extensions") or {}).get(DIRECT_SEND)
-        if callable(direct):
-            return direct  # type: ignore[no-any-return]
-    return None
+    if not _direct_send_enabled or not isinstance(send, MethodType):
+        return None
+    websocket: Any = send.__self__  # Starlette's WebSocket: its ``scope`` is checked at start-up by gateway.compat
+    scope = websocket.scope
+    direct = (scope.get("extensions") or {}).get(DIRECT_SEND)  # extensions: optional in ASGI
+    return direct if callable(direct) else None
 
 
 @dataclass(slots=True)

@@ -46,6 +46,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the deadline and caps of the module docstring."""
 
     request_timeout: float = 10.0
+    handshake_deadline: bool = True
+    """Carry the deadline over to the websocket protocol after an upgrade (see :func:`http_protocol`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -139,10 +141,12 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 
     def handle_websocket_upgrade(self) -> None:
         super().handle_websocket_upgrade()
-        upgraded: Any = self.transport.get_protocol()
-        conn = getattr(upgraded, "conn", None)
-        if (conn is not None and getattr(conn, "handshake_exc", None) is not None
-                and not getattr(upgraded, "handshake_initiated", True)):
+        if not self.handshake_deadline:  # gateway.compat found the websocket protocol lacking what this needs
+            self._disarm()
+            return
+        upgraded: Any = self.transport.get_protocol()  # uvicorn's sans-I/O protocol (probed by gateway.compat)
+        conn = upgraded.conn
+        if conn.handshake_exc is not None and not upgraded.handshake_initiated:
             # websockets refused the request head and queued its 414 / 431 answer; uvicorn does not send it
             self._disarm()
             if not self.transport.is_closing():
@@ -162,11 +166,16 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
 def _close_unless_accepted(protocol: Any) -> None:
     """The handshake deadline of an upgraded socket: close it unless the handshake is complete."""
     protocol.handshake_deadline = None
-    if not getattr(protocol, "handshake_complete", True) and not protocol.transport.is_closing():
+    if not protocol.handshake_complete and not protocol.transport.is_closing():
         log.debug("dropped %s: websocket handshake not complete in time", protocol.client)
         protocol.transport.close()
 
 
-def http_protocol(timeout: float) -> type[TimedHttpToolsProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with a ``timeout`` seconds deadline (0: none)."""
-    return type("TimedHttpToolsProtocol", (TimedHttpToolsProtocol,), {"request_timeout": float(timeout)})
+def http_protocol(timeout: float, *, handshake_deadline: bool = True) -> type[TimedHttpToolsProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)`` with a ``timeout`` seconds deadline (0: none).
+
+    ``handshake_deadline`` False (``gateway.compat`` found the websocket protocol's fields
+    missing and ``--compat`` allowed it): the deadline stops at the upgrade.
+    """
+    return type("TimedHttpToolsProtocol", (TimedHttpToolsProtocol,),
+                {"request_timeout": float(timeout), "handshake_deadline": handshake_deadline})

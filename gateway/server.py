@@ -4,6 +4,11 @@ On the first SIGTERM (or SIGINT) the gateway starts draining: ``/readyz`` answer
 503, new sockets are closed 1012, open ones are closed 1012 spread over half of
 ``--drain-seconds``; once they are gone (or the time is up) uvicorn shuts down and
 the process exits 0. A second signal exits at once.
+
+Before serving, :func:`uvicorn_config` runs the compatibility check of
+:mod:`gateway.compat`: the protocol classes below use uvicorn and websockets
+internals, and a missing one stops the start (or, with ``--compat``, turns its
+feature off, logged at WARNING and exported as ``broadcaster_compat_fallback``).
 """
 
 from __future__ import annotations
@@ -12,16 +17,22 @@ import asyncio
 import logging
 import signal
 import struct
+import sys
+import weakref
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 from websockets.protocol import State
 
-from gateway.connection import DIRECT_SEND
+from gateway import compat
+from gateway.compat import CompatCollector, CompatReport
+from gateway.connection import DIRECT_SEND, enable_direct_send
 from gateway.handshake import http_protocol
 from gateway.protocol import CLOSE_DRAINING
 from gateway.settings import Settings
@@ -72,10 +83,15 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     the largest cost after the socket write itself in py-spy profiles (BENCHMARKS.md).
     """
 
+    direct_send: bool = True
+    """Offer :meth:`send_text_now` (off when ``gateway.compat`` found what it needs missing)."""
+    release_handshake: bool = True
+    """Drop the handshake request and response once accepted (same)."""
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
-        scope = getattr(self, "scope", None)
-        if scope is not None:
+        if self.direct_send and not self.close_sent:  # close_sent: refused, uvicorn made no scope
+            scope: Any = self.scope
             scope["extensions"][DIRECT_SEND] = self.send_text_now
 
     handshake_deadline: asyncio.TimerHandle | None = None
@@ -87,10 +103,11 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         # The request also lives on in websockets' parser generator (a local of its suspended
         # frame), so its headers are emptied in place rather than only dropped here.
         self._cancel_handshake_deadline()
-        if self.request is not None:
-            self.request.headers.clear()
-        self.request = None  # type: ignore[assignment]
-        self.response = None  # type: ignore[assignment]
+        if self.release_handshake:
+            if self.request is not None:
+                self.request.headers.clear()
+            self.request = None  # type: ignore[assignment]
+            self.response = None  # type: ignore[assignment]
         super().start_keepalive()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -128,14 +145,44 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         return True
 
 
+def protocol_classes(settings: Settings, report: CompatReport) -> tuple[type[HttpToolsProtocol],
+                                                                         type[DirectSendProtocol]]:
+    """The HTTP and websocket protocol classes for ``settings``, each feature on only if ``report`` found
+    what it needs (``--compat``); without ``request_deadline``, uvicorn's own httptools protocol."""
+    http = (http_protocol(settings.handshake_timeout, handshake_deadline=report.ok("handshake_deadline"))
+            if report.ok("request_deadline") else HttpToolsProtocol)
+    ws = type("DirectSendProtocol", (DirectSendProtocol,), {"direct_send": report.ok("direct_send"),
+                                                             "release_handshake": report.ok("handshake_release")})
+    return http, ws
+
+
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, CompatCollector] = weakref.WeakKeyDictionary()
+
+
+def export_compat(app: FastAPI, report: CompatReport) -> None:
+    """Expose ``report`` as ``broadcaster_compat_fallback`` on the app's /metrics (once per registry)."""
+    registry: CollectorRegistry = app.state.gateway.metrics.registry
+    collector = _collectors.get(registry)
+    if collector is None:
+        collector = _collectors[registry] = CompatCollector(report)
+        registry.register(collector)
+    collector.report = report
+
+
 def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's config for the gateway; runs the start-up compatibility check (:mod:`gateway.compat`)
+    first: CompatError when an internal is missing, unless ``settings.compat`` allows the fallback."""
+    report = compat.check(settings.compat)
+    http, ws = protocol_classes(settings, report)
+    enable_direct_send(report.ok("direct_send"))
+    export_compat(app, report)
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=http_protocol(settings.handshake_timeout),
-        ws=DirectSendProtocol,
+        http=http,
+        ws=ws,
         ws_max_size=settings.max_client_message_bytes,
         ws_per_message_deflate=settings.ws_compression == "deflate",
         ws_ping_interval=settings.ping_interval or None,
@@ -149,6 +196,12 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 
 def serve(app: FastAPI, settings: Settings) -> None:
-    """Run until drained; returns normally (exit status 0) after a SIGTERM."""
-    server = DrainingServer(uvicorn_config(app, settings), app.state.gateway)
+    """Run until drained; returns normally (exit status 0) after a SIGTERM. A failed compatibility
+    check prints its message and exits 2 (a configuration to fix: versions, or ``--compat``)."""
+    try:
+        config = uvicorn_config(app, settings)
+    except compat.CompatError as exc:
+        print(f"broadcaster-gateway: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    server = DrainingServer(config, app.state.gateway)
     server.run()

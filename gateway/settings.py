@@ -50,6 +50,7 @@ class Settings:
     gateway_id: str | None = None
     log_level: str = "info"
     log_format: str = "text"
+    compat: bool = False
 
     @staticmethod
     def env_name(option: str) -> str:
@@ -93,14 +94,26 @@ HELP: dict[str, str] = {
     "gateway_id": "name of this gateway in presence and hello (default: host-pid-random)",
     "log_level": "debug, info, warning or error",
     "log_format": "json or text",
+    "compat": "start even when an installed uvicorn / websockets lacks an internal the gateway uses: run the "
+              "feature on its slower fallback, logged at WARNING and exported as broadcaster_compat_fallback "
+              "(without it the gateway refuses to start, naming what is missing)",
 }
 
 LIST_OPTIONS = {"plugin", "publish_key", "allowed_origins"}
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _convert(name: str, raw: str, kind: Any) -> Any:
     if name in LIST_OPTIONS:
         return [item.strip() for item in raw.split(",") if item.strip()]
+    if kind in ("bool", bool):  # a flag: BROADCASTER_COMPAT=1
+        word = raw.strip().lower()
+        if word not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(raw)
+        return word in TRUE_WORDS
     if "int" in str(kind) and "str" not in str(kind):
         return int(raw)
     if "float" in str(kind):

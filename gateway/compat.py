@@ -1,0 +1,261 @@
+"""Start-up check of the uvicorn, websockets and Starlette internals the gateway uses.
+
+Four features reach below the public APIs (the mechanics are in
+:mod:`broadcaster.compat`; the redis-py ones are there too):
+
+``request_deadline`` (gateway.handshake)
+    uvicorn's httptools protocol hooks and fields: the per-request deadline and the
+    request-head cap. Fallback: uvicorn's plain httptools protocol (no deadline, no cap).
+``handshake_deadline`` (gateway.handshake, gateway.server)
+    the sans-I/O websocket protocol's handshake state and websockets' refusal: the
+    deadline from the upgrade to the app's accept, and the 414 / 431 answer to an
+    upgrade websockets refused. Fallback: no deadline once upgraded, no such answer.
+``direct_send`` (gateway.server, gateway.connection)
+    the synchronous text send. Fallback: every frame through the ASGI ``send`` and a
+    writer task per connection (the slow path, see BENCHMARKS.md).
+``handshake_release`` (gateway.server)
+    dropping the handshake request and response once accepted. Fallback: they stay
+    referenced for the life of the socket (a few KB per idle socket).
+
+Instance fields are probed on real instances: a protocol built from a loaded
+uvicorn config, given a stand-in transport and, for the websocket protocol, a real
+upgrade request (no socket, no event loop run). :func:`check` runs every probe,
+refuses to start (:class:`CompatError`) when something is missing unless
+``--compat`` allows the fallbacks, and returns the report the gateway builds its
+protocol classes from; :class:`CompatCollector` exports it as
+``broadcaster_compat_fallback{feature=...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broadcaster.compat import REDIS_FEATURES, CompatError, CompatReport, Feature, enforce, lacking, run
+from broadcaster.compat import TESTED as REDIS_TESTED
+
+__all__ = ["FEATURES", "TESTED", "CompatCollector", "CompatError", "CompatReport", "check", "probe"]
+
+TESTED: dict[str, tuple[str, str]] = {
+    "uvicorn": ("0.52.1", "0.54.0"),
+    "websockets": ("17.0", "17.4"),
+    "starlette": ("0.37.2", "1.10.0"),
+    **REDIS_TESTED,
+}
+"""Distribution -> (lowest, newest) release the test suite passed with (see pyproject.toml)."""
+
+_UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: compat.invalid\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+class _Transport(asyncio.Transport):
+    """A transport with no socket: the probes' protocols write into a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.protocol: Any = None
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _Task:
+    def add_done_callback(self, callback: Callable[[Any], object]) -> None:
+        pass
+
+    def cancel(self) -> bool:
+        return True
+
+
+class _Loop:
+    """Enough of an event loop for a protocol's constructor and handshake; runs nothing."""
+
+    def create_task(self, coro: Any) -> _Task:
+        coro.close()
+        return _Task()
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> _Task:
+        return _Task()
+
+    def time(self) -> float:
+        return 0.0
+
+
+async def _app(scope: Any, receive: Any, send: Any) -> None:
+    pass
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "websocket.disconnect", "code": 1000}
+
+
+async def _send(message: Any) -> None:
+    pass
+
+
+def _protocols() -> tuple[Any, Any, _Transport]:
+    """An httptools protocol and a sans-I/O websocket protocol, connected to stand-in transports; the
+    websocket one has parsed a real upgrade request (its handshake is initiated, not complete)."""
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from uvicorn.server import ServerState
+
+    config = uvicorn.Config(_app, http="httptools", ws="websockets-sansio", lifespan="off", log_config=None)
+    config.load()
+    loop: Any = _Loop()
+    http = HttpToolsProtocol(config, ServerState(), {}, _loop=loop)
+    http.connection_made(_Transport())
+    ws = WebSocketsSansIOProtocol(config, ServerState(), {}, _loop=loop)
+    transport = _Transport()
+    ws.connection_made(transport)
+    ws.data_received(_UPGRADE)
+    return http, ws, transport
+
+
+def _transport_classes() -> list[tuple[Any, str]]:
+    classes: list[tuple[Any, str]] = [(asyncio.Transport, "asyncio.Transport")]
+    try:
+        import uvloop.loop
+    except ImportError:
+        return classes
+    module: Any = uvloop.loop
+    if hasattr(module, "TCPTransport"):
+        classes.append((module.TCPTransport, "uvloop.loop.TCPTransport"))
+    return classes
+
+
+def _probe_request_deadline() -> list[str]:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    missing = lacking(HttpToolsProtocol, "uvicorn HttpToolsProtocol", "connection_made", "connection_lost",
+                      "data_received", "send_400_response", "on_url", "on_header", "on_message_begin",
+                      "on_headers_complete", "on_message_complete", "handle_websocket_upgrade", "_should_upgrade")
+    http, _, _ = _protocols()
+    missing += lacking(http, "uvicorn HttpToolsProtocol", "loop", "transport", "client", "parser")
+    if hasattr(http, "parser"):
+        missing += lacking(http.parser, "httptools.HttpRequestParser", "should_upgrade")
+    for cls, label in _transport_classes():
+        missing += lacking(cls, label, "write", "close", "is_closing", "get_protocol")
+    if importlib.util.find_spec("uvloop") is not None and len(_transport_classes()) < 2:
+        missing.append("uvloop.loop.TCPTransport")
+    return missing
+
+
+def _probe_handshake_deadline() -> list[str]:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    missing = lacking(WebSocketsSansIOProtocol, "uvicorn WebSocketsSansIOProtocol", "start_keepalive",
+                      "connection_lost")
+    _, ws, _ = _protocols()
+    missing += lacking(ws, "uvicorn WebSocketsSansIOProtocol", "conn", "handshake_initiated", "handshake_complete",
+                       "transport", "client")
+    if hasattr(ws, "conn"):
+        missing += lacking(ws.conn, "websockets ServerProtocol", "handshake_exc", "data_to_send")
+    return missing
+
+
+def _probe_direct_send() -> list[str]:
+    from starlette.websockets import WebSocket
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
+
+    missing = lacking(WebSocketsSansIOProtocol, "uvicorn WebSocketsSansIOProtocol", "handle_connect")
+    _, ws, _ = _protocols()
+    missing += lacking(ws, "uvicorn WebSocketsSansIOProtocol", "scope", "close_sent", "disconnected",
+                       "handshake_complete", "initial_response", "writable", "conn", "transport")
+    if isinstance(getattr(ws, "scope", None), dict) and not isinstance(ws.scope.get("extensions"), dict):
+        missing.append('uvicorn WebSocketsSansIOProtocol.scope["extensions"]')
+    if hasattr(ws, "writable"):
+        missing += lacking(ws.writable, "uvicorn WebSocketsSansIOProtocol.writable", "is_set")
+    if hasattr(ws, "conn"):
+        missing += lacking(ws.conn, "websockets ServerProtocol", "extensions", "writes", "state",
+                           "expect_continuation_frame", "send_text", "data_to_send")
+    missing += lacking(State, "websockets.protocol.State", "OPEN")
+    scope = {"type": "websocket", "extensions": {}}
+    socket = WebSocket(scope, _receive, _send)
+    if getattr(socket.send, "__self__", None) is not socket:
+        missing.append("starlette WebSocket.send (a bound method)")
+    elif getattr(socket, "scope", None) is not scope:
+        missing.append("starlette WebSocket.scope")
+    return missing
+
+
+def _probe_handshake_release() -> list[str]:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    missing = lacking(WebSocketsSansIOProtocol, "uvicorn WebSocketsSansIOProtocol", "start_keepalive")
+    _, ws, _ = _protocols()
+    missing += lacking(ws, "uvicorn WebSocketsSansIOProtocol", "request", "response")
+    if hasattr(ws, "request"):
+        missing += lacking(ws.request, "websockets Request", "headers")
+        if hasattr(ws.request, "headers"):
+            missing += lacking(ws.request.headers, "websockets Headers", "clear")
+    return missing
+
+
+_WEB = ("uvicorn", "websockets")
+FEATURES: tuple[Feature, ...] = (
+    Feature("request_deadline", "the request deadline and head cap of gateway.handshake", _probe_request_deadline,
+            "uvicorn's plain httptools protocol: no request deadline, no request-head cap", ("uvicorn", "httptools")),
+    Feature("handshake_deadline", "the websocket handshake deadline and the 414/431 answer of refused upgrades",
+            _probe_handshake_deadline, "no deadline once a request upgraded; refused upgrades get no answer", _WEB),
+    Feature("direct_send", "the synchronous frame write of gateway.server", _probe_direct_send,
+            "every frame goes through the ASGI send and a writer task (slower)", (*_WEB, "starlette")),
+    Feature("handshake_release", "freeing the handshake request and response of accepted sockets",
+            _probe_handshake_release, "each socket keeps its handshake request and response (memory)", _WEB),
+)
+
+
+def probe() -> CompatReport:
+    """Probe every feature (the gateway's and redis-py's); nothing is enforced."""
+    return run((*FEATURES, *REDIS_FEATURES), TESTED)
+
+
+def check(allow_fallback: bool) -> CompatReport:
+    """:func:`probe`, then refuse to start (:class:`CompatError`) unless all is there or ``allow_fallback``
+    (``--compat``) and every missing feature has a fallback (logged at WARNING)."""
+    return enforce(probe(), allow_fallback=allow_fallback, option="--compat (BROADCASTER_COMPAT=1)")
+
+
+class CompatCollector(Collector):
+    """``broadcaster_compat_fallback{feature}``: 1 for a feature running on its fallback, else 0."""
+
+    def __init__(self, report: CompatReport) -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("broadcaster_compat_fallback",
+                                  "1 when a feature runs on its fallback (a dependency lacks an internal it uses)",
+                                  labels=["feature"])
+        for feature, value in sorted(self.report.fallbacks().items()):
+            gauge.add_metric([feature], value)
+        yield gauge
