@@ -21,7 +21,6 @@ from redis.retry import Retry
 
 from broadcaster.backend import BackendStats, Presence
 from broadcaster.backends import scripts
-from broadcaster.backends.base import new_epoch
 from broadcaster.backends.redis import RedisCommands, client_options, make_async_client
 from broadcaster.envelope import PublishResult
 from broadcaster.keys import KeyLayout
@@ -54,7 +53,7 @@ class SyncRedisTransport:
     def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
         if not batch:
             return []
-        publish = scripts.PublishBatch(self.layout, prepared_only(batch), self.settings, new_epoch(), self.sharded)
+        publish = scripts.PublishBatch(self.layout, prepared_only(batch), self.settings, "", self.sharded)
 
         def attempt() -> list[PublishResult]:
             for _ in range(3):

@@ -183,7 +183,8 @@ async def test_hub_resets_live_subscribers_when_the_epoch_changes(controlled: Co
     await publish_n(controlled, "c", 4)
     await wait_for(lambda: sink.seqs == [1, 2, 3, 4], what="live 1..4")
     old_epoch = sink.controls("ws.subscribed")[0]["epoch"]
-    controlled._convs.pop("c")  # the backend lost the conversation (Redis restarted empty)
+    controlled._convs.pop("c")  # the backend lost the conversation (Redis restarted empty:
+    controlled._salt = b"restarted"  # a new run id, so a new epoch)
     await publish_n(controlled, "c", 3)  # 1..3 of a new epoch
     await wait_for(lambda: len(sink.seqs) >= 7, what="new epoch 1..3")
     new_epoch_ = (await controlled.head("c")).epoch

@@ -3,16 +3,32 @@
 Same semantics as the Redis backend (seq, epoch, history window and TTL,
 idempotency, keyed state, presence expiry), kept in dicts. Live delivery is
 scheduled with ``loop.call_soon`` so a listener that publishes is never re-entered.
+
+Expiry works as Redis does it for the Redis backend: a conversation's events, state
+and remembered ids go ``history_ttl`` seconds after its last publish; its epoch and seq
+stay until ``max(history_ttl, EPOCH_PERIOD)`` after it (the meta hash of
+``publish.lua``), then it is gone. Records are dropped lazily when touched, and by an
+incremental sweep: every operation retires at most ``SWEEP_PER_OPERATION`` expired
+records, oldest first (records are kept in the order of their last publish, so that
+is a look at the front), and one background task sweeps what idle periods left.
+
+Reads never create anything. A conversation with no record answers seq 0 and the epoch
+its first publish will get: derived from this backend's random salt (a new process, a
+new salt: like Redis' run id in ``read.lua``), the conversation and the
+``EPOCH_PERIOD``-long period, exactly as the scripts do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -27,9 +43,17 @@ from broadcaster.backend import (
     ReconnectCallback,
     StateSnapshot,
 )
-from broadcaster.backends.base import ChannelRegistry, PreparedPublish, new_epoch, prepare_publish
+from broadcaster.backends.base import ChannelRegistry, PreparedPublish, prepare_publish
 from broadcaster.codec import encode_envelope
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
+
+EPOCH_PERIOD = 86400
+"""Seconds; the ``EPOCH_PERIOD`` of ``read.lua`` and ``publish.lua`` (see their header)."""
+SWEEP_PER_OPERATION = 32
+"""Expired records an operation retires at most, besides the one it touches."""
+SWEEP_INTERVAL = 1.0
+"""Seconds between two runs of the background sweep."""
+_SWEEP_SLICE = 1000
 
 
 @dataclass(slots=True)
@@ -41,19 +65,37 @@ class _Conversation:
     state_sizes: dict[str, int] = field(default_factory=dict)  # key -> encoded payload bytes
     state_bytes: int = 0
     ids: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (seq, expires at)
-    expires_at: float = 0.0
+    expires_at: float = 0.0  # of the events, state and ids: last publish + history ttl
+
+
+class _Numbering(NamedTuple):
+    """What outlives a conversation's data: its epoch and seq, until ``expires_at``."""
+
+    epoch: str
+    seq: int
+    expires_at: float
 
 
 class MemoryBackend(Backend):
-    """In-process backend; see the module docstring."""
+    """In-process backend; see the module docstring.
 
-    def __init__(self, settings: BackendSettings | None = None) -> None:
+    ``clock``: the monotonic time source of every expiry (tests pass a controllable one).
+    """
+
+    def __init__(self, settings: BackendSettings | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings or BackendSettings()
         self.stats = BackendStats()
-        self._convs: dict[str, _Conversation] = {}
+        self._clock = clock
+        self._salt = os.urandom(16)
+        # both in the order their data expires (last publish first), so a sweep looks at the front only
+        self._convs: OrderedDict[str, _Conversation] = OrderedDict()
+        self._numbering: OrderedDict[str, _Numbering] = OrderedDict()
+        self._peak_convs = self._peak_numbering = 0  # their largest sizes since they were last rebuilt
         self._presence: dict[str, dict[str, tuple[int, float]]] = {}  # conv -> "gw|profile" -> (n, expiry)
         self._registry = ChannelRegistry(self._noop, self._noop, self.stats, self.settings.unsubscribe_delay)
         self._started = False
+        self._sweeper: asyncio.Task[None] | None = None
 
     @staticmethod
     async def _noop(conv: str) -> None:
@@ -61,9 +103,16 @@ class MemoryBackend(Backend):
 
     async def start(self) -> None:
         self._started = True
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-backend-sweep")
 
     async def close(self) -> None:
         self._started = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         await self._registry.close()
 
     @property
@@ -73,27 +122,117 @@ class MemoryBackend(Backend):
     async def ping(self) -> bool:
         return self._started
 
-    def _conversation(self, conv: str, now: float) -> _Conversation:
-        """The live conversation record, created (with a new epoch) when absent or expired."""
+    # ---- expiry ------------------------------------------------------------------------
+
+    @property
+    def records(self) -> int:
+        """Conversations held, with their data or only their epoch and seq."""
+        return len(self._convs) + len(self._numbering)
+
+    def sweep(self, limit: int | None = None) -> int:
+        """Drop what has expired, oldest first, at most ``limit`` records (None: all); returns how many."""
+        now, done = self._clock(), 0
+        while self._convs and (limit is None or done < limit):
+            conv, record = next(iter(self._convs.items()))
+            if record.expires_at > now:
+                break
+            self._retire(conv, record)
+            done += 1
+        while self._numbering and (limit is None or done < limit):
+            conv, numbering = next(iter(self._numbering.items()))
+            if numbering.expires_at > now:
+                break
+            del self._numbering[conv]
+            done += 1
+        if done:
+            self._compact()
+        return done
+
+    def _compact(self) -> None:
+        """Give back the table space of swept records: a dict never shrinks when entries go."""
+        if len(self._convs) * 8 < self._peak_convs:
+            self._convs = OrderedDict(self._convs)
+            self._peak_convs = len(self._convs)
+        if len(self._numbering) * 8 < self._peak_numbering:
+            self._numbering = OrderedDict(self._numbering)
+            self._peak_numbering = len(self._numbering)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            swept = _SWEEP_SLICE
+            while swept == _SWEEP_SLICE:  # a long backlog goes in slices, letting other tasks run between
+                swept = self.sweep(_SWEEP_SLICE)
+                await asyncio.sleep(0)
+
+    def _retire(self, conv: str, record: _Conversation) -> None:
+        """``record``'s data expired: keep its numbering as long as the meta hash would live."""
+        del self._convs[conv]
+        ttl = self.settings.history_ttl
+        if EPOCH_PERIOD > ttl:
+            self._numbering[conv] = _Numbering(record.epoch, record.seq, record.expires_at - ttl + EPOCH_PERIOD)
+            self._peak_numbering = max(self._peak_numbering, len(self._numbering))
+
+    def _find(self, conv: str, now: float) -> _Conversation | _Numbering | None:
+        """The conversation's live record, or its numbering alone, or None; expired ones are dropped."""
+        self.sweep(SWEEP_PER_OPERATION)
         record = self._convs.get(conv)
-        if record is None or record.expires_at <= now:
-            record = self._convs[conv] = _Conversation(epoch=new_epoch(), expires_at=now + self.settings.history_ttl)
+        if record is not None:
+            if record.expires_at > now:
+                return record
+            self._retire(conv, record)
+        numbering = self._numbering.get(conv)
+        if numbering is not None:
+            if numbering.expires_at > now:
+                return numbering
+            del self._numbering[conv]
+        return None
+
+    def unborn_epoch(self, conv: str, now: float | None = None) -> str:
+        """The epoch ``conv`` gets when it is created at ``now`` (default: the clock's), if it has no record."""
+        now = self._clock() if now is None else now
+        phase = int.from_bytes(hashlib.sha1(conv.encode()).digest()[:4], "big") % EPOCH_PERIOD
+        period = int((now + phase) // EPOCH_PERIOD)
+        return hashlib.sha1(self._salt + f"|{period}|{conv}".encode()).hexdigest()[:12]
+
+    # ---- publish -----------------------------------------------------------------------
+
+    def _record_for_publish(self, conv: str, now: float) -> _Conversation:
+        found = self._find(conv, now)
+        if isinstance(found, _Conversation):
+            return found
+        if isinstance(found, _Numbering):
+            del self._numbering[conv]
+            record = _Conversation(epoch=found.epoch, seq=found.seq)
+        else:
+            record = _Conversation(epoch=self.unborn_epoch(conv, now))
+        self._convs[conv] = record
+        self._peak_convs = max(self._peak_convs, len(self._convs))
         return record
 
+    def _refresh(self, conv: str, record: _Conversation, now: float) -> None:
+        """A publish: the conversation's TTL starts again, and it moves to the back of the expiry order."""
+        record.expires_at = now + self.settings.history_ttl
+        self._convs.move_to_end(conv)
+
     def _apply(self, prepared: PreparedPublish) -> tuple[PublishResult, Envelope | None]:
-        now = time.monotonic()
-        record = self._conversation(prepared.conv, now)
+        # Everything that can fail comes before the first change: a failed event takes no seq.
+        data = msgpack.unpackb(prepared.data, raw=False)
+        now = self._clock()
+        record = self._record_for_publish(prepared.conv, now)
         known = record.ids.get(prepared.id)
         if known is not None and known[1] > now:
+            self._refresh(prepared.conv, record, now)  # as publish.lua does for a duplicate
             return PublishResult(prepared.conv, known[0], prepared.id, record.epoch, duplicate=True), None
-        record.seq += 1
-        data = msgpack.unpackb(prepared.data, raw=False)
-        env = Envelope(prepared.conv, record.seq, prepared.id, prepared.type, int(time.time() * 1000), data,
+        seq = record.seq + 1
+        env = Envelope(prepared.conv, seq, prepared.id, prepared.type, int(time.time() * 1000), data,
                        record.epoch, prepared.key)
+        size = len(encode_envelope(env)) if prepared.key is not None and data is not None else 0
+        record.seq = seq
         record.log.append(env)
         while len(record.log) > self.settings.history_size:
             record.log.popleft()
-        record.ids[prepared.id] = (record.seq, now + prepared.id_ttl)
+        record.ids[prepared.id] = (seq, now + prepared.id_ttl)
         if len(record.ids) > 4 * self.settings.history_size:
             record.ids = {k: v for k, v in record.ids.items() if v[1] > now}
         evicted = 0
@@ -101,8 +240,7 @@ class MemoryBackend(Backend):
             if record.state.pop(prepared.key, None) is not None:
                 record.state_bytes -= record.state_sizes.pop(prepared.key)
             if data is not None:
-                size = len(encode_envelope(env))  # what the Redis backend stores for it
-                record.state[prepared.key] = env
+                record.state[prepared.key] = env  # ``size``: what the Redis backend stores for it
                 record.state_sizes[prepared.key] = size
                 record.state_bytes += size
                 max_bytes = self.settings.state_max_bytes
@@ -112,8 +250,8 @@ class MemoryBackend(Backend):
                     record.state_bytes -= record.state_sizes.pop(oldest)
                     evicted += 1
         self.stats.state_evictions += evicted
-        record.expires_at = now + self.settings.history_ttl
-        return PublishResult(prepared.conv, record.seq, prepared.id, record.epoch, evicted=evicted), env
+        self._refresh(prepared.conv, record, now)
+        return PublishResult(prepared.conv, seq, prepared.id, record.epoch, evicted=evicted), env
 
     def _fan_out(self, env: Envelope | None) -> None:
         if env is not None:
@@ -143,24 +281,37 @@ class MemoryBackend(Backend):
         """The embedded backend never loses its connection: callbacks are never called."""
 
     async def head(self, conv: str) -> Head:
-        record = self._conversation(conv, time.monotonic())
-        return Head(record.epoch, record.seq)
+        now = self._clock()
+        found = self._find(conv, now)
+        if found is None:
+            return Head(self.unborn_epoch(conv, now), 0)
+        return Head(found.epoch, found.seq)
 
     async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
-        record = self._conversation(conv, time.monotonic())
-        first_kept = record.log[0].seq if record.log else record.seq + 1
-        events = [e for e in record.log if e.seq > since]
+        now = self._clock()
+        found = self._find(conv, now)
+        if found is None:
+            return HistoryPage(self.unborn_epoch(conv, now), 0, [], False)
+        if isinstance(found, _Numbering):  # the events expired, the numbering did not
+            return HistoryPage(found.epoch, found.seq, [], since < found.seq)
+        first_kept = found.log[0].seq if found.log else found.seq + 1
+        events = [e for e in found.log if e.seq > since]
         if limit is not None:
             events = events[:limit]
-        truncated = since < record.seq and first_kept > since + 1
-        return HistoryPage(record.epoch, record.seq, events, truncated)
+        truncated = since < found.seq and first_kept > since + 1
+        return HistoryPage(found.epoch, found.seq, events, truncated)
 
     async def state(self, conv: str) -> StateSnapshot:
-        record = self._conversation(conv, time.monotonic())
-        return StateSnapshot(record.epoch, record.seq, dict(record.state))
+        now = self._clock()
+        found = self._find(conv, now)
+        if found is None:
+            return StateSnapshot(self.unborn_epoch(conv, now), 0, {})
+        if isinstance(found, _Numbering):
+            return StateSnapshot(found.epoch, found.seq, {})
+        return StateSnapshot(found.epoch, found.seq, dict(found.state))
 
     async def report_presence(self, gateway_id: str, counts: Mapping[str, Mapping[str, int]], ttl: float) -> None:
-        expires = time.monotonic() + ttl
+        expires = self._clock() + ttl
         for conv, by_profile in counts.items():
             entries = self._presence.setdefault(conv, {})
             for profile, n in by_profile.items():
@@ -173,7 +324,7 @@ class MemoryBackend(Backend):
                 del self._presence[conv]
 
     async def presence(self, conv: str) -> Presence:
-        now = time.monotonic()
+        now = self._clock()
         entries = self._presence.get(conv, {})
         by_profile: dict[str, int] = {}
         for field_name, (n, expires) in list(entries.items()):

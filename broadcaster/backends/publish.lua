@@ -12,13 +12,13 @@
 --   [5] P:{C}:state_order   zset: state key scored by the seq that last wrote it
 --
 -- ONE EVENT (the form the README shows to producers in other languages)
---   KEYS [6] P:{C}:id:<event id>   string: the seq first assigned to this event id
+--   KEYS [6] P:{C}:id:<event id>   string "<seq>:<epoch>": the seq first assigned to this id
 --   ARGV [1] conversation id     [2] event id          [3] event type
 --        [4] data, msgpack-encoded bytes (0xc0 = nil: with a state key, deletes the entry)
 --        [5] state key ("" = none)
 --        [6] history size (events kept, approximately: XTRIM MAXLEN ~)
 --        [7] history ttl, seconds [8] idempotency ttl, seconds
---        [9] epoch to use if the conversation has none
+--        [9] ignored (was: an epoch to use if the conversation has none; see EPOCHS)
 --        [10] max state entries   [11] "1" to SPUBLISH (Redis Cluster), else PUBLISH
 --        [12] max state bytes (optional; absent or 0 = no byte cap): the encoded size of
 --             all state entries, tracked in meta field state_bytes; past it the
@@ -26,12 +26,13 @@
 --   Returns {seq, epoch, duplicate (0/1), state entries evicted}
 --
 -- A BATCH (what the SDK and the gateways send; cheaper per event)
---   KEYS [6] P:{C}:batch:<batch id>  string: the seqs the batch got, so a retried batch
---        is answered from it (every event then reported as a duplicate)
+--   KEYS [6] P:{C}:batch:<batch id>  string "<epoch>:<seq> <seq>...": the seqs the batch's
+--        events got (all of them, or those applied before a failure), so a retried batch
+--        is answered from it: those events as duplicates, the rest published now
 --        [7...] P:{C}:id:<event id> of each event flagged "i", in event order
 --   ARGV [1] "" (an empty conversation id marks this form)
 --        [2] history size  [3] history ttl (also the TTL of id keys)  [4] batch key ttl
---        [5] epoch to use if the conversation has none  [6] max state entries
+--        [5] ignored (see EPOCHS)  [6] max state entries
 --        [7] "1" to SPUBLISH, else PUBLISH  [8] max state bytes (0 = no byte cap)
 --        [9] "1" when this batch may have been sent before (a retry: look for its batch
 --            key first), "0" on its first attempt (a fresh batch id cannot have one)
@@ -45,6 +46,24 @@
 --             after another, without a map header
 --        then the state key of each event with code 2, in order
 --   Returns {epoch, then per event: seq, duplicate (0/1), state entries evicted}
+--
+-- EPOCHS. A conversation without a meta hash gets, at its first publish, the epoch every
+-- read already announced for it: unborn_epoch below (the same function as in read.lua),
+-- derived from the server's identity and the time period, never stored by a read. The
+-- meta hash then lives at least EPOCH_PERIOD (its TTL is max(history ttl, EPOCH_PERIOD)),
+-- which is what makes a conversation created again after it expired get another epoch.
+-- An id key ("<seq>:<epoch>") or batch key of another epoch is stale (its epoch was
+-- lost) and ignored: the event is published, not reported as a duplicate of a seq that
+-- no longer exists.
+--
+-- FAILURES. An event is applied once its XADD succeeded: only then does it take its seq.
+-- An error before that (a key of the wrong type, say) consumes no seq, so it leaves no
+-- hole in the numbering; an error after it (the state write) leaves the event numbered
+-- and in history but not fanned out (live subscribers see a gap and read it from
+-- history). The events before a failure stay applied (Lua cannot undo writes), the seq
+-- counter covers exactly them, the batch form records them in its batch key, and the
+-- error is raised: a retry of the batch answers them as duplicates and goes on with
+-- the rest.
 --
 -- The payload is the msgpack map {"v":1,"conv","type","id","data"(,"key"),"seq","ts","epoch"}.
 -- The data bytes are copied as they came, never decoded (a Lua table cannot tell [] from {}
@@ -83,26 +102,86 @@ local function mp_uint(n) -- 0 <= n < 2^53, exact in a Lua number; smallest form
   return string.char(0xcf) .. be32(math.floor(n / 4294967296)) .. be32(n % 4294967296)
 end
 
+-- >>> unborn epoch: keep identical in read.lua and publish.lua (a test compares them)
+-- The epoch of a conversation that has no meta hash, derived rather than stored so that
+-- reads need not write: hash(server, period, meta key), 12 hex digits.
+--   server: what changes when Redis may have lost data without the conversation noticing:
+--     its run_id (a restart), evicted_keys (an eviction), the FLUSHALL / FLUSHDB / SWAPDB
+--     call counts (a flush). A server refusing INFO in scripts (fakeredis, some managed
+--     offerings) uses LASTSAVE instead: its start time, and each save (a save then only
+--     makes a waiting subscriber's first event come after a ws.reset at seq 0).
+--   period: which EPOCH_PERIOD-long window (per conversation phase) the call runs in.
+--     publish.lua keeps a meta hash at least EPOCH_PERIOD past its creation, so a
+--     conversation that expired and is created again always lands in a later period and
+--     gets another epoch: no client that held the old epoch can mistake the new seqs for
+--     ones it has seen. The price: a subscriber that waits across its conversation's
+--     period boundary before the first publish gets one ws.reset at seq 0 (a wait of
+--     w seconds crosses one with probability w / EPOCH_PERIOD).
+local EPOCH_PERIOD = 86400
+
+local function hex48(s) -- where redis.sha1hex is missing (fakeredis): two 24-bit polynomial hashes
+  local a, b = 5381, 52711
+  for i = 1, #s do
+    local c = string.byte(s, i)
+    a = (a * 33 + c) % 16777213
+    b = (b * 131 + c) % 16777199
+  end
+  return string.format('%06x%06x', a, b)
+end
+local digest = redis.sha1hex or hex48
+
+local function unborn_epoch(meta_key)
+  local info = redis.pcall('INFO', 'server', 'stats', 'commandstats')
+  if type(info) ~= 'string' then
+    info = redis.pcall('INFO') -- a server taking one section at most: server and stats, no commandstats
+  end
+  local server
+  if type(info) == 'string' then
+    server = (string.match(info, 'run_id:(%x+)') or '') .. ':' .. (string.match(info, 'evicted_keys:(%d+)') or '')
+      .. ':' .. (string.match(info, 'cmdstat_flushall:calls=(%d+)') or '0')
+      .. ':' .. (string.match(info, 'cmdstat_flushdb:calls=(%d+)') or '0')
+      .. ':' .. (string.match(info, 'cmdstat_swapdb:calls=(%d+)') or '0')
+  else
+    server = 'lastsave:' .. tostring(redis.call('LASTSAVE'))
+  end
+  local phase = tonumber(string.sub(digest(meta_key), 1, 6), 16) % EPOCH_PERIOD
+  local period = math.floor((tonumber(redis.call('TIME')[1]) + phase) / EPOCH_PERIOD)
+  return string.sub(digest(server .. '|' .. period .. '|' .. meta_key), 1, 12)
+end
+-- <<< unborn epoch
+
 local meta, log, live, state, order = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local batch = ARGV[1] == ''
-local history_size, history_ttl, new_epoch, max_entries, sharded, max_bytes
+local history_size, history_ttl, max_entries, sharded, max_bytes
 if batch then
-  history_size, history_ttl, new_epoch = ARGV[2], ARGV[3], ARGV[5]
+  history_size, history_ttl = ARGV[2], ARGV[3]
   max_entries, sharded, max_bytes = tonumber(ARGV[6]), ARGV[7] == '1', tonumber(ARGV[8]) or 0
 else
-  history_size, history_ttl, new_epoch = ARGV[6], ARGV[7], ARGV[9]
+  history_size, history_ttl = ARGV[6], ARGV[7]
   max_entries, sharded, max_bytes = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12] or '0') or 0
 end
 
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 local epoch = current[1]
 local fresh = not epoch
+local applied = {} -- batch form: seqs its earlier attempts got, from its batch key
 if batch and epoch and ARGV[9] == '1' then
   local done = redis.call('GET', KEYS[6])
   if done then
+    local tagged, seqs = string.match(done, '^(.*):([%d ]*)$')
+    if not tagged then
+      tagged, seqs = epoch, done -- written by an older version of this script: seqs only
+    end
+    if tagged == epoch then
+      for s in string.gmatch(seqs, '%d+') do
+        applied[#applied + 1] = tonumber(s)
+      end
+    end
+  end
+  if #applied >= #ARGV[10] then -- every event was applied: answer from the key alone
     local reply = {epoch}
-    for seq in string.gmatch(done, '%d+') do
-      reply[#reply + 1] = tonumber(seq)
+    for j = 1, #ARGV[10] do
+      reply[#reply + 1] = applied[j]
       reply[#reply + 1] = 1
       reply[#reply + 1] = 0
     end
@@ -111,9 +190,10 @@ if batch and epoch and ARGV[9] == '1' then
 end
 if fresh then
   -- A new numbering starts: whatever outlived the old one is stale (id and batch keys
-  -- included: they refer to seqs of the lost epoch).
+  -- included: they refer to seqs of the lost epoch; those of other calls are told apart
+  -- by the epoch they hold).
   redis.call('DEL', log, state, order, unpack(KEYS, 6))
-  epoch = new_epoch
+  epoch = unborn_epoch(meta)
   redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
 end
 
@@ -157,14 +237,21 @@ local function publish(fields, key, delete, id_key, id_ttl)
   if id_key then
     local first = redis.call('GET', id_key)
     if first then
-      return tonumber(first), 1, 0
+      local known, known_epoch = string.match(first, '^(%d+):(.*)$')
+      if not known then
+        known, known_epoch = first, epoch -- written by an older version of this script: a seq only
+      end
+      if known_epoch == epoch then
+        return tonumber(known), 1, 0
+      end
     end
   end
-  seq = seq + 1
-  local payload = string.char(key ~= '' and 0x89 or 0x88) .. fields .. '\163seq' .. mp_uint(seq) .. tail
-  redis.call('XADD', log, seq .. '-0', 'p', payload)
+  local next_seq = seq + 1
+  local payload = string.char(key ~= '' and 0x89 or 0x88) .. fields .. '\163seq' .. mp_uint(next_seq) .. tail
+  redis.call('XADD', log, next_seq .. '-0', 'p', payload)
+  seq = next_seq -- the event is in history: from here on it has its seq, whatever fails next
   if id_key then
-    redis.call('SET', id_key, seq, 'EX', id_ttl)
+    redis.call('SET', id_key, seq .. ':' .. epoch, 'EX', id_ttl)
   end
   local evicted = 0
   if key ~= '' then
@@ -174,14 +261,12 @@ local function publish(fields, key, delete, id_key, id_ttl)
   return seq, 0, evicted
 end
 
--- A failing call (a key of the wrong type, say) has still applied the events before the
--- failure: the seq counter must cover them before the error is raised.
 local reply
+local seqs = {} -- batch form: the seq of each event handled so far, in order
 local wrote_state = false
 local ok, failure = pcall(function()
   if batch then
     reply = {epoch}
-    local seqs = {}
     local next_id_key = 7
     local codes = ARGV[10]
     local next_state_key = 11 + #codes
@@ -195,15 +280,19 @@ local ok, failure = pcall(function()
       if code % 4 >= 2 then
         key = ARGV[next_state_key]
         next_state_key = next_state_key + 1
-        wrote_state = true
       end
-      local s, duplicate, evicted = publish(ARGV[10 + j], key, code >= 4, id_key, history_ttl)
+      local s, duplicate, evicted
+      if j <= #applied then
+        s, duplicate, evicted = applied[j], 1, 0
+      else
+        wrote_state = wrote_state or key ~= ''
+        s, duplicate, evicted = publish(ARGV[10 + j], key, code >= 4, id_key, history_ttl)
+      end
       seqs[j] = s
       reply[#reply + 1] = s
       reply[#reply + 1] = duplicate
       reply[#reply + 1] = evicted
     end
-    redis.call('SET', KEYS[6], table.concat(seqs, ' '), 'EX', ARGV[4])
   else
     local conv, event_id, etype, data, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
     local fields = '\161v\001\164conv' .. mp_str(conv) .. '\164type' .. mp_str(etype) .. '\162id'
@@ -216,22 +305,28 @@ local ok, failure = pcall(function()
     reply = {s, epoch, duplicate, evicted}
   end
 end)
+if batch and #seqs > 0 then
+  -- all the events, or those applied before a failure: a retry answers them from here
+  redis.call('SET', KEYS[6], epoch .. ':' .. table.concat(seqs, ' '), 'EX', ARGV[4])
+end
 if seq ~= last then
   redis.call('HSET', meta, 'seq', seq)
   -- one trim per call, not per XADD: a third cheaper per event; the stream may hold up to a
   -- call's worth of events more than history size in between (it is approximate anyway)
   redis.call('XTRIM', log, 'MAXLEN', '~', history_size)
 end
--- Refresh the conversation's TTL. Four EXPIREs per call are a large share of the script's
--- cost, so they are skipped while the TTL is within `slack` seconds of full (at most 60 s,
--- 1% of the TTL): a conversation may expire up to that much earlier than exactly
--- history-ttl after its last publish. Keys just created (a new epoch, a log started after a
--- read created the epoch: seq was 0, a state hash that had emptied) have no TTL yet and always
--- get one.
+-- Refresh the conversation's TTL: history ttl for the log and state, at least
+-- EPOCH_PERIOD for the meta hash (see EPOCHS). Four EXPIREs per call are a large share of
+-- the script's cost, so they are skipped while the TTL is within `slack` seconds of full
+-- (at most 60 s, 1% of the TTL): a conversation may expire up to that much earlier than
+-- exactly history-ttl after its last publish. Keys just created (a new epoch, a log
+-- started while seq was 0, a log or state hash that had expired or emptied while the
+-- meta hash lived on) have no TTL yet and always get one.
 local ttl = tonumber(history_ttl)
+local meta_ttl = math.max(ttl, EPOCH_PERIOD)
 local slack = math.min(60, math.floor(ttl / 100))
-if fresh or last == 0 or redis.call('TTL', meta) < ttl - slack then
-  redis.call('EXPIRE', meta, history_ttl)
+if fresh or last == 0 or redis.call('TTL', meta) < meta_ttl - slack then
+  redis.call('EXPIRE', meta, meta_ttl)
   redis.call('EXPIRE', log, history_ttl)
   redis.call('EXPIRE', state, history_ttl)
   redis.call('EXPIRE', order, history_ttl)

@@ -84,7 +84,12 @@ _CODE_BASE, _CODE_ID, _CODE_STATE, _CODE_STATE_DELETE = 64, 1, 2, 2 + 4
 def publish_call(
     layout: KeyLayout, prepared: PreparedPublish, settings: BackendSettings, epoch: str, sharded: bool
 ) -> tuple[list[str], list[bytes | str | int]]:
-    """KEYS and ARGV of ``publish.lua``'s one-event form (the README's; see the script's header)."""
+    """KEYS and ARGV of ``publish.lua``'s one-event form (the README's; see the script's header).
+
+    ``epoch`` fills the argument older scripts created a conversation with; the script
+    now ignores it (a new conversation adopts the epoch reads announced, see EPOCHS in
+    ``publish.lua``), and it stays in place so every caller's argument layout still works.
+    """
     conv = prepared.conv
     keys = [*_conversation_keys(layout, conv), layout.idempotency(conv, prepared.id)]
     args: list[bytes | str | int] = [
@@ -111,7 +116,8 @@ def publish_batch_call(
     """``publish.lua``'s batch form for ``events``, all of one conversation, in order.
 
     ``retry``: this batch id may have been sent before, so the script first looks
-    for its batch key; a fresh batch id skips that lookup.
+    for its batch key; a fresh batch id skips that lookup. ``epoch`` is ignored by the
+    script, as in :func:`publish_call`.
     """
     conv = events[0].conv
     keys = [*_conversation_keys(layout, conv), layout.batch(conv, batch_id)]
@@ -166,7 +172,9 @@ class PublishBatch:
     next to it are recorded. Each group keeps its batch id, event ids and epoch
     across attempts, so a driver may retry after any failure: a group applied by an
     attempt whose reply was lost is answered from its batch key, every event a
-    ``duplicate``.
+    ``duplicate``; a group that failed part way (an error reply) records the events it
+    applied there too, so its retry answers those as duplicates and publishes the rest.
+    ``epoch`` is not used by the script any more (see :func:`publish_call`).
     """
 
     def __init__(
@@ -235,7 +243,12 @@ class PublishBatch:
 def read_call(
     layout: KeyLayout, conv: str, op: str, epoch: str, history_ttl: int, since: int = 0, limit: int = 0
 ) -> Command:
-    """The ``read.lua`` command for ``op`` in ``head``, ``history``, ``state``."""
+    """The ``read.lua`` command for ``op`` in ``head``, ``history``, ``state``.
+
+    The script is read-only: a conversation that does not exist is answered seq 0 and
+    the epoch its first publish will get, and nothing is stored. ``epoch`` and
+    ``history_ttl`` fill the arguments older scripts created that epoch with; they are ignored.
+    """
     keys = [layout.meta(conv), layout.log(conv), layout.state(conv), layout.state_order(conv)]
     return READ.command(keys, [op, epoch, history_ttl, since, limit])
 
