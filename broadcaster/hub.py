@@ -63,6 +63,21 @@ class Subscriber(Protocol):
         """Queue one encoded JSON object for the connection; must not block."""
 
 
+class EventSubscriber(Subscriber, Protocol):
+    """A subscriber told each event object's type, seq and epoch along with its bytes (an SSE stream
+    frames its ``event:`` and ``id:`` lines from them, without parsing the JSON).
+
+    The hub calls ``send_event`` instead of ``send`` for event objects when the subscriber has it
+    (looked up once per subscription); control objects (``ws.*``) still go through ``send``.
+    """
+
+    def send_event(self, data: bytes, kind: str, seq: int, epoch: str) -> None:
+        """Queue one encoded event object of type ``kind``; must not block."""
+
+
+EventSend = Callable[[bytes, str, int, str], None]
+
+
 @dataclass(slots=True)
 class HubStats:
     """Counters exported as metrics."""
@@ -80,7 +95,7 @@ class HubStats:
 
 
 _GroupKey = tuple[str, tuple[str, ...]]
-_Pending = tuple[int, bytes, bool, str]  # (seq, payload, is_reset, epoch)
+_Pending = tuple[int, bytes, bool, str, str]  # (seq, payload, is_reset, epoch, type)
 
 
 @dataclass(slots=True, eq=False)
@@ -94,6 +109,8 @@ class _Member:
     position: int = 0
     epoch: str = ""
     pending: list[_Pending] | None = field(default_factory=list)
+    send_event: EventSend | None = None
+    """The subscriber's ``send_event`` (:class:`EventSubscriber`), else None: events go through ``send``."""
 
 
 @dataclass(slots=True, eq=False)
@@ -234,7 +251,7 @@ class Hub:
             group = feed.groups.get(key)
             if group is None:
                 group = feed.groups[key] = _Group(profile, types)
-            member = _Member(sub, group)
+            member = _Member(sub, group, send_event=getattr(sub, "send_event", None))
             group.members[sub] = member
             feed.members[sub] = member
             self._dirty.add(conv)
@@ -324,8 +341,12 @@ class Hub:
                 if env.seq > position:
                     position = env.seq
                     payload = self.render(env, member.group.profile, member.group.types)
-                    if payload is not None:
+                    if payload is None:
+                        continue
+                    if member.send_event is None:
                         member.sub.send(payload)
+                    else:
+                        member.send_event(payload, env.type, env.seq, page.epoch)
             if not page.events or position >= page.seq:
                 return position
 
@@ -337,13 +358,16 @@ class Hub:
         """Send what the feed queued for ``member`` during its preamble; from now on it is sent live."""
         pending = member.pending or []
         member.pending = None
-        send, epoch = member.sub.send, member.epoch
-        for seq, payload, is_reset, item_epoch in pending:
+        send, epoch, send_event = member.sub.send, member.epoch, member.send_event
+        for seq, payload, is_reset, item_epoch, kind in pending:
             if is_reset:
                 send(payload)
                 position, epoch = seq, item_epoch
             elif seq > position and item_epoch == epoch:
-                send(payload)
+                if send_event is None:
+                    send(payload)
+                else:
+                    send_event(payload, kind, seq, item_epoch)
         member.position, member.epoch = position, epoch
 
     # ---- live path -----------------------------------------------------------------------
@@ -386,16 +410,19 @@ class Hub:
                 continue
             for member in group.members.values():
                 if member.pending is not None:
-                    member.pending.append((seq, payload, False, epoch))
+                    member.pending.append((seq, payload, False, epoch, env.type))
                 elif seq > member.position and member.epoch == epoch:
-                    member.sub.send(payload)
+                    if member.send_event is None:
+                        member.sub.send(payload)
+                    else:
+                        member.send_event(payload, env.type, seq, epoch)
                     self.stats.deliveries += 1
 
     def _broadcast_reset(self, feed: _Feed, reason: str, epoch: str, seq: int) -> None:
         payload = self._reset(feed.conv, reason, epoch, seq)
         for member in feed.members.values():
             if member.pending is not None:
-                member.pending.append((seq, payload, True, epoch))
+                member.pending.append((seq, payload, True, epoch, "ws.reset"))
             else:
                 member.sub.send(payload)
                 member.position, member.epoch = seq, epoch

@@ -18,6 +18,7 @@ from broadcaster.backend import Backend
 from broadcaster.profiles import ProfileRegistry
 from gateway.http_api import ApiError, router
 from gateway.settings import Settings
+from gateway.sse import SSE_PATH, SseTransport, sse_endpoint
 from gateway.state import Gateway
 from gateway.ws_endpoint import websocket_endpoint
 
@@ -40,6 +41,10 @@ class GatewayApp(FastAPI):
             scope["app"] = self
             await websocket_endpoint(WebSocket(scope, receive, send))
             return
+        if scope["type"] == "http" and scope["path"] == SSE_PATH and scope["method"] == "GET":  # same reasons
+            scope["app"] = self
+            await sse_endpoint(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 
@@ -59,6 +64,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 
     app = GatewayApp(title="broadcaster gateway", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.gateway = gateway
+    app.state.sse = SseTransport(gateway)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])

@@ -32,7 +32,7 @@ class MetricSources:
     hub: HubStats
     backend: BackendStats
     connections: Callable[[], int]
-    """Open websocket connections."""
+    """Open connections: websockets and SSE streams."""
     subscriptions: Callable[[], int]
     """Subscriptions of the open connections."""
     conversations: Callable[[], int]
@@ -50,7 +50,8 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         src = self._sources
         pool, hub, backend = src.pool, src.hub, src.backend
-        yield GaugeMetricFamily("broadcaster_connections", "Open websocket connections", value=src.connections())
+        yield GaugeMetricFamily("broadcaster_connections", "Open connections (websockets and SSE streams)",
+                                value=src.connections())
         yield GaugeMetricFamily("broadcaster_subscriptions", "Subscriptions of open connections",
                                 value=src.subscriptions())
         yield GaugeMetricFamily("broadcaster_conversations", "Conversations watched in this process",
@@ -87,6 +88,53 @@ class GatewayCollector(Collector):
         for reason, value in sorted(reasons.items()):
             drops.add_metric([reason], value)
         yield drops
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSources:
+    """What :class:`TransportCollector` reads: the pool's counters (every transport) and the SSE
+    streams' own; the websocket numbers are the difference."""
+
+    pool: PoolStats
+    connections: Callable[[], int]
+    """Open connections of every transport."""
+    sse_connections: Callable[[], int]
+    sse_opened: Callable[[], int]
+    sse_slow_consumer_closes: Callable[[], int]
+    sse_objects_written: Callable[[], int]
+    sse_bytes_written: Callable[[], int]
+
+
+class TransportCollector(Collector):
+    """The connection metrics split by ``transport`` (``ws``, ``sse``), next to the unlabelled totals
+    (``broadcaster_connections`` and friends keep their names and now count both transports)."""
+
+    def __init__(self, sources: TransportSources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        src, pool = self._sources, self._sources.pool
+        gauge = GaugeMetricFamily("broadcaster_transport_connections", "Open connections by transport",
+                                  labels=["transport"])
+        sse = src.sse_connections()
+        gauge.add_metric(["ws"], max(0, src.connections() - sse))
+        gauge.add_metric(["sse"], sse)
+        yield gauge
+        counters = {
+            "broadcaster_transport_connections_opened": ("Connections accepted, by transport",
+                                                         pool.connections_opened, src.sse_opened()),
+            "broadcaster_transport_slow_consumer_closes": ("Slow readers closed (ws: 4408), by transport",
+                                                           pool.slow_consumer_closes, src.sse_slow_consumer_closes()),
+            "broadcaster_transport_objects_written": ("JSON objects written, by transport", pool.objects_written,
+                                                      src.sse_objects_written()),
+            "broadcaster_transport_bytes_written": ("Payload bytes written, by transport", pool.bytes_written,
+                                                    src.sse_bytes_written()),
+        }
+        for name, (doc, total, sse_value) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=["transport"])
+            family.add_metric(["ws"], max(0, total - sse_value))
+            family.add_metric(["sse"], sse_value)
+            yield family
 
 
 class LoopHistogram(Collector):

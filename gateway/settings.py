@@ -43,6 +43,8 @@ class Settings:
     ping_interval: float = 20.0
     handshake_timeout: float = 10.0
     ws_compression: str = "deflate"
+    sse_ping_interval: float = 15.0
+    sse_retry_ms: int = 1000
     presence_ttl: float = 15.0
     redis_probe_interval: float = 5.0
     redis_probe_timeout: float = 2.0
@@ -87,6 +89,8 @@ HELP: dict[str, str] = {
                          "once it connected or started a request; slower: connection dropped (0: off)",
     "ws_compression": "deflate: accept permessage-deflate when a client offers it (browsers do; about 37 KiB "
                       "more per socket); off: never compress",
+    "sse_ping_interval": "seconds between keep-alive comment lines on an idle /sse stream (0: none)",
+    "sse_retry_ms": "reconnect delay /sse suggests to EventSource clients (its 'retry:' line), milliseconds",
     "redis_probe_interval": "seconds of silence on a Redis pub/sub link before it is probed with PING",
     "redis_probe_timeout": "seconds a probe waits for PONG before the link is rebuilt",
     "presence_ttl": "seconds a gateway's presence counts outlive its last heartbeat (heartbeat: a third of it)",
@@ -154,7 +158,7 @@ def check(settings: Settings) -> None:
         raise ValueError("--log-format must be json or text")
     if settings.ws_compression not in ("deflate", "off"):
         raise ValueError("--ws-compression must be deflate or off")
-    for name in ("ping_interval", "handshake_timeout", "drain_seconds"):
+    for name in ("ping_interval", "handshake_timeout", "drain_seconds", "sse_ping_interval", "sse_retry_ms"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
     if settings.auth_secret and settings.auth_public_key:
