@@ -25,7 +25,7 @@ the temp dirs are removed (``--keep-dir`` keeps them, logs included).
 From Python (tests)::
 
     with LoopbackCluster(gateways=3) as cluster:   # port=None: a free port
-        cluster.url, cluster.ws_url("conv_id=demo"), cluster.gateway_urls
+        cluster.url, cluster.ws_url("conv_id=demo"), cluster.sse_url("conv_id=demo"), cluster.gateway_urls
         cluster.stop_gateway(1)                     # SIGTERM, wait for the drain
         cluster.stop_gateway(2, signal.SIGKILL)     # no drain
         cluster.start_gateway(1)                    # again, same port and id
@@ -178,6 +178,10 @@ class LoopbackCluster:
     def ws_url(self, query: str = "") -> str:
         """``ws://HOST:PORT/ws?query`` through the load balancer."""
         return "ws" + self.url[len("http"):] + "/ws" + (f"?{query}" if query else "")
+
+    def sse_url(self, query: str = "") -> str:
+        """``http://HOST:PORT/sse?query`` (Server-Sent Events) through the load balancer."""
+        return self.url + "/sse" + (f"?{query}" if query else "")
 
     @property
     def gateway_urls(self) -> list[str]:
@@ -375,6 +379,7 @@ def _banner(cluster: LoopbackCluster) -> str:
         f"loopback cluster ready: {cluster.gateway_count} gateway(s) behind nginx",
         f"  demo page    {cluster.url}/",
         f"  websocket    {cluster.ws_url('conv_id=demo')}",
+        f"  sse          {cluster.sse_url('conv_id=demo')}   (curl -N)",
         f"  publish      curl -X POST {cluster.url}/v1/conversations/demo/events "
         "-H 'content-type: application/json' -d '{\"type\":\"chat.message\",\"data\":{\"text\":\"hi\"}}'",
         f"  redis        {redis}",

@@ -1,0 +1,154 @@
+"""Real Chromium's ``EventSource`` through nginx (the compose nginx.conf) against 2 gateways, one SIGKILLed.
+
+The page opens ``/sse`` through the loopback cluster's nginx (devtools.cluster: Redis, two
+gateway processes, nginx), events are published through nginx, the gateway serving the
+stream is killed mid-stream (SIGKILL: no drain, the connection just dies), the browser's own
+reconnect sends ``Last-Event-ID`` to nginx, which hands it to the other gateway: the page
+ends with exactly seq 1..N, each once, in order, and every event's ``lastEventId`` is
+``<epoch>:<seq>``. Also: nginx passes the stream unbuffered (an event published after the
+stream opened arrives while the response is still open), and the shipped proxies' SSE
+settings (nginx location, Kubernetes ingress path) are what the docs say.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from devtools.cluster import LoopbackCluster
+from tests.test_browser import ARTIFACTS, browser  # noqa: F401  (the Chromium fixture)
+
+try:
+    from playwright.sync_api import Browser, Page
+except ImportError:  # pragma: no cover - the browser fixture fails loudly
+    pass
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT = 20.0
+
+OPEN_STREAM = """
+([conv]) => {
+  window.__sse = { seqs: [], ids: [], hellos: [], subscribed: 0, errors: 0, resets: [] };
+  const s = window.__sse;
+  const es = new EventSource("/sse?conv_id=" + conv);
+  es.addEventListener("ws.hello", (e) => s.hellos.push(JSON.parse(e.data).gateway_id));
+  es.addEventListener("ws.subscribed", () => { s.subscribed += 1; });
+  es.addEventListener("ws.reset", (e) => s.resets.push(JSON.parse(e.data)));
+  es.addEventListener("chat.msg", (e) => { s.seqs.push(JSON.parse(e.data).seq); s.ids.push(e.lastEventId); });
+  es.onerror = () => { s.errors += 1; };
+  window.__es = es;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LoopbackCluster]:
+    with LoopbackCluster(gateways=2, gateway_args=["--drain-seconds", "1", "--sse-retry-ms", "200"],
+                         stop_timeout=8) as c:
+        yield c
+
+
+@pytest.fixture
+def page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Page]:  # noqa: F811
+    context = browser.new_context()
+    pg = context.new_page()
+    failed_before = request.session.testsfailed
+    try:
+        yield pg
+    finally:
+        if request.session.testsfailed > failed_before:
+            with contextlib.suppress(Exception):
+                ARTIFACTS.mkdir(exist_ok=True)
+                pg.screenshot(path=str(ARTIFACTS / f"sse-browser-FAILED-{request.node.name}.png"))
+        context.close()
+
+
+def state(page: Page) -> dict[str, Any]:
+    value: dict[str, Any] = page.evaluate("() => JSON.parse(JSON.stringify(window.__sse))")
+    return value
+
+
+def wait_state(page: Page, what: str, ok: Any, timeout: float = WAIT) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = state(page)
+        if ok(current):
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; page state: {current}")
+        page.wait_for_timeout(25)
+
+
+def publish(http: httpx.Client, conv: str, i: int, deadline: float) -> dict[str, Any]:
+    """Publish event ``i`` (id ``e{i}``, so a retry is idempotent) through nginx until it lands."""
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            r = http.post(f"/v1/conversations/{conv}/events", json={"type": "chat.msg", "data": {"i": i},
+                                                                  "id": f"e{i}"})
+            if r.status_code == 200:
+                body: dict[str, Any] = r.json()
+                return body
+            last = (r.status_code, r.text[:200])
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"publish {i} never succeeded: {last!r}")
+
+
+def test_eventsource_through_nginx_survives_a_killed_gateway(cluster: LoopbackCluster, page: Page) -> None:
+    for i, child in enumerate(cluster.gateways):
+        if not child.running:
+            cluster.start_gateway(i)
+    conv, events = "sse-" + secrets.token_hex(4), 40
+    page.goto(cluster.url + "/healthz")  # any page of the load balancer's origin
+    page.evaluate(OPEN_STREAM, [conv])
+    first = wait_state(page, "the stream to open", lambda s: s["subscribed"] == 1)
+    victim_id = first["hellos"][0]
+    victim = next(i for i in range(2) if cluster.gateway_id(i) == victim_id)
+
+    with httpx.Client(base_url=cluster.url, timeout=5) as http:
+        deadline = time.monotonic() + 40
+        epoch = publish(http, conv, 0, deadline)["epoch"]
+        # unbuffered: the first event reaches the page while the response is still open
+        wait_state(page, "event 1 through nginx", lambda s: s["seqs"] == [1])
+        for i in range(1, events // 2):
+            publish(http, conv, i, deadline)
+        wait_state(page, "the first half", lambda s: len(s["seqs"]) == events // 2)
+        assert cluster.stop_gateway(victim, signal.SIGKILL) == -signal.SIGKILL
+        for i in range(events // 2, events):  # published while the browser reconnects
+            publish(http, conv, i, deadline)
+
+    final = wait_state(page, f"seq 1..{events} after the reconnect", lambda s: len(s["seqs"]) >= events)
+    assert final["seqs"] == list(range(1, events + 1)), final
+    assert final["ids"] == [f"{epoch}:{seq}" for seq in range(1, events + 1)]
+    assert final["resets"] == []
+    assert final["errors"] >= 1 and final["subscribed"] >= 2, final  # it did lose the stream and come back
+    assert final["hellos"][-1] != victim_id, final
+    page.evaluate("() => window.__es.close()")
+
+
+def test_shipped_proxies_pass_sse_unbuffered_with_long_timeouts() -> None:
+    conf = (REPO / "deploy" / "nginx" / "nginx.conf").read_text()
+    block = conf[conf.index("location = /sse {"):]
+    block = block[:block.index("}")]
+    for directive in ("proxy_buffering off;", "proxy_cache off;", "proxy_read_timeout 3600s;",
+                      "proxy_http_version 1.1;", 'proxy_set_header Connection "";'):
+        assert directive in block, directive
+    ingress = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "ingress.yaml").read_text())
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    paths = {p["path"]: p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths["/sse"]["pathType"] == "Exact"
