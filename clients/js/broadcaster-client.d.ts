@@ -102,7 +102,12 @@ export interface BroadcasterEventMap {
   pong: PongMessage;
   /** Every object received, before the client handles it. */
   message: { type: string; [field: string]: unknown };
+  /** `transport: "auto"` fell back to SSE (the websocket could not open). */
+  transport: { transport: "sse"; reason: string };
 }
+
+/** "websocket": /ws; "sse": one /sse stream per conversation (fetch); "auto": the websocket, SSE once it cannot open. */
+export type Transport = "websocket" | "sse" | "auto";
 
 export interface BackoffOptions {
   /** First reconnect delay (before jitter). Default 500. */
@@ -143,6 +148,10 @@ export interface BroadcasterClientOptions {
   autoConnect?: boolean;
   /** Extra query parameters for the /ws URL; the gateway refuses names it does not know (close 4400) unless they start with `_`. */
   params?: Record<string, string>;
+  /** Default "websocket". With "sse" the token goes as `Authorization: Bearer`, and no WebSocket is needed. */
+  transport?: Transport;
+  /** fetch for the SSE transport; default globalThis.fetch. */
+  fetch?: typeof fetch;
 }
 
 export interface SubscribeOptions {
@@ -173,6 +182,8 @@ export declare class BroadcasterClient extends EventTarget {
   /** Counters: sockets opened, duplicate events dropped, unparsable lines. */
   readonly stats: { connects: number; duplicatesDropped: number; badLines: number };
   readonly status: ConnectionStatus;
+  /** Transport of the current (or next) connection. */
+  readonly transport: "websocket" | "sse";
   /** URL of the current (or last) socket, null before the first connect. */
   readonly url: string | null;
   /** Conversation ids currently subscribed. */
@@ -194,6 +205,16 @@ export declare class BroadcasterClient extends EventTarget {
   /** Listen; returns a function that removes the listener. */
   on<K extends keyof BroadcasterEventMap>(name: K, fn: Listener<K>): () => void;
   off<K extends keyof BroadcasterEventMap>(name: K, fn: Listener<K>): void;
+}
+
+/** The SSE transport's stand-in for a WebSocket (used by the client; exported for tests). */
+export declare class SseSocket {
+  constructor(wsUrl: string, fetch: typeof globalThis.fetch);
+  readonly url: string;
+  readyState: number;
+  send(text: string): void;
+  close(code?: number, reason?: string): void;
+  terminate(): void;
 }
 
 /** Close codes after which the client stops: 4400, 4401, 4403, 4404. */

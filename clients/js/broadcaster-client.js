@@ -1,6 +1,7 @@
 // @ts-check
 /**
- * Browser and Node client for the ws-broadcaster websocket API (/ws).
+ * Browser and Node client for the ws-broadcaster websocket API (/ws), or its Server-Sent
+ * Events twin (/sse) where websockets are blocked (`transport: "sse" | "auto"`).
  *
  * One client holds one websocket to one gateway at a time and multiplexes any number of
  * conversation subscriptions over it. It keeps, per conversation, the last seq it
@@ -12,6 +13,12 @@
  *
  * Wire protocol (server -> client): text frames, each holding one or more JSON objects
  * separated by "\n". Control objects have types starting "ws.".
+ *
+ * Transports. "websocket" (default): one socket multiplexes every subscription. "sse": one
+ * `GET /sse` stream per subscribed conversation, read with `fetch` (so the token goes in an
+ * `Authorization` header, and every event type is seen, named or not); an SseSocket stands in
+ * for the websocket, so resume, dedup, hydrate and reconnect work exactly as over /ws. "auto":
+ * the websocket first; when it cannot open (a proxy refuses the upgrade), SSE from then on.
  */
 
 /** Close codes after which reconnecting cannot help: the request itself is refused. */
@@ -19,6 +26,9 @@ export const FATAL_CLOSE_CODES = Object.freeze([4400, 4401, 4403, 4404]);
 
 /** Close code of a gateway that is draining: reconnect at once, to another URL. */
 export const CLOSE_DRAINING = 1012;
+
+/** HTTP statuses of a refused /sse stream, as the close codes /ws would use (all of them fatal). */
+const SSE_STATUS_CLOSE = Object.freeze({ 400: 4400, 401: 4401, 403: 4403, 404: 4404 });
 
 /** Syntax of a conversation id (the server enforces the same). */
 const CONV_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -114,6 +124,9 @@ export class BroadcasterClient extends EventTarget {
    * @param {boolean} [options.autoConnect]     connect on the first subscribe(), default true
    * @param {Record<string, string>} [options.params] extra query parameters for the /ws URL; the gateway
    *   refuses names it does not know (close 4400) unless they start with `_`
+   * @param {"websocket" | "sse" | "auto"} [options.transport] "websocket" (default); "sse": /sse streams
+   *   (one per conversation) next to each /ws URL; "auto": the websocket, and SSE once it cannot open
+   * @param {typeof fetch} [options.fetch]       fetch for the SSE transport (default: globalThis.fetch)
    */
   constructor(options = {}) {
     super();
@@ -122,7 +135,20 @@ export class BroadcasterClient extends EventTarget {
     this._urls = (Array.isArray(urls) ? urls : [urls]).map(normalizeUrl);
     if (this._urls.length === 0) throw new TypeError("BroadcasterClient: give at least one URL (urls or url)");
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof this._WebSocket !== "function") {
+    /** @type {"websocket" | "sse" | "auto"} */
+    this._transportOption = options.transport ?? "websocket";
+    if (!["websocket", "sse", "auto"].includes(this._transportOption)) {
+      throw new TypeError(`BroadcasterClient: transport must be "websocket", "sse" or "auto"`);
+    }
+    this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
+    /** The transport of the next connection: "sse" from the start, or once "auto" fell back. */
+    this._useSse = this._transportOption === "sse";
+    if (this._transportOption !== "websocket" && typeof this._fetch !== "function") {
+      throw new TypeError("BroadcasterClient: the SSE transport needs fetch (pass options.fetch)");
+    }
+    if (this._transportOption === "auto" && typeof this._WebSocket !== "function") this._useSse = true;
+    if (this._useSse) this._WebSocket ??= null;
+    else if (typeof this._WebSocket !== "function") {
       throw new TypeError(
         "BroadcasterClient: no WebSocket constructor; pass one, e.g. { WebSocket } from the 'ws' package on Node 20",
       );
@@ -160,6 +186,11 @@ export class BroadcasterClient extends EventTarget {
   /** Connection status: "idle" | "connecting" | "open" | "closed" | "failed". */
   get status() {
     return this._status;
+  }
+
+  /** The transport of the current (or next) connection: "websocket" or "sse". */
+  get transport() {
+    return this._useSse ? "sse" : "websocket";
   }
 
   /** URL of the current (or last) socket. */
@@ -322,7 +353,7 @@ export class BroadcasterClient extends EventTarget {
     }
     let socket;
     try {
-      socket = new this._WebSocket(url);
+      socket = this._useSse ? new SseSocket(url, this._fetch) : new this._WebSocket(url);
     } catch (error) {
       this._emit("error", { code: "connect", message: errorMessage(error), error });
       this._scheduleReconnect({ code: 1006, reason: errorMessage(error) });
@@ -344,6 +375,7 @@ export class BroadcasterClient extends EventTarget {
     }
     socket.onopen = () => {
       if (socket !== this._socket) return;
+      socket.__opened = true;
       clearTimer(this._timers, "connect");
       this._setStatus("open", { url: base });
       this._timers.stable = setTimeout(() => {
@@ -361,13 +393,23 @@ export class BroadcasterClient extends EventTarget {
     };
     socket.onclose = (/** @type {{code: number, reason: string}} */ event) => {
       if (socket !== this._socket) return;
+      this._fallBack(socket);
       this._onClose(event.code, event.reason);
     };
+  }
+
+  /** "auto": a websocket that closed without ever opening (an upgrade refused on the way) -> SSE from now on. */
+  _fallBack(/** @type {any} */ socket) {
+    if (this._transportOption !== "auto" || this._useSse || socket.__opened) return;
+    this._useSse = true;
+    this._attempt = 0;
+    this._emit("transport", { transport: "sse", reason: "the websocket could not open" });
   }
 
   /** Abandon a socket that does not answer, and reconnect. */
   _drop(/** @type {any} */ socket, /** @type {string} */ reason) {
     detach(socket);
+    this._fallBack(socket);
     try {
       if (typeof socket.terminate === "function") socket.terminate();
       else socket.close(4000, reason);
@@ -558,6 +600,140 @@ export class BroadcasterClient extends EventTarget {
 }
 
 // ---- helpers ----------------------------------------------------------------------------------
+
+/**
+ * The websocket stand-in of the SSE transport: what the client sends over a socket (ws.subscribe,
+ * ws.unsubscribe, ws.ping) becomes one `GET /sse` per conversation, read with fetch; each SSE
+ * event's data (the JSON object /ws would send) is handed on as a message. A stream that ends or
+ * fails closes the whole stand-in (the client then reconnects and resumes every subscription);
+ * a refused stream closes it with the close code /ws would have used (400 -> 4400, ...).
+ */
+export class SseSocket {
+  /**
+   * @param {string} wsUrl  the /ws URL the client built (profile, token and extra parameters in its query)
+   * @param {typeof fetch} fetchFn
+   */
+  constructor(wsUrl, fetchFn) {
+    const url = new URL(wsUrl);
+    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+    url.pathname = url.pathname.endsWith("/ws") ? url.pathname.slice(0, -3) + "/sse"
+      : url.pathname.replace(/\/?$/, "/sse");
+    this._token = url.searchParams.get("token");
+    url.searchParams.delete("token"); // sent as Authorization: Bearer, not in URLs and logs
+    this._base = url;
+    this._fetch = fetchFn;
+    /** @type {Map<string, AbortController>} */
+    this._streams = new Map();
+    this._lastDataAt = Date.now();
+    this.readyState = CONNECTING;
+    this.url = url.toString();
+    /** @type {any} */ this.onopen = null;
+    /** @type {any} */ this.onmessage = null;
+    /** @type {any} */ this.onclose = null;
+    /** @type {any} */ this.onerror = null;
+    setTimeout(() => {
+      if (this.readyState !== CONNECTING) return;
+      this.readyState = OPEN;
+      this.onopen?.({});
+    }, 0);
+  }
+
+  /** @param {string} text a client message of the websocket protocol */
+  send(text) {
+    const msg = JSON.parse(text);
+    if (msg.type === "ws.subscribe") this._open(msg);
+    else if (msg.type === "ws.unsubscribe") {
+      this._streams.get(msg.conv_id)?.abort();
+      this._streams.delete(msg.conv_id);
+      this._deliver(JSON.stringify({ type: "ws.unsubscribed", conv_id: msg.conv_id }));
+    } else if (msg.type === "ws.ping" && Date.now() - this._lastDataAt < 45_000) {
+      // the streams' keep-alive comments (every 15 s) stand for the pong: only a silent link times out
+      this._deliver(JSON.stringify({ type: "ws.pong", server_time: Date.now() }));
+    }
+  }
+
+  close(code = 1000, reason = "") {
+    this._end(code, reason, false);
+  }
+
+  terminate() {
+    this._end(1006, "terminated", false);
+  }
+
+  _end(/** @type {number} */ code, /** @type {string} */ reason, /** @type {boolean} */ notify) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    for (const controller of this._streams.values()) controller.abort();
+    this._streams.clear();
+    if (notify) this.onclose?.({ code, reason });
+  }
+
+  _deliver(/** @type {string} */ data) {
+    if (this.readyState === OPEN) this.onmessage?.({ data });
+  }
+
+  async _open(/** @type {any} */ msg) {
+    this._streams.get(msg.conv_id)?.abort();
+    const controller = new AbortController();
+    this._streams.set(msg.conv_id, controller);
+    const url = new URL(this._base);
+    url.searchParams.set("conv_id", msg.conv_id);
+    for (const name of ["since", "epoch", "types"]) {
+      if (msg[name] !== undefined && msg[name] !== null) url.searchParams.set(name, String(msg[name]));
+    }
+    if (msg.hydrate) url.searchParams.set("hydrate", "1");
+    /** @type {Record<string, string>} */
+    const headers = { accept: "text/event-stream" };
+    if (this._token) headers.authorization = `Bearer ${this._token}`;
+    let response;
+    try {
+      response = await this._fetch(url.toString(), { headers, signal: controller.signal, cache: "no-store" });
+    } catch (error) {
+      if (!controller.signal.aborted) this._end(1006, `sse: ${errorMessage(error)}`, true);
+      return;
+    }
+    if (!response.ok || !response.body) {
+      let reason = `HTTP ${response.status}`;
+      try {
+        reason = (await response.json()).message ?? reason;
+      } catch {
+        /* not JSON */
+      }
+      // a refusal is fatal like its close code; 503 and the rest: reconnect
+      this._end(/** @type {Record<number, number>} */ (SSE_STATUS_CLOSE)[response.status] ?? 1013, reason, true);
+      return;
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let data = [];
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        this._lastDataAt = Date.now();
+        buffer += decoder.decode(value, { stream: true });
+        let newline;
+        while ((newline = buffer.search(/\r\n|\n|\r/)) >= 0) {
+          const line = buffer.slice(0, newline);
+          buffer = buffer.slice(newline + (buffer.startsWith("\r\n", newline) ? 2 : 1));
+          if (line === "") {
+            if (data.length) this._deliver(data.join("\n"));
+            data = [];
+          } else if (line.startsWith("data:")) {
+            data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+          } // id:, event:, retry: and comments: the JSON object carries all the client needs
+        }
+      }
+    } catch (error) {
+      if (controller.signal.aborted) return;
+    }
+    if (!controller.signal.aborted && this._streams.get(msg.conv_id) === controller) {
+      // the gateway ended the stream (drain, slow reader) or the connection died: reconnect, resume
+      this._end(1012, "sse stream ended", true);
+    }
+  }
+}
 
 /** Accept ws(s):// URLs, http(s):// (turned into ws(s)://) and, in a browser, relative paths. */
 function normalizeUrl(/** @type {string} */ raw) {
