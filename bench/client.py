@@ -19,7 +19,9 @@ histogram is built after the step, outside the measured window.
 
 Transport: picows (Cython websocket client) on uvloop when installed; else
 websockets' sans-I/O ``ClientProtocol`` on a raw asyncio protocol (the smoke
-test runs that way, with no extra package).
+test runs that way, with no extra package). ``http://…/sse?…`` URLs are read as
+Server-Sent Events by :class:`SseClient` (raw asyncio protocol: chunked body, one
+``data:`` line per object; the same per-object work as the websocket clients).
 """
 
 from __future__ import annotations
@@ -219,6 +221,113 @@ async def connect_sansio(url: str) -> SansioClient:
     return client
 
 
+# --- Server-Sent Events on a raw asyncio protocol -------------------------------------------
+
+
+class SseClient(asyncio.Protocol):
+    """``GET /sse``: the response head, then a chunked body of SSE events; each ``data:`` line is one object."""
+
+    def __init__(self, host: str, target: str, opened: asyncio.Future[None]) -> None:
+        self.request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode()
+        self.opened = opened
+        self.got_event = False
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+        self._head = True
+        self._raw = b""  # bytes not yet de-chunked
+        self._left = 0  # bytes left in the current chunk (+2 for its CRLF)
+        self._text = b""  # de-chunked SSE text not yet split into lines
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        raw = self._raw + data if self._raw else data
+        if self._head:
+            end = raw.find(b"\r\n\r\n")
+            if end < 0:
+                self._raw = raw
+                return
+            status = raw[:end].split(b" ", 2)[1]
+            if not self.opened.done():
+                if status == b"200":
+                    self.opened.set_result(None)
+                else:
+                    self.opened.set_exception(ConnectionError(f"HTTP {status.decode()}"))
+            self._head = False
+            raw = raw[end + 4:]
+        text, pos, size = [], 0, len(raw)
+        while pos < size:
+            if self._left:
+                take = min(self._left, size - pos)
+                text.append(raw[pos:pos + take])
+                pos += take
+                self._left -= take
+                continue
+            eol = raw.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            line = raw[pos:eol]
+            pos = eol + 2
+            if not line:
+                continue  # the CRLF after a chunk's data
+            length = int(line.split(b";", 1)[0], 16)
+            if length == 0:
+                self._end("end")
+                return
+            self._left = length
+        self._raw = raw[pos:]
+        if not text:
+            return
+        buf = self._text + b"".join(text)
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self._text = buf
+            return
+        self._text = buf[cut + 2:]
+        for line in buf[:cut].split(b"\n"):
+            if line.startswith(b"data: "):
+                STATS.on_payload(self, line[6:])
+
+    def _end(self, why: str) -> None:
+        if not self.closing:
+            self.closing = True
+            STATS.on_server_close(why)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"connection lost before the response: {exc}"))
+        if not self.closing:
+            self.closing = True
+            STATS.on_server_close("eof")
+
+    def close(self) -> None:
+        if not self.closing and self.transport is not None:
+            self.closing = True
+            self.transport.close()
+
+
+async def connect_sse(url: str) -> SseClient:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[None] = loop.create_future()
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    _, client = await loop.create_connection(lambda: SseClient(parts.netloc, target, opened),
+                                             parts.hostname or "127.0.0.1", parts.port or 80)
+    try:
+        async with asyncio.timeout(30):
+            await opened
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 # --- command loop -----------------------------------------------------------------------------
 
 
@@ -229,6 +338,8 @@ class Driver:
 
     async def connect(self, urls: list[str], concurrency: int) -> dict[str, Any]:
         connect = connect_picows if self.impl == "picows" else connect_sansio
+        if urls and urls[0].startswith("http"):
+            connect = connect_sse
         gate = asyncio.Semaphore(max(1, concurrency))
         errors: Counter[str] = Counter()
 

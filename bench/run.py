@@ -4,6 +4,10 @@
     python bench/run.py --quick         # fewer, shorter steps (~4.5 min)
     python bench/run.py --scenarios fanout,idle --servers ours,floor
     python bench/run.py --no-venv --scenarios smoke --servers ours   # what tests/test_bench_smoke.py runs
+    python bench/run.py --scenarios fanout,broadcast,idle --servers ours,sse   # SSE against /ws
+
+Server ``sse`` is our gateway again, its clients on ``GET /sse`` (Server-Sent Events,
+one conversation per stream) instead of ``/ws``; the summary then adds an "SSE ÷ /ws" table.
 
 Run it with the project's python (the one where ``pip install -e .`` was done): that
 python runs our gateway and the publisher. Unless ``--no-venv``, the harness then
@@ -71,6 +75,9 @@ if psutil is not None:
     _PROC_ERRORS += (psutil.Error,)
 
 SERVERS = ("ours", "encode", "floor")
+SSE = "sse"
+"""Our gateway with its clients on /sse instead of /ws (not in the default run: ``--servers ours,sse``)."""
+OURS = ("ours", SSE)
 SCENARIOS = ("fanout", "chat", "broadcast", "idle", "together", "profile", "publish")
 P99_LIMIT_MS = 100.0
 
@@ -241,7 +248,7 @@ class Server:
 
     def frames(self) -> tuple[float, float]:
         """Our gateway's (frames, objects) written so far, from /metrics (0, 0 for the peers)."""
-        if self.kind != "ours":
+        if self.kind not in OURS:
             return 0.0, 0.0
         frames = objects = 0.0
         for port in self.ports:
@@ -260,6 +267,8 @@ class Server:
     def url(self, index: int, conv: str, profile: str | None) -> str:
         port = self.ports[index % len(self.ports)]
         query = f"conv_id={conv}" + (f"&profile={profile}" if profile else "")
+        if self.kind == SSE:
+            return f"http://127.0.0.1:{port}/sse?{query}"
         return f"ws://127.0.0.1:{port}/ws?{query}"
 
     def stop(self) -> None:
@@ -327,12 +336,12 @@ def shapes(quick: bool) -> dict[str, Shape]:
 
 
 def start_server(ctx: Context, kind: str, prefix: str, profile: str | None) -> Server:
-    count = ctx.args.gateways if kind == "ours" else 1
+    count = ctx.args.gateways if kind in OURS else 1
     env = dict(os.environ)
     procs, ports = [], []
     for index in range(count):
         port = free_port()
-        if kind == "ours":
+        if kind in OURS:
             argv = [ctx.args.gateway_python or ctx.project_python, "-m", "gateway.cli", "--host", "127.0.0.1",
                     "--port", str(port), "--redis-url", ctx.redis_url, "--key-prefix", prefix,
                     "--log-level", "warning", "--drain-seconds", "0", "--history-size", "100",
@@ -346,7 +355,7 @@ def start_server(ctx: Context, kind: str, prefix: str, profile: str | None) -> S
         else:
             argv = [ctx.peer_python["floor"], str(BENCH / "servers" / "floor.py"), "--port", str(port),
                     "--redis-url", ctx.redis_url, "--prefix", prefix]
-        cwd = ctx.args.gateway_root if kind == "ours" and ctx.args.gateway_root else str(ROOT)
+        cwd = ctx.args.gateway_root if kind in OURS and ctx.args.gateway_root else str(ROOT)
         logfile = ctx.logdir / f"server-{kind}-{port}.log"
         procs.append(Supervised(f"{kind} server on port {port}", argv, logfile, cwd=cwd, env=env).start())
         renice(procs[-1].pid, ctx.args.nice)
@@ -722,6 +731,33 @@ def _table(rows: list[tuple[Any, ...]]) -> list[str]:
     return out
 
 
+def _sse_table(results: dict[str, Any], run_of: Any) -> list[str]:
+    """SSE (``/sse``) against ``/ws`` on the same gateway, when the run had both."""
+    shapes_ = results.get("shapes", {})
+    if not any(SSE in by for by in shapes_.values()) and SSE not in results.get("idle", {}):
+        return []
+    rows: list[tuple[Any, ...]] = [("metric", "better", "/ws", "/sse", "SSE ÷ ws")]
+    for shape in ("fanout", "chat", "broadcast", "smoke"):
+        ws, sse = run_of(shape, "ours"), run_of(shape, SSE)
+        if ws and sse:
+            rows.append((f"capacity, {shape} {ws['clients']:,}/{ws['convs']:,} (deliveries/s)", "higher",
+                         _fmt(ws["capacity_dps"]), _fmt(sse["capacity_dps"]),
+                         ratio(sse["capacity_dps"], ws["capacity_dps"])))
+            for step in ws.get("steps", []):
+                other = step_at(sse, step["target_dps"])
+                if other:
+                    rows.append((f"server CPU per delivery at {step['target_dps']:,} d/s, {shape} (µs)", "lower",
+                                 step["server_us_per_delivery"], other["server_us_per_delivery"],
+                                 ratio(other["server_us_per_delivery"], step["server_us_per_delivery"])))
+    idle = results.get("idle", {})
+    if "ours" in idle and SSE in idle:
+        rows.append((f"RSS per idle connection at {results['args']['idle_connections']:,} (KiB)", "lower",
+                     idle["ours"]["kib_per_connection"], idle[SSE]["kib_per_connection"],
+                     ratio(idle[SSE]["kib_per_connection"], idle["ours"]["kib_per_connection"])))
+    return ["", "SSE against the websocket, same gateway (server `sse` = ours with its clients on /sse):", "",
+            *_table(rows)]
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
     m, a = results["machine"], results["args"]
@@ -775,6 +811,7 @@ def markdown(results: dict[str, Any]) -> str:
             frac.append(f"{t['connect']['ready']}/{t['connect']['connected']}" if t else "-")
         rows.append(("sockets receiving after 500 connect at once (50 convs)", "higher", *frac, "", ""))
     lines += _table(rows)
+    lines += _sse_table(results, run_of)
     lines.append("")
     lines.append("`*` the highest passing step was publisher-bound (the publisher fell behind its rate): the server's "
                  "own limit is at least that. Capacity = the highest step with nothing lost and p99 < 100 ms.")
@@ -881,7 +918,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter steps")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, of {', '.join((*SCENARIOS, 'smoke'))}")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, of ours, encode, floor")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help="comma-separated, of ours, encode, floor, sse (ours on /sse)")
     parser.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
     parser.add_argument("--client-impl", choices=["auto", "picows", "sansio"], default="auto")
     parser.add_argument("--gateways", type=int, default=1, help="our gateway processes (clients spread over them)")
@@ -912,7 +950,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_failures = 1 if args.quick else 2
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = set(args.scenarios) - {*SCENARIOS, "smoke"} | set(args.servers) - set(SERVERS)
+    unknown = set(args.scenarios) - {*SCENARIOS, "smoke"} | set(args.servers) - {*SERVERS, SSE}
     if unknown:
         parser.error(f"unknown scenario or server: {sorted(unknown)}")
     return args
@@ -931,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.execve(str(tools), [str(tools), str(Path(__file__).resolve()), *(argv or sys.argv[1:])], env)
     peers: dict[str, str] = {}
     if args.no_venv:
-        if set(args.servers) - {"ours"}:
+        if set(args.servers) - set(OURS):
             sys.exit("--no-venv runs our gateway only (the peers need their own venvs)")
     else:
         if "encode" in args.servers:
