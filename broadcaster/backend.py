@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
+from broadcaster.namespaces import Namespace, Policy, PolicyTable
 
 Listener = Callable[[Envelope], None]
 ReconnectCallback = Callable[[], Awaitable[None]]
@@ -62,6 +63,16 @@ class BackendSettings:
     max_data_bytes: int = 1024 * 1024
     unsubscribe_delay: float = 2.0
     """Seconds a channel stays subscribed after its last listener left (absorbs churn)."""
+    namespaces: tuple[Namespace, ...] = ()
+    """Namespaces (``--namespaces FILE``), first match wins; the fields above are the default namespace."""
+
+    def default_policy(self) -> Policy:
+        return Policy(self.history_size, self.history_ttl, self.state_max_entries, self.state_max_bytes,
+                      self.max_data_bytes)
+
+    def policy_table(self) -> PolicyTable:
+        """The namespaces with the default namespace's policy: what every publish applies."""
+        return PolicyTable(self.default_policy(), self.namespaces)
 
 
 @dataclass(slots=True)
@@ -73,6 +84,10 @@ class BackendStats:
     channel_subscribes: int = 0
     channel_unsubscribes: int = 0
     state_evictions: int = 0
+    policy_conflict: int = 0
+    """1 while the policy Redis applies (the function library loaded there) is not this process's."""
+    policy_loads: int = 0
+    """Times this process loaded its function library (at start, and where Redis had lost it)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -113,6 +128,21 @@ class StateSnapshot:
     epoch: str
     seq: int
     entities: dict[str, Envelope]
+
+
+@dataclass(slots=True, frozen=True)
+class PolicyInfo:
+    """The policy publishes to a conversation get, and where it comes from.
+
+    ``namespace``: the glob that matched (``""``: the default namespace). ``fingerprint``:
+    of the policy applied (on Redis: of the library loaded on the conversation's node).
+    ``conflict``: that policy is not this process's own (another gateway loaded its own).
+    """
+
+    namespace: str
+    policy: Policy
+    fingerprint: str
+    conflict: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -217,6 +247,12 @@ class Backend(abc.ABC):
         Counts expire ``ttl`` seconds after the last report, so a dead gateway's
         counts vanish by themselves. A zero count removes the entry.
         """
+
+    async def policy(self, conv: str) -> PolicyInfo:
+        """The policy publishes to ``conv`` get (this default: the settings' own table)."""
+        table = self.settings.policy_table()
+        found = table.resolve(conv)
+        return PolicyInfo(found.namespace, found.policy, table.fingerprint)
 
     @abc.abstractmethod
     async def presence(self, conv: str) -> Presence:

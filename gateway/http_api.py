@@ -129,7 +129,7 @@ async def publish(conv_id: str, request: Request) -> Response:
         raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
     conv = _conv(conv_id)
     declared = request.headers.get("content-length")
-    limit = gw.settings.max_event_bytes + JSON_OVERHEAD
+    limit = gw.policies.resolve(conv).policy.max_data_bytes + JSON_OVERHEAD
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"body over {limit} bytes")
     body = await _read_body(request, limit)
@@ -187,6 +187,17 @@ async def presence(conv_id: str, request: Request) -> Response:
     _reader(request, gw, conv)
     found = await _backend_call(gw.backend.presence(conv))
     return JSONResponse({"conv_id": conv, "connections": found.connections, "by_profile": found.by_profile})
+
+
+@router.get("/v1/conversations/{conv_id}/policy")
+async def policy(conv_id: str, request: Request) -> Response:
+    """The policy publishes to this conversation get, and the namespace that matched (docs/namespaces.md)."""
+    gw = _gateway(request)
+    conv = _conv(conv_id)
+    _reader(request, gw, conv)
+    found = await _backend_call(gw.backend.policy(conv))
+    return JSONResponse({"conv_id": conv, "namespace": found.namespace or None, "policy": found.policy.as_dict(),
+                         "fingerprint": found.fingerprint, "conflict": found.conflict})
 
 
 @router.get("/healthz")

@@ -60,6 +60,9 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily("broadcaster_draining", "1 while draining", value=int(src.draining()))
         yield GaugeMetricFamily("broadcaster_backend_connected", "1 while the backend delivers live events",
                                 value=int(src.backend_connected()))
+        yield GaugeMetricFamily("broadcaster_policy_conflict",
+                                "1 while Redis applies another gateway's namespace policy (docs/namespaces.md)",
+                                value=backend.policy_conflict)
         counters = {
             "broadcaster_connections_opened": ("Websocket connections accepted", pool.connections_opened),
             "broadcaster_events_in": ("Live payloads received from the backend", hub.events_in),

@@ -22,6 +22,7 @@ class Settings:
     port: int = 8000
     redis_url: str | None = None
     profiles: str | None = None
+    namespaces: str | None = None
     plugin: list[str] = field(default_factory=list)
     auth_secret: str | None = None
     auth_public_key: str | None = None
@@ -65,6 +66,9 @@ HELP: dict[str, str] = {
     "port": "TCP port for HTTP and websockets",
     "redis_url": "redis://, rediss:// or redis+cluster://host:port[,host:port]; unset = embedded memory backend",
     "profiles": "TOML file with [profiles.NAME] tables",
+    "namespaces": "TOML file with [namespaces.\"GLOB\"] tables: retention and limits per group of conversations "
+                  "(history_size, history_ttl, state_max_entries, state_max_bytes, max_data_bytes), first match "
+                  "wins; the others get the options below (docs/namespaces.md)",
     "plugin": "module:attr of a plugin setup callable (repeatable; env: comma-separated)",
     "auth_secret": "HS256 secret: websocket clients need a JWT",
     "auth_public_key": "PEM file or text of an RS256/ES256 public key: websocket clients need a JWT",

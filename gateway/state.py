@@ -18,6 +18,7 @@ from broadcaster.envelope import Envelope
 from broadcaster.hooks import BackendPublisher, PluginContext
 from broadcaster.hub import Hub
 from broadcaster.importing import import_callable
+from broadcaster.namespaces import load_namespaces
 from broadcaster.presence import PresenceReporter
 from broadcaster.profiles import ProfileRegistry
 from gateway.auth import Authenticator, PublishKeys
@@ -54,13 +55,20 @@ class Gateway:
         if profiles is None:
             profiles = ProfileRegistry.from_file(settings.profiles) if settings.profiles else ProfileRegistry()
         self.profiles = profiles
+        try:
+            namespaces = tuple(load_namespaces(settings.namespaces)) if settings.namespaces else ()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         backend_settings = BackendSettings(
             history_size=settings.history_size, history_ttl=settings.history_ttl,
             state_max_entries=settings.state_max_entries,
-            state_max_bytes=settings.state_max_bytes, max_data_bytes=settings.max_event_bytes)
+            state_max_bytes=settings.state_max_bytes, max_data_bytes=settings.max_event_bytes,
+            namespaces=namespaces)
         self.backend = backend or backend_from_url(
             settings.redis_url, key_prefix=settings.key_prefix, settings=backend_settings,
             probe_interval=settings.redis_probe_interval, probe_timeout=settings.redis_probe_timeout)
+        self.policies = self.backend.settings.policy_table()
+        """The namespaces' policy (the HTTP API sizes a publish body by its conversation's max_data_bytes)."""
         self.publisher = BackendPublisher(self.backend)
         self.plugins = PluginContext(self.publisher, self.gateway_id)
         self.plugin_setups = [load_plugin(path) for path in settings.plugin]

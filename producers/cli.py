@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import orjson
 
+from broadcaster.backends.scripts import LibraryMissing
 from broadcaster.errors import BackendUnavailable, BroadcasterError, ValidationError
 from producers.producer import Producer
 
@@ -30,6 +31,7 @@ examples:
       through the gateway on {DEFAULT_URL} (the quick start's), any backend
   broadcaster-publish demo chat.message '{{"text": "hi"}}' --url redis://127.0.0.1:6379/0
       straight to Redis: seen by gateways started with that --redis-url and key prefix
+      (the conversation's namespace policy applies: a gateway must have started there)
 
 exit status: 0 published; 2 bad input; 1 unreachable or refused"""
 
@@ -84,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"broadcaster-publish: invalid {exc.field}: {exc.message}", file=sys.stderr)
         return 2
     except BackendUnavailable as exc:
-        print(f"broadcaster-publish: unavailable: {exc}; {_unreachable_hint(args.url)}", file=sys.stderr)
+        hint = "" if isinstance(exc.__cause__, LibraryMissing) else f"; {_unreachable_hint(args.url)}"
+        print(f"broadcaster-publish: unavailable: {exc}{hint}", file=sys.stderr)
         return 1
     except BroadcasterError as exc:
         print(f"broadcaster-publish: {exc}", file=sys.stderr)

@@ -12,17 +12,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
-from broadcaster.backend import (
-    DEFAULT_HISTORY_SIZE,
-    DEFAULT_HISTORY_TTL,
-    DEFAULT_STATE_MAX_BYTES,
-    DEFAULT_STATE_MAX_ENTRIES,
-    BackendSettings,
-)
+from broadcaster.backend import BackendSettings
 from broadcaster.backends.base import PreparedPublish, prepare_publish
-from broadcaster.codec import DEFAULT_MAX_DATA_BYTES
 from broadcaster.envelope import PublishRequest
 from broadcaster.errors import ValidationError
+from broadcaster.namespaces import POLICY_FIELDS
 
 PublishItem = PublishRequest | tuple[Any, ...]
 """A :class:`PublishRequest` or a tuple ``(conv, type, data[, id[, key]])``."""
@@ -32,20 +26,20 @@ PublishItem = PublishRequest | tuple[Any, ...]
 class ProducerOptions:
     """What ``Producer.from_url(url, **options)`` accepts.
 
-    ``history_size``, ``history_ttl``, ``state_max_entries``, ``state_max_bytes`` and ``max_data_bytes``
-    must match the gateways' settings when publishing straight to Redis (the
-    publish script applies them); over HTTP the gateway applies its own and
-    ``max_data_bytes`` only checks early. ``retry_budget``: seconds transient errors
-    are retried before :class:`BackendUnavailable`. ``timeout``: seconds per HTTP
-    request. ``publish_key``: HTTP ``Authorization: Bearer`` for publishing;
-    ``token``: the same for reads (presence) when the gateway requires auth.
+    No retention or limits: history size and TTL, state caps and the largest data are
+    the policy of the conversation's namespace, set once on the gateways
+    (``--namespaces FILE``, ``--history-size`` and friends) and applied by whoever
+    numbers the event: the gateway over HTTP, the function library the gateways load
+    into Redis when publishing straight to Redis (docs/namespaces.md). Passing one of
+    them is refused with a :class:`TypeError` saying so.
+
+    ``retry_budget``: seconds transient errors are retried before
+    :class:`BackendUnavailable` (over Redis, a key prefix no gateway has loaded its
+    library for yet is retried too). ``timeout``: seconds per HTTP request.
+    ``publish_key``: HTTP ``Authorization: Bearer`` for publishing; ``token``: the same
+    for reads (presence) when the gateway requires auth.
     """
 
-    history_size: int = DEFAULT_HISTORY_SIZE
-    history_ttl: int = DEFAULT_HISTORY_TTL
-    state_max_entries: int = DEFAULT_STATE_MAX_ENTRIES
-    state_max_bytes: int = DEFAULT_STATE_MAX_BYTES
-    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
     retry_budget: float = 10.0
     timeout: float = 5.0
     publish_key: str | None = None
@@ -54,15 +48,22 @@ class ProducerOptions:
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> ProducerOptions:
         known = {f.name for f in fields(cls)}
+        policy = sorted(set(options) & set(POLICY_FIELDS))
+        if policy:
+            raise TypeError(
+                f"{', '.join(policy)}: not a producer option any more. Retention and limits are the policy of "
+                "the conversation's namespace, set once on the gateways (--namespaces FILE, --history-size, "
+                "--history-ttl, --state-max-entries, --state-max-bytes, --max-event-bytes) and applied to every "
+                "publish whoever sends it; see docs/namespaces.md. GET /v1/conversations/{conv_id}/policy shows "
+                "a conversation's.")
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown producer option(s) {unknown}; known: {sorted(known)}")
         return cls(**options)
 
     def settings(self) -> BackendSettings:
-        return BackendSettings(history_size=self.history_size, history_ttl=self.history_ttl,
-                               state_max_entries=self.state_max_entries,
-                               state_max_bytes=self.state_max_bytes, max_data_bytes=self.max_data_bytes)
+        """Placeholder values for the publish call's policy arguments, which the publish function ignores."""
+        return BackendSettings()
 
 
 class Outgoing(NamedTuple):
@@ -81,12 +82,19 @@ def to_request(item: PublishItem) -> PublishRequest:
     raise ValidationError("request", f"expected PublishRequest or (conv, type, data[, id[, key]]), got {item!r}")
 
 
+ID_TTL = 10 * 365 * 86400
+"""The id TTL a producer asks for a chosen id: the publish function caps it at the namespace's history TTL."""
+MAX_DATA_BYTES = 512 * 1024 * 1024
+"""The producer's own size check: Redis' largest argument. The namespace's ``max_data_bytes`` is checked
+by whoever applies the policy (the gateway, the publish function: PayloadTooLarge)."""
+
+
 def prepare(items: Iterable[PublishItem], options: ProducerOptions) -> list[Outgoing]:
     """Validate and id-stamp every item; raises before anything is sent if one is bad."""
     out = []
     for item in items:
         request = to_request(item)
-        out.append(Outgoing(request, prepare_publish(request, options.history_ttl, options.max_data_bytes)))
+        out.append(Outgoing(request, prepare_publish(request, ID_TTL, MAX_DATA_BYTES)))
     return out
 
 

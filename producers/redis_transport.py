@@ -1,4 +1,9 @@
-"""Publishing straight to Redis: the publish script of ``broadcaster/backends/publish.lua``.
+"""Publishing straight to Redis: FCALL of the publish function the gateways load.
+
+The function (``scripts.build_library``: ``publish.lua``'s core plus the namespaces'
+policy) applies the conversation's policy: a producer carries none. Until a gateway
+has loaded the library for this key prefix, a publish is retried within the retry
+budget (a gateway may be starting), then :class:`BackendUnavailable` says so.
 
 The async transport is :class:`broadcaster.backends.redis.RedisCommands` itself (the
 gateway's own publish path). The blocking transport repeats only its I/O: building
@@ -9,7 +14,8 @@ and the retry policy are the shared ones from :mod:`broadcaster.backends.scripts
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import hiredis
@@ -23,12 +29,28 @@ from broadcaster.backend import BackendStats, Presence
 from broadcaster.backends import scripts
 from broadcaster.backends.redis import RedisCommands, client_options, make_async_client
 from broadcaster.envelope import PublishResult
+from broadcaster.errors import BackendUnavailable, PayloadTooLarge
 from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
 from broadcaster.validation import validate_conv_id
 from producers.options import Outgoing, ProducerOptions, prepared_only
 
 SyncClient = redis.Redis | RedisCluster
+
+
+@contextmanager
+def _explained() -> Iterator[None]:
+    """A missing library outlasting the retry budget: say so rather than "unreachable"."""
+    try:
+        yield
+    except BackendUnavailable as exc:
+        if isinstance(exc.__cause__, scripts.LibraryMissing):
+            raise BackendUnavailable(str(exc.__cause__)) from exc.__cause__
+        raise
+
+
+def _retry_policy(options: ProducerOptions) -> RetryPolicy:
+    return RetryPolicy(budget=options.retry_budget, is_transient=scripts.transient_or_missing_library)
 
 
 def make_sync_client(target: scripts.RedisTarget) -> SyncClient:
@@ -47,23 +69,31 @@ class SyncRedisTransport:
         self.client: Any = make_sync_client(target)
         self.layout = KeyLayout(key_prefix)
         self.settings = options.settings()
-        self.retry = RetryPolicy(budget=options.retry_budget)
+        self.retry = _retry_policy(options)
         self.sharded = target.is_cluster
+        self.library = scripts.library_name(key_prefix)
 
     def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
         if not batch:
             return []
-        publish = scripts.PublishBatch(self.layout, prepared_only(batch), self.settings, "", self.sharded)
+        publish = scripts.PublishBatch(self.layout, prepared_only(batch), self.settings, "", self.sharded,
+                                       self.library + "_publish")
 
         def attempt() -> list[PublishResult]:
             for _ in range(3):
                 publish.feed(self._send(publish.commands()))
                 if publish.done:
                     return publish.results()
+                if publish.needs_library:
+                    raise scripts.LibraryMissing(self.layout.prefix, self.library)
                 self._load_scripts()
             raise ResponseError("NOSCRIPT persists after SCRIPT LOAD")
 
-        return self.retry.call(attempt)
+        try:
+            with _explained():
+                return self.retry.call(attempt)
+        except scripts.DataTooLarge as exc:
+            raise PayloadTooLarge("data", str(exc)) from None
 
     def presence(self, conv: str) -> Presence:
         command = scripts.presence_call(self.layout, validate_conv_id(conv))
@@ -131,10 +161,11 @@ class AsyncRedisTransport:
     def __init__(self, target: scripts.RedisTarget, key_prefix: str, options: ProducerOptions) -> None:
         self.commands = RedisCommands(make_async_client(target), layout=KeyLayout(key_prefix),
                                       settings=options.settings(), stats=BackendStats(),
-                                      retry=RetryPolicy(budget=options.retry_budget))
+                                      retry=_retry_policy(options))
 
     async def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
-        return await self.commands.publish_many(prepared_only(batch))
+        with _explained():
+            return await self.commands.publish_many(prepared_only(batch))
 
     async def presence(self, conv: str) -> Presence:
         return await self.commands.presence(conv)

@@ -4,8 +4,11 @@ Same semantics as the Redis backend (seq, epoch, history window and TTL,
 idempotency, keyed state, presence expiry), kept in dicts. Live delivery is
 scheduled with ``loop.call_soon`` so a listener that publishes is never re-entered.
 
+Each conversation gets its namespace's policy (``settings.namespaces``, see
+:mod:`broadcaster.namespaces`), resolved here as the Redis function library resolves it.
+
 Expiry works as Redis does it for the Redis backend: a conversation's events, state
-and remembered ids go ``history_ttl`` seconds after its last publish; its epoch and seq
+and remembered ids go ``history_ttl`` seconds (its namespace's) after its last publish; its epoch and seq
 stay until ``max(history_ttl, EPOCH_PERIOD)`` after it (the meta hash of
 ``publish.lua``), then it is gone. Records are dropped lazily when touched, and by an
 incremental sweep: every operation retires at most ``SWEEP_PER_OPERATION`` expired
@@ -39,6 +42,7 @@ from broadcaster.backend import (
     Head,
     HistoryPage,
     Listener,
+    PolicyInfo,
     Presence,
     ReconnectCallback,
     StateSnapshot,
@@ -66,6 +70,7 @@ class _Conversation:
     state_bytes: int = 0
     ids: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (seq, expires at)
     expires_at: float = 0.0  # of the events, state and ids: last publish + history ttl
+    ttl: int = 0  # its namespace's history ttl, as of its last publish
 
 
 class _Numbering(NamedTuple):
@@ -86,6 +91,7 @@ class MemoryBackend(Backend):
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings or BackendSettings()
         self.stats = BackendStats()
+        self.policies = self.settings.policy_table()
         self._clock = clock
         self._salt = os.urandom(16)
         # both in the order their data expires (last publish first), so a sweep looks at the front only
@@ -168,7 +174,7 @@ class MemoryBackend(Backend):
     def _retire(self, conv: str, record: _Conversation) -> None:
         """``record``'s data expired: keep its numbering as long as the meta hash would live."""
         del self._convs[conv]
-        ttl = self.settings.history_ttl
+        ttl = record.ttl
         if EPOCH_PERIOD > ttl:
             self._numbering[conv] = _Numbering(record.epoch, record.seq, record.expires_at - ttl + EPOCH_PERIOD)
             self._peak_numbering = max(self._peak_numbering, len(self._numbering))
@@ -210,19 +216,21 @@ class MemoryBackend(Backend):
         self._peak_convs = max(self._peak_convs, len(self._convs))
         return record
 
-    def _refresh(self, conv: str, record: _Conversation, now: float) -> None:
+    def _refresh(self, conv: str, record: _Conversation, now: float, ttl: int) -> None:
         """A publish: the conversation's TTL starts again, and it moves to the back of the expiry order."""
-        record.expires_at = now + self.settings.history_ttl
+        record.ttl = ttl
+        record.expires_at = now + ttl
         self._convs.move_to_end(conv)
 
     def _apply(self, prepared: PreparedPublish) -> tuple[PublishResult, Envelope | None]:
         # Everything that can fail comes before the first change: a failed event takes no seq.
         data = msgpack.unpackb(prepared.data, raw=False)
+        policy = self.policies.resolve(prepared.conv).policy
         now = self._clock()
         record = self._record_for_publish(prepared.conv, now)
         known = record.ids.get(prepared.id)
         if known is not None and known[1] > now:
-            self._refresh(prepared.conv, record, now)  # as publish.lua does for a duplicate
+            self._refresh(prepared.conv, record, now, policy.history_ttl)  # as publish.lua does for a duplicate
             return PublishResult(prepared.conv, known[0], prepared.id, record.epoch, duplicate=True), None
         seq = record.seq + 1
         env = Envelope(prepared.conv, seq, prepared.id, prepared.type, int(time.time() * 1000), data,
@@ -230,10 +238,10 @@ class MemoryBackend(Backend):
         size = len(encode_envelope(env)) if prepared.key is not None and data is not None else 0
         record.seq = seq
         record.log.append(env)
-        while len(record.log) > self.settings.history_size:
+        while len(record.log) > policy.history_size:
             record.log.popleft()
-        record.ids[prepared.id] = (seq, now + prepared.id_ttl)
-        if len(record.ids) > 4 * self.settings.history_size:
+        record.ids[prepared.id] = (seq, now + min(prepared.id_ttl, policy.history_ttl))
+        if len(record.ids) > 4 * policy.history_size:
             record.ids = {k: v for k, v in record.ids.items() if v[1] > now}
         evicted = 0
         if prepared.key is not None:
@@ -243,14 +251,14 @@ class MemoryBackend(Backend):
                 record.state[prepared.key] = env  # ``size``: what the Redis backend stores for it
                 record.state_sizes[prepared.key] = size
                 record.state_bytes += size
-                max_bytes = self.settings.state_max_bytes
-                while len(record.state) > self.settings.state_max_entries or (
+                max_bytes = policy.state_max_bytes
+                while len(record.state) > policy.state_max_entries or (
                         max_bytes > 0 and record.state_bytes > max_bytes and len(record.state) > 1):
                     oldest, _ = record.state.popitem(last=False)
                     record.state_bytes -= record.state_sizes.pop(oldest)
                     evicted += 1
         self.stats.state_evictions += evicted
-        self._refresh(prepared.conv, record, now)
+        self._refresh(prepared.conv, record, now, policy.history_ttl)
         return PublishResult(prepared.conv, seq, prepared.id, record.epoch, evicted=evicted), env
 
     def _fan_out(self, env: Envelope | None) -> None:
@@ -263,13 +271,20 @@ class MemoryBackend(Backend):
         return (await self.publish_many([PublishRequest(conv, type, data, id, key)]))[0]
 
     async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
-        prepared = [prepare_publish(r, self.settings.history_ttl, self.settings.max_data_bytes) for r in requests]
+        prepared = []
+        for r in requests:
+            policy = self.policies.resolve(r.conv).policy if isinstance(r.conv, str) else self.policies.default
+            prepared.append(prepare_publish(r, policy.history_ttl, policy.max_data_bytes))
         results = []
         for item in prepared:
             result, env = self._apply(item)
             self._fan_out(env)
             results.append(result)
         return results
+
+    async def policy(self, conv: str) -> PolicyInfo:
+        found = self.policies.resolve(conv)
+        return PolicyInfo(found.namespace, found.policy, self.policies.fingerprint)
 
     async def subscribe(self, conv: str, listener: Listener) -> None:
         await self._registry.add(conv, listener)

@@ -160,6 +160,20 @@ else
   history_size, history_ttl = ARGV[6], ARGV[7]
   max_entries, sharded, max_bytes = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12] or '0') or 0
 end
+-- POLICY. Run as this script (EVAL / EVALSHA), the policy is the caller's arguments above
+-- (deprecated: it bypasses namespaces). Run as the publish function of the library the
+-- gateways load (scripts.build_library: FCALL), POLICY is the conversation's namespace
+-- policy {history size, history ttl, max state entries, max state bytes, max data bytes},
+-- and the arguments above are ignored: producers never carry policy.
+local POLICY = false -- @policy: this line is replaced in the function library
+local max_data, id_ttl, batch_ttl = 0, ARGV[8], ARGV[4]
+if POLICY then
+  history_size, history_ttl = POLICY[1], POLICY[2]
+  max_entries, max_bytes, max_data = POLICY[3], POLICY[4], POLICY[5]
+  -- ids and batch keys live at most as long as the namespace's history
+  id_ttl = math.min(tonumber(ARGV[8]) or history_ttl, history_ttl)
+  batch_ttl = math.min(tonumber(ARGV[4]) or history_ttl, history_ttl)
+end
 
 local current = redis.call('HMGET', meta, 'epoch', 'seq')
 local epoch = current[1]
@@ -231,9 +245,45 @@ local function write_state(key, delete, payload)
   return evicted
 end
 
+-- The msgpack str at `pos` of `s`: the position just after it (nil if none is there).
+local function str_end(s, pos)
+  local b = string.byte(s, pos)
+  if not b then
+    return nil
+  elseif b >= 0xa0 and b <= 0xbf then
+    return pos + 1 + b - 0xa0
+  elseif b == 0xd9 then
+    return pos + 2 + string.byte(s, pos + 1)
+  elseif b == 0xda then
+    return pos + 3 + string.byte(s, pos + 1) * 256 + string.byte(s, pos + 2)
+  end
+  return nil -- longer than any conversation id, type or event id may be
+end
+
+-- Bytes of the msgpack data in a batch event's fields (v, conv, type, id, data[, key]).
+local function data_size(fields, key)
+  local pos = str_end(fields, 9) -- after "\161v\001\164conv": the conversation id
+  pos = pos and str_end(fields, pos + 5) -- after "\164type"
+  pos = pos and str_end(fields, pos + 3) -- after "\162id"
+  if not pos then
+    return #fields
+  end
+  local tail = key ~= '' and 4 + #mp_str(key) or 0
+  return #fields - tail - (pos + 5) + 1 -- "\164data" then the data
+end
+
 -- Publish one event; `id_key` (or false) remembers its id for `id_ttl` seconds.
 -- Returns its seq, 1 if it was a duplicate of an earlier event (else 0), and evictions.
-local function publish(fields, key, delete, id_key, id_ttl)
+-- Data over the namespace's max data bytes (`data`: the one-event form's; else measured
+-- in `fields`) is refused before any write: a refused event takes no seq.
+local function publish(fields, key, delete, id_key, id_ttl, data)
+  if max_data > 0 then
+    local size = data and #data or data_size(fields, key)
+    if size > max_data then
+      error({too_large = 'TOOLARGE event data is ' .. size .. ' bytes (msgpack), over max_data_bytes '
+        .. max_data .. ' of its namespace'})
+    end
+  end
   if id_key then
     local first = redis.call('GET', id_key)
     if first then
@@ -286,7 +336,7 @@ local ok, failure = pcall(function()
         s, duplicate, evicted = applied[j], 1, 0
       else
         wrote_state = wrote_state or key ~= ''
-        s, duplicate, evicted = publish(ARGV[10 + j], key, code >= 4, id_key, history_ttl)
+        s, duplicate, evicted = publish(ARGV[10 + j], key, code >= 4, id_key, history_ttl, false)
       end
       seqs[j] = s
       reply[#reply + 1] = s
@@ -301,13 +351,13 @@ local ok, failure = pcall(function()
       fields = fields .. '\163key' .. mp_str(key)
     end
     wrote_state = key ~= ''
-    local s, duplicate, evicted = publish(fields, key, data == '\192', KEYS[6], ARGV[8])
+    local s, duplicate, evicted = publish(fields, key, data == '\192', KEYS[6], id_ttl, data)
     reply = {s, epoch, duplicate, evicted}
   end
 end)
 if batch and #seqs > 0 then
   -- all the events, or those applied before a failure: a retry answers them from here
-  redis.call('SET', KEYS[6], epoch .. ':' .. table.concat(seqs, ' '), 'EX', ARGV[4])
+  redis.call('SET', KEYS[6], epoch .. ':' .. table.concat(seqs, ' '), 'EX', batch_ttl)
 end
 if seq ~= last then
   redis.call('HSET', meta, 'seq', seq)
@@ -335,6 +385,9 @@ elseif wrote_state and redis.call('TTL', state) == -1 then
   redis.call('EXPIRE', order, history_ttl)
 end
 if not ok then
+  if type(failure) == 'table' and failure.too_large then
+    return redis.error_reply(failure.too_large)
+  end
   error(failure)
 end
 return reply

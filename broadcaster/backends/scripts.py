@@ -8,6 +8,10 @@ the blocking SDK: they only differ in how they send a command and await its repl
 * ``publish_batch_call`` / ``parse_publish_batch_reply`` and friends: build a script's
   KEYS and ARGV, and turn its reply into the core dataclasses;
 * :class:`PublishBatch`: the retry-safe bookkeeping of one ``publish_many``;
+* :func:`build_library`: the Redis Function library the gateways load (FUNCTION LOAD
+  REPLACE): the publish core of ``publish.lua`` plus the namespaces' policy, so every
+  producer's publish gets its conversation's policy without carrying it (see
+  docs/namespaces.md);
 * :func:`parse_redis_url`: ``redis://``, ``rediss://``, ``redis+cluster://`` and ``rediss+cluster://`` URLs.
 """
 
@@ -16,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from broadcaster.backend import BackendSettings, BackendStats, Head, HistoryPage, Presence, StateSnapshot
 from broadcaster.backends.base import PreparedPublish, generated_id_ttl, new_event_id
@@ -29,6 +34,8 @@ from broadcaster.codec import decode_envelope, envelope_fields, envelope_fields_
 from broadcaster.envelope import Envelope, PublishResult
 from broadcaster.errors import PayloadDecodeError, ValidationError
 from broadcaster.keys import KeyLayout
+from broadcaster.namespaces import PolicyTable
+from broadcaster.retry import is_transient_redis_error
 
 log = logging.getLogger("broadcaster.backend")
 
@@ -64,6 +71,181 @@ SCRIPTS = (PUBLISH, READ, PRESENCE_REPORT, PRESENCE)
 def is_noscript(reply: object) -> bool:
     """True for the error a server answers when it does not know a script's SHA (yet)."""
     return isinstance(reply, NoScriptError)
+
+
+# --- the function library ------------------------------------------------------
+
+LIBRARY_VERSION = 1
+"""Bumped whenever the library's code changes in a way its fingerprint must show."""
+_POLICY_LINE = "local POLICY = false -- @policy: this line is replaced in the function library\n"
+
+
+class LibraryMissing(ResponseError):
+    """Redis has no function library for this key prefix: no gateway has loaded its policy there (yet)."""
+
+    def __init__(self, prefix: str, library: str) -> None:
+        super().__init__(
+            f"no broadcaster function library {library!r} for key prefix {prefix!r} on this Redis: a gateway "
+            f"(broadcaster-gateway --redis-url ... --key-prefix {prefix}) must have started against it; it loads "
+            "the namespaces' policy that every publish applies (docs/namespaces.md)")
+        self.prefix, self.library = prefix, library
+
+
+class DataTooLarge(ResponseError):
+    """The publish function refused an event whose data is over its namespace's ``max_data_bytes``."""
+
+
+def library_name(prefix: str) -> str:
+    """The library's name for ``prefix``: function names are global in Redis and only ``[A-Za-z0-9_]``.
+
+    ``broadcaster_p_<prefix>`` for a prefix of letters and digits, else ``broadcaster_h_<hex of the prefix>``
+    (two forms that cannot collide: a hex form always follows ``h_``).
+    """
+    if re.fullmatch(r"[A-Za-z0-9]+", prefix):
+        return f"broadcaster_p_{prefix}"
+    return "broadcaster_h_" + prefix.encode().hex()
+
+
+def _lua_str(text: str) -> str:
+    """A Lua string literal for any text (every byte outside a safe set as a decimal escape)."""
+    safe = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 ._:-*?^$%[]!=;,{}()+")
+    return "'" + "".join(chr(b) if b in safe else f"\\{b:03d}" for b in text.encode()) + "'"
+
+
+def _lua_policy(values: Mapping[str, int]) -> str:
+    return "{" + ", ".join(str(values[name]) for name in
+                           ("history_size", "history_ttl", "state_max_entries", "state_max_bytes",
+                            "max_data_bytes")) + "}"
+
+
+_DIGEST_LINE = "local digest = redis.sha1hex or hex48\n"
+SCRIPTS_HAVE_SHA1 = ("EVAL", "return redis.sha1hex and 1 or 0", 0)
+"""Whether this server's scripts have ``redis.sha1hex`` (fakeredis' do not, its functions do)."""
+
+
+def library_code(library: FunctionLibrary, scripts_have_sha1: bool) -> str:
+    """The code to load: where scripts lack ``redis.sha1hex``, the library hashes as they do.
+
+    The unborn epoch ``read.lua`` (a script) announces must be the one the publish
+    function adopts, so both must use the same digest.
+    """
+    if scripts_have_sha1:
+        return library.code
+    return library.code.replace(_DIGEST_LINE, "local digest = hex48 -- as this server's scripts must\n")
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionLibrary:
+    """One key prefix's function library: its code, and the fingerprint of the policy in it."""
+
+    prefix: str
+    name: str
+    code: str
+    fingerprint: str
+    description: str
+    """:meth:`PolicyTable.describe` of the policy compiled in (a conflict report names fields from it)."""
+
+    @property
+    def publish_function(self) -> str:
+        return f"{self.name}_publish"
+
+    @property
+    def policy_function(self) -> str:
+        return f"{self.name}_policy"
+
+
+def build_library(prefix: str, table: PolicyTable) -> FunctionLibrary:
+    """The function library of ``prefix`` applying ``table``.
+
+    Two functions: ``<name>_publish`` takes exactly ``publish.lua``'s KEYS and ARGV (both
+    forms), looks up the conversation's namespace from KEYS[1] and applies its policy,
+    ignoring the policy arguments; ``<name>_policy`` (read-only, FCALL_RO) answers
+    ``{fingerprint, namespace, history_size, history_ttl, state_max_entries, state_max_bytes,
+    max_data_bytes}`` for a conversation id, or ``{fingerprint, description}`` for ``""``.
+    """
+    name = library_name(prefix)
+    fingerprint = f"v{LIBRARY_VERSION}-{table.fingerprint}"
+    body = PUBLISH.source
+    if body.count(_POLICY_LINE) != 1:
+        raise RuntimeError("publish.lua lost its @policy line")
+    body = body.replace(_POLICY_LINE, "-- POLICY: the conversation's namespace policy, from the library\n")
+    namespaces = ",\n  ".join(
+        "{" + f"{_lua_str(ns.glob)}, {_lua_str(ns.lua_pattern)}, {_lua_policy(policy.as_dict())}" + "}"
+        for ns, policy in zip(table.namespaces, table.policies, strict=True))
+    code = f"""#!lua name={name}
+-- broadcaster function library for key prefix {prefix!r} (generated: broadcaster/backends/scripts.py)
+local PREFIX = {_lua_str(prefix)}
+local FINGERPRINT = {_lua_str(fingerprint)}
+local DESCRIPTION = {_lua_str(table.describe())}
+local DEFAULT = {_lua_policy(table.default.as_dict())}
+local NAMESPACES = {{
+  {namespaces}
+}}
+
+local function resolve(conv)
+  for i = 1, #NAMESPACES do
+    local ns = NAMESPACES[i]
+    if string.find(conv, ns[2]) then
+      return ns[1], ns[3]
+    end
+  end
+  return '', DEFAULT
+end
+
+local HEAD = PREFIX .. ':{{'
+local function conv_of(meta)
+  if string.sub(meta, 1, #HEAD) ~= HEAD or string.sub(meta, -6) ~= '}}:meta' then
+    return nil
+  end
+  return string.sub(meta, #HEAD + 1, -7)
+end
+
+local function publish_script(KEYS, ARGV, POLICY)
+{body}
+end
+
+redis.register_function('{name}_publish', function(keys, args)
+  local conv = conv_of(keys[1] or '')
+  if not conv then
+    return redis.error_reply('ERR KEYS[1] is not the meta key of a conversation of key prefix ' .. PREFIX)
+  end
+  local _, policy = resolve(conv)
+  return publish_script(keys, args, policy)
+end)
+
+redis.register_function{{function_name = '{name}_policy', flags = {{'no-writes'}}, callback = function(keys, args)
+  local conv = args[1] or ''
+  if conv == '' then
+    return {{FINGERPRINT, DESCRIPTION}}
+  end
+  local ns, p = resolve(conv)
+  return {{FINGERPRINT, ns, p[1], p[2], p[3], p[4], p[5]}}
+end}}
+"""
+    return FunctionLibrary(prefix, name, code, fingerprint, table.describe())
+
+
+def is_library_missing(reply: object) -> bool:
+    """True for the error FCALL answers when the function is not loaded (a fresh or flushed server)."""
+    return isinstance(reply, ResponseError) and "function not found" in str(reply).lower()
+
+
+def is_too_large(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("TOOLARGE")
+
+
+def transient_or_missing_library(exc: BaseException) -> bool:
+    """A producer's retry predicate: transient errors, and a library no gateway has loaded yet."""
+    return is_transient_redis_error(exc) or isinstance(exc, LibraryMissing)
+
+
+def policy_call(library: FunctionLibrary, layout: KeyLayout, conv: str) -> Command:
+    """FCALL_RO of the library's policy function for ``conv`` (its meta key routes it to the conversation's node)."""
+    return ("FCALL_RO", library.policy_function, 1, layout.meta(conv), conv)
+
+
+def policy_fingerprint_call(library: FunctionLibrary) -> Command:
+    return ("FCALL_RO", library.policy_function, 0, "")
 
 
 def _text(value: Any) -> str:
@@ -111,13 +293,14 @@ def publish_call(
 
 def publish_batch_call(
     layout: KeyLayout, batch_id: str, events: Sequence[PreparedPublish], settings: BackendSettings, epoch: str,
-    sharded: bool, retry: bool,
+    sharded: bool, retry: bool, function: str | None = None,
 ) -> Command:
     """``publish.lua``'s batch form for ``events``, all of one conversation, in order.
 
     ``retry``: this batch id may have been sent before, so the script first looks
     for its batch key; a fresh batch id skips that lookup. ``epoch`` is ignored by the
-    script, as in :func:`publish_call`.
+    script, as in :func:`publish_call`. ``function``: FCALL the library's publish
+    function (which applies the namespace's policy, not ``settings``) instead of EVALSHA.
     """
     conv = events[0].conv
     keys = [*_conversation_keys(layout, conv), layout.batch(conv, batch_id)]
@@ -142,6 +325,8 @@ def publish_batch_call(
             head = heads[event.type] = envelope_fields_head(conv, event.type)
         codes.append(code)
         fields.append(envelope_fields(head, event.id, event.data, event.key))
+    if function is not None:
+        return ("FCALL", function, len(keys), *keys, *args, bytes(codes), *fields, *state_keys)
     return PUBLISH.command(keys, [*args, bytes(codes), *fields, *state_keys])
 
 
@@ -168,7 +353,9 @@ class PublishBatch:
     loops: ``commands()`` gives the calls still without a reply; it sends them (one
     pipeline, one round trip) and hands the replies to ``feed()``. A ``NOSCRIPT``
     reply leaves its group pending and sets ``needs_script`` (load
-    ``PUBLISH.source``, then loop); another error reply is raised once the successes
+    ``PUBLISH.source``, then loop), a missing function library ``needs_library``
+    (a gateway loads its library; a producer cannot: it waits for a gateway to);
+    a ``TOOLARGE`` refusal is raised as :class:`DataTooLarge`; another error reply is raised once the successes
     next to it are recorded. Each group keeps its batch id, event ids and epoch
     across attempts, so a driver may retry after any failure: a group applied by an
     attempt whose reply was lost is answered from its batch key, every event a
@@ -179,9 +366,10 @@ class PublishBatch:
 
     def __init__(
         self, layout: KeyLayout, prepared: Sequence[PreparedPublish], settings: BackendSettings, epoch: str,
-        sharded: bool,
+        sharded: bool, function: str | None = None,
     ) -> None:
         self._layout, self._settings, self._epoch, self._sharded = layout, settings, epoch, sharded
+        self._function = function
         by_conv: dict[str, list[int]] = {}
         for index, event in enumerate(prepared):
             by_conv.setdefault(event.conv, []).append(index)
@@ -195,6 +383,7 @@ class PublishBatch:
         self._sent: list[int] = []
         self._attempts = 0
         self.needs_script = False
+        self.needs_library = False
 
     @property
     def done(self) -> bool:
@@ -203,10 +392,11 @@ class PublishBatch:
     def commands(self) -> list[Command]:
         """The calls to send now (those without a result yet), in publish order."""
         self._sent = list(self._pending)
-        self.needs_script = False
+        self.needs_script = self.needs_library = False
         retry = self._attempts > 0
         self._attempts += 1
-        return [publish_batch_call(self._layout, batch_id, events, self._settings, self._epoch, self._sharded, retry)
+        return [publish_batch_call(self._layout, batch_id, events, self._settings, self._epoch, self._sharded, retry,
+                                   self._function)
                 for _, events, batch_id in (self._groups[g] for g in self._sent)]
 
     def feed(self, replies: Sequence[Any]) -> None:
@@ -220,6 +410,10 @@ class PublishBatch:
                 pending.append(group)
                 if is_noscript(reply):
                     self.needs_script = True
+                elif is_library_missing(reply):
+                    self.needs_library = True
+                elif is_too_large(reply):
+                    error = error or DataTooLarge(str(reply))
                 else:
                     error = error or reply
                 continue

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +16,7 @@ from broadcaster.backend import (
     HistoryPage,
     HistoryRead,
     Listener,
+    PolicyInfo,
     Presence,
     ReconnectCallback,
     ResubscribeCallback,
@@ -26,6 +30,11 @@ from broadcaster.backends.redis.subscriber import Subscriber
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
+
+log = logging.getLogger("broadcaster.backend.redis")
+
+POLICY_CHECK_INTERVAL = 3.0
+"""Seconds between two checks that Redis still has this gateway's function library, with its policy."""
 
 
 class RedisBackend(Backend):
@@ -63,8 +72,11 @@ class RedisBackend(Backend):
         self._probe_timeout = probe_timeout
         if client is None:
             client = make_async_client(scripts.parse_redis_url(url))
+        self.policies = self.settings.policy_table()
+        self.library = scripts.build_library(key_prefix, self.policies)
         self.commands = RedisCommands(client, layout=self.layout, settings=self.settings, stats=self.stats,
-                                      retry=RetryPolicy(budget=retry_budget))
+                                      retry=RetryPolicy(budget=retry_budget), library=self.library)
+        self._policy_task: asyncio.Task[None] | None = None
         self._callbacks: list[ReconnectCallback] = []
         self._resubscribe_callbacks: list[ResubscribeCallback] = []
         self._subscriber = Subscriber(
@@ -90,8 +102,31 @@ class RedisBackend(Backend):
     async def start(self) -> None:
         """Open the pub/sub connection; BackendUnavailable if Redis stays unreachable for ``retry_budget``."""
         await self._subscriber.start(max(self._retry_budget, 1.0))
+        await self.commands.ensure_library()
+        log.info("loaded function library %s (policy %s): %s", self.library.name, self.library.fingerprint,
+                 self.library.description)
+        if self._policy_task is None:
+            self._policy_task = asyncio.create_task(self._watch_policy(), name="policy-watch")
+
+    async def _watch_policy(self) -> None:
+        """Every POLICY_CHECK_INTERVAL: reload the library where Redis lost it; report a foreign policy."""
+        while True:
+            await asyncio.sleep(POLICY_CHECK_INTERVAL)
+            try:
+                await self.commands.check_library()
+            except Exception as exc:  # Redis down: the subscriber reports that; try again next time
+                log.debug("policy check failed: %r", exc)
+
+    async def check_policy(self) -> list[str]:
+        """Check now (see :meth:`RedisCommands.check_library`): the differences with the policy Redis applies."""
+        return await self.commands.check_library()
 
     async def close(self) -> None:
+        if self._policy_task is not None:
+            self._policy_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._policy_task
+            self._policy_task = None
         await self._registry.close()
         await self._subscriber.close()
         await self.commands.close()
@@ -120,8 +155,15 @@ class RedisBackend(Backend):
         return (await self.publish_many([PublishRequest(conv, type, data, id, key)]))[0]
 
     async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
-        prepared = [prepare_publish(r, self.settings.history_ttl, self.settings.max_data_bytes) for r in requests]
+        prepared = []
+        for r in requests:
+            policy = self.policies.resolve(r.conv).policy if isinstance(r.conv, str) else self.policies.default
+            prepared.append(prepare_publish(r, policy.history_ttl, policy.max_data_bytes))
         return await self.commands.publish_many(prepared)
+
+    async def policy(self, conv: str) -> PolicyInfo:
+        """What the library on ``conv``'s Redis node applies to it (``conflict``: not this gateway's policy)."""
+        return await self.commands.policy(conv)
 
     async def subscribe(self, conv: str, listener: Listener) -> None:
         await self._registry.add(conv, listener)

@@ -14,13 +14,14 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from broadcaster.backend import BackendSettings, BackendStats, Head, HistoryPage, Presence, StateSnapshot
+from broadcaster.backend import BackendSettings, BackendStats, Head, HistoryPage, PolicyInfo, Presence, StateSnapshot
 from broadcaster.backends import scripts
 from broadcaster.backends.base import PreparedPublish, new_epoch
 from broadcaster.backends.redis.clients import MAX_CONNECTIONS, AsyncClient
 from broadcaster.envelope import PublishResult
-from broadcaster.errors import BackendUnavailable
+from broadcaster.errors import BackendUnavailable, PayloadTooLarge
 from broadcaster.keys import KeyLayout
+from broadcaster.namespaces import Policy, differences
 from broadcaster.retry import RetryPolicy
 from broadcaster.validation import validate_conv_id
 
@@ -38,16 +39,27 @@ class RedisCommands:
     Every call is one Lua script (several in one pipeline for ``publish_many``,
     ``history_many`` and ``report_presence``), retried under ``retry`` while the
     error is transient, then :class:`BackendUnavailable`. Scripts are called by SHA
-    and loaded on ``NOSCRIPT`` (a restarted or flushed server). At most
+    and loaded on ``NOSCRIPT`` (a restarted or flushed server). Publishes FCALL the
+    key prefix's function library (``scripts.build_library``), which applies the
+    namespaces' policy: a gateway passes its ``library`` and loads it at start and
+    wherever Redis lost it; a producer passes none and, finding no library, raises
+    :class:`scripts.LibraryMissing` (retried under its own policy: a gateway may be
+    starting). At most
     ``max_in_flight`` calls use the client at once; the others wait their turn, so a
     burst never asks a pool for more connections than it has.
     """
 
     def __init__(self, client: AsyncClient, *, layout: KeyLayout, settings: BackendSettings,
-                 stats: BackendStats, retry: RetryPolicy, max_in_flight: int = MAX_CONNECTIONS) -> None:
+                 stats: BackendStats, retry: RetryPolicy, max_in_flight: int = MAX_CONNECTIONS,
+                 library: scripts.FunctionLibrary | None = None) -> None:
         self.client = client
         self.layout = layout
         self.settings = settings
+        self.library = library
+        self.publish_function = (library.publish_function if library is not None
+                                 else scripts.library_name(layout.prefix) + "_publish")
+        self._conflict: str | None = None  # the foreign fingerprint last reported
+        self._scripts_have_sha1: bool | None = None
         self.stats = stats
         self.retry = retry
         self.sharded = isinstance(client, RedisCluster)
@@ -65,17 +77,24 @@ class RedisCommands:
         """Run ``publish.lua`` for each event, in order, in one pipeline (one round trip)."""
         if not prepared:
             return []
-        batch = scripts.PublishBatch(self.layout, prepared, self.settings, new_epoch(), self.sharded)
+        batch = scripts.PublishBatch(self.layout, prepared, self.settings, new_epoch(), self.sharded,
+                                     self.publish_function)
 
         async def attempt() -> list[PublishResult]:
             for _ in range(3):
                 batch.feed(await self._send(batch.commands()))
                 if batch.done:
                     return batch.results()
-                await self.load_scripts()
-            raise ResponseError("NOSCRIPT persists after SCRIPT LOAD")
+                if batch.needs_library:
+                    await self._library_lost()
+                else:
+                    await self.load_scripts()
+            raise ResponseError("the publish function is still missing after FUNCTION LOAD")
 
-        results = await self._retrying(attempt)
+        try:
+            results = await self._retrying(attempt)
+        except scripts.DataTooLarge as exc:
+            raise PayloadTooLarge("data", str(exc)) from None
         self.stats.state_evictions += sum(r.evicted for r in results)
         return results
 
@@ -174,6 +193,96 @@ class RedisCommands:
         """SCRIPT LOAD every script (on every primary of a cluster)."""
         for script in scripts.SCRIPTS:
             await self.client.script_load(script.source)
+
+    async def ensure_library(self) -> None:
+        """:meth:`load_library` under the retry policy (a gateway's start)."""
+        await self._retrying(self.load_library)
+
+    async def load_library(self) -> None:
+        """FUNCTION LOAD REPLACE this gateway's library (on every primary of a cluster)."""
+        assert self.library is not None
+        if self._scripts_have_sha1 is None:
+            self._scripts_have_sha1 = bool(await self.client.execute_command(*scripts.SCRIPTS_HAVE_SHA1))
+        await self.client.function_load(scripts.library_code(self.library, self._scripts_have_sha1), replace=True)
+        self.stats.policy_loads += 1
+        self._conflict = None
+        self.stats.policy_conflict = 0
+
+    async def _library_lost(self) -> None:
+        if self.library is None:
+            raise scripts.LibraryMissing(self.layout.prefix, scripts.library_name(self.layout.prefix))
+        log.warning("the function library %s was missing on Redis (restarted or flushed?): loading it again",
+                    self.library.name)
+        await self.load_library()
+
+    async def check_library(self) -> list[str]:
+        """Compare the library loaded on Redis (every primary) with this gateway's; reload it where missing.
+
+        Returns the differences found (empty: the same policy everywhere). A foreign
+        policy is logged at WARNING once per fingerprint, naming the fields, and
+        ``stats.policy_conflict`` is 1 while it lasts; it is not overwritten (two
+        gateways would flap), see docs/namespaces.md.
+        """
+        library = self.library
+        assert library is not None
+        command = scripts.policy_fingerprint_call(library)
+        replies: list[Any] = []
+        if isinstance(self.client, RedisCluster):
+            for node in self.client.get_primaries():
+                try:
+                    replies.append(await self.client.execute_command(*command, target_nodes=node))
+                except ResponseError as exc:
+                    replies.append(exc)
+        else:
+            try:
+                replies.append(await self.client.execute_command(*command))  # type: ignore[no-untyped-call]
+            except ResponseError as exc:
+                replies.append(exc)
+        if any(scripts.is_library_missing(r) for r in replies):
+            await self._library_lost()
+            return []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        found = []
+        for reply in replies:
+            fingerprint, description = scripts._text(reply[0]), scripts._text(reply[1])
+            if fingerprint != library.fingerprint:
+                found = differences(library.description, description) or [f"fingerprint {fingerprint}"]
+                if self._conflict != fingerprint:
+                    log.warning("namespace policy conflict on key prefix %r: Redis applies policy %s, this gateway's "
+                                "is %s; differences: %s. Publishes follow the policy loaded last; restart the "
+                                "gateways with one namespaces file and the same retention options",
+                                self.layout.prefix, fingerprint, library.fingerprint, "; ".join(found))
+                    self._conflict = fingerprint
+                break
+        else:
+            if self._conflict is not None:
+                log.info("namespace policy conflict on key prefix %r resolved", self.layout.prefix)
+            self._conflict = None
+        self.stats.policy_conflict = 1 if found else 0
+        return found
+
+    async def policy(self, conv: str) -> PolicyInfo:
+        """The policy the library on ``conv``'s node applies to it."""
+        library = self.library or scripts.FunctionLibrary(self.layout.prefix, scripts.library_name(self.layout.prefix),
+                                                          "", "", "")
+        command = scripts.policy_call(library, self.layout, validate_conv_id(conv))
+
+        async def attempt() -> Any:
+            try:
+                return await self.client.execute_command(*command)
+            except ResponseError as exc:
+                if not scripts.is_library_missing(exc):
+                    raise
+                await self._library_lost()
+                return await self.client.execute_command(*command)
+
+        reply = await self._retrying(attempt)
+        fingerprint = scripts._text(reply[0])
+        policy = Policy(*(int(v) for v in reply[2:7]))
+        own = library.fingerprint
+        return PolicyInfo(scripts._text(reply[1]), policy, fingerprint, bool(own) and fingerprint != own)
 
     async def close(self) -> None:
         await self.client.aclose()
