@@ -19,6 +19,9 @@ from collections.abc import Awaitable, Callable
 
 import redis
 
+from broadcaster.backend import BackendSettings
+from broadcaster.backends import scripts
+from broadcaster.namespaces import load_namespaces
 from producers import AsyncProducer, Producer
 
 DATA = {"text": "x" * 84, "n": 1}  # ~100 bytes as JSON
@@ -97,8 +100,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--namespaces", help="namespaces file the publish function applies (as a gateway's)")
     args = parser.parse_args()
     prefix = "bench" + secrets.token_hex(4)
+    namespaces = tuple(load_namespaces(args.namespaces)) if args.namespaces else ()
+    library = scripts.build_library(prefix, BackendSettings(namespaces=namespaces).policy_table())
+    with contextlib.closing(redis.Redis.from_url(args.url)) as client:
+        client.function_load(library.code, replace=True)  # what a gateway on this prefix does at start
     try:
         results = bench_sync(args.url, prefix, args.events, args.batch)
         results |= asyncio.run(bench_async(args.url, prefix, args.events, args.batch, args.concurrency))
@@ -106,6 +114,7 @@ def main() -> None:
         with contextlib.closing(redis.Redis.from_url(args.url)) as client:
             for key_batch in _chunks(list(client.scan_iter(match=f"{prefix}:*", count=1000)), 1000):
                 client.delete(*key_batch)
+            client.function_delete(library.name)
     width = max(len(k) for k in results)
     print(f"{args.events} events of ~100 B to {args.url}, one process")
     print(f"{'mode':<{width}}  {'events/s':>10}")

@@ -3,6 +3,15 @@
 -- history stream, its id remembered, the keyed state upserted, and it is fanned out on
 -- the conversation's live channel.
 --
+-- Two ways to run it. As the publish function of the key prefix's function library
+-- (FCALL <library>_publish: what the SDK, the gateways and the README's raw call use; the
+-- gateways build and load it, scripts.build_library) it applies the conversation's
+-- namespace policy and IGNORES the policy arguments below (history size and ttl, max
+-- state entries and bytes), caps the id and batch key TTLs at the namespace's history
+-- ttl and refuses data over its max_data_bytes (error "TOOLARGE ..."). As a script
+-- (EVAL / EVALSHA: deprecated, for producers written before namespaces) it applies the
+-- arguments as given. See POLICY below and docs/namespaces.md.
+--
 -- KEYS, both forms (P = key prefix, C = conversation id; the braces are the Redis
 -- Cluster hash tag, so every key of a call lives in one slot)
 --   [1] P:{C}:meta          hash: seq (last assigned), epoch, state_bytes
@@ -277,7 +286,7 @@ end
 -- Data over the namespace's max data bytes (`data`: the one-event form's; else measured
 -- in `fields`) is refused before any write: a refused event takes no seq.
 local function publish(fields, key, delete, id_key, id_ttl, data)
-  if max_data > 0 then
+  if max_data > 0 and #fields > max_data then -- the data is part of the fields: most events stop here
     local size = data and #data or data_size(fields, key)
     if size > max_data then
       error({too_large = 'TOOLARGE event data is ' .. size .. ' bytes (msgpack), over max_data_bytes '

@@ -192,24 +192,22 @@ local function resolve(conv)
   return '', DEFAULT
 end
 
-local HEAD = PREFIX .. ':{{'
-local function conv_of(meta)
-  if string.sub(meta, 1, #HEAD) ~= HEAD or string.sub(meta, -6) ~= '}}:meta' then
-    return nil
-  end
-  return string.sub(meta, #HEAD + 1, -7)
-end
+local META = {_lua_str("^" + "".join("%" + ch if ch in "^$()%.[]*+-?" else ch for ch in prefix) + ":{(.*)}:meta$")}
 
 local function publish_script(KEYS, ARGV, POLICY)
 {body}
 end
 
 redis.register_function('{name}_publish', function(keys, args)
-  local conv = conv_of(keys[1] or '')
+  local conv = string.match(keys[1] or '', META)
   if not conv then
     return redis.error_reply('ERR KEYS[1] is not the meta key of a conversation of key prefix ' .. PREFIX)
   end
-  local _, policy = resolve(conv)
+  local policy = DEFAULT
+  if #NAMESPACES > 0 then
+    local _
+    _, policy = resolve(conv)
+  end
   return publish_script(keys, args, policy)
 end)
 
