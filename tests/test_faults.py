@@ -232,7 +232,7 @@ async def test_sigkill_one_of_three_gateways_mid_stream(redis_url: str, key_pref
     with gateways(3, redis_url, key_prefix) as procs:
         victim: GatewayProcess = procs[0]
         async with fleet([p.ws_url() for p in procs], per_conv=12) as fl, \
-                AsyncProducer.from_url(redis_url, key_prefix=key_prefix, history_size=5000, history_ttl=600) as prod:
+                AsyncProducer.from_url(redis_url, key_prefix=key_prefix) as prod:
             on_victim = [f for f in fl.followers if f.client.url == victim.ws_url()]
             assert len(on_victim) == 20
 
@@ -278,8 +278,7 @@ async def test_redis_sigkilled_and_restarted_with_appendonly_mid_stream(key_pref
     with RedisServer(appendonly=True) as server, gateways(2, server.url, key_prefix) as procs:
         urls = [p.http_url for p in procs]
         async with fleet([p.ws_url() for p in procs], per_conv=6) as fl, \
-                AsyncProducer.from_url(server.url, key_prefix=key_prefix, history_size=5000, history_ttl=600,
-                                       retry_budget=30) as prod:
+                AsyncProducer.from_url(server.url, key_prefix=key_prefix, retry_budget=30) as prod:
             fault = await redis_outage(server, urls)
             results = await stream(prod, 500, at={150: fault})
             assert len({r.epoch for res in results.values() for r in res}) == len(CONVS), "no epoch changed"
@@ -297,8 +296,7 @@ async def test_redis_restarted_empty_mid_stream_resets_to_the_new_epoch(key_pref
     with RedisServer(appendonly=False) as server, gateways(2, server.url, key_prefix) as procs:
         urls = [p.http_url for p in procs]
         async with fleet([p.ws_url() for p in procs], per_conv=6) as fl, \
-                AsyncProducer.from_url(server.url, key_prefix=key_prefix, history_size=5000, history_ttl=600,
-                                       retry_budget=30) as prod:
+                AsyncProducer.from_url(server.url, key_prefix=key_prefix, retry_budget=30) as prod:
             fault = await redis_outage(server, urls)
             results = await stream(prod, 500, at={150: fault})
             epochs = {c: list(dict.fromkeys(r.epoch for r in res)) for c, res in results.items()}
@@ -334,8 +332,7 @@ async def test_pubsub_connections_killed_mid_stream(key_prefix: str) -> None:
         admin = server.client()
         try:
             async with fleet([p.ws_url() for p in procs], per_conv=6) as fl, \
-                    AsyncProducer.from_url(server.url, key_prefix=key_prefix, history_size=5000,
-                                           history_ttl=600) as prod:
+                    AsyncProducer.from_url(server.url, key_prefix=key_prefix) as prod:
                 before = {c["id"] for c in admin.client_list(_type="pubsub")}
                 assert len(before) == 2, "one pub/sub connection per gateway"
 
@@ -373,7 +370,7 @@ async def test_frozen_redis_link_is_noticed_by_the_idle_probe_and_recovered(redi
                                retry_budget=2.0, settings=BackendSettings(history_size=5000, history_ttl=600))
         async with InProcessGateway(Settings(key_prefix=key_prefix), backend=backend) as gw, \
                 fleet([gw.ws_url()], per_conv=4) as fl, \
-                AsyncProducer.from_url(redis_url, key_prefix=key_prefix, history_size=5000, history_ttl=600) as prod:
+                AsyncProducer.from_url(redis_url, key_prefix=key_prefix) as prod:
             noticed: list[float] = []
 
             async def freeze() -> list[PublishResult]:
@@ -424,7 +421,7 @@ async def test_producer_retry_after_a_timeout_publishes_once(redis_url: str, key
     settings = Settings(redis_url=redis_url, key_prefix=key_prefix, history_ttl=600)
     with proxy_to(redis_url) as proxy:
         async with InProcessGateway(settings) as gw, \
-                AsyncProducer.from_url(proxy.url, key_prefix=key_prefix, history_ttl=600) as prod:
+                AsyncProducer.from_url(proxy.url, key_prefix=key_prefix) as prod:
             client = BroadcasterClient(gw.ws_url(), ["once"])
             follower = Follower("once", client)
             await client.start()

@@ -236,10 +236,20 @@ async def test_foreign_payload_json_cannot_carry_is_skipped_not_a_500(redis_url:
         assert gw.gateway.hub.stats.render_errors >= 3
 
 
-async def test_state_byte_cap_evicts_oldest_updated(gateway: InProcessGateway) -> None:
-    backend = gateway.gateway.backend
-    backend.settings.state_max_bytes = 4000  # each entry below is ~1.1 KB encoded
-    blob = "x" * 1000
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_state_byte_cap_evicts_oldest_updated(kind: str, key_prefix: str, request: pytest.FixtureRequest) -> None:
+    # the policy is fixed when a backend is built (its namespaces' policy): one with a 4000-byte cap
+    redis_url = request.getfixturevalue("redis_url") if kind == "redis" else ""
+    backend = make_backend(kind, BackendSettings(state_max_bytes=4000), key_prefix, redis_url)
+    await backend.start()
+    try:
+        await _byte_cap_scenario(backend)
+    finally:
+        await backend.close()
+
+
+async def _byte_cap_scenario(backend: Backend) -> None:
+    blob = "x" * 1000  # each entry below is ~1.1 KB encoded
     for i in range(3):
         await backend.publish("b1", "timeline.item", {"blob": blob, "i": i}, key=f"k{i}")
     await backend.publish("b1", "timeline.item", {"blob": blob, "i": "again"}, key="k0")  # k0 is now the newest
