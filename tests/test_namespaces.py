@@ -430,3 +430,14 @@ async def test_conflicting_gateways_are_reported(redis_url: str, prefix: str, tm
 
 async def _eq(value: Awaitable[float], expected: float) -> bool:
     return await value == expected
+
+
+def test_the_deployment_files_ship_a_namespaces_file() -> None:
+    path = ROOT / "deploy/k8s/base/namespaces.toml"
+    assert load_namespaces(str(path)) == []  # as shipped: every conversation in the default namespace
+    example = "\n".join(line[2:] for line in path.read_text().splitlines()
+                        if re.match(r"# (\[namespaces\.|[a-z_]+ = )", line))
+    assert [ns.glob for ns in parse_namespaces(tomllib.loads(example))] == ["support-*", "bulk-*"]
+    assert "BROADCASTER_NAMESPACES: /etc/broadcaster/namespaces.toml" in (ROOT / "docker-compose.yml").read_text()
+    assert "- namespaces.toml" in (ROOT / "deploy/k8s/base/kustomization.yaml").read_text()
+    assert "value: /etc/broadcaster/namespaces.toml" in (ROOT / "deploy/k8s/base/deployment.yaml").read_text()
