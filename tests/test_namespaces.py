@@ -441,3 +441,27 @@ def test_the_deployment_files_ship_a_namespaces_file() -> None:
     assert "BROADCASTER_NAMESPACES: /etc/broadcaster/namespaces.toml" in (ROOT / "docker-compose.yml").read_text()
     assert "- namespaces.toml" in (ROOT / "deploy/k8s/base/kustomization.yaml").read_text()
     assert "value: /etc/broadcaster/namespaces.toml" in (ROOT / "deploy/k8s/base/deployment.yaml").read_text()
+
+
+async def test_a_prefix_with_other_characters_gets_a_hex_named_library(redis_url: str, key_prefix: str) -> None:
+    odd = f"{key_prefix}-app.v1"  # function names allow only [A-Za-z0-9_]
+    assert scripts.library_name(odd) == "broadcaster_h_" + odd.encode().hex()
+    assert scripts.library_name(key_prefix) == f"broadcaster_p_{key_prefix}"
+    backend = RedisBackend(redis_url, key_prefix=odd, settings=BackendSettings(history_size=7))
+    await backend.start()
+    try:
+        async with AsyncProducer.from_url(redis_url, key_prefix=odd) as producer:
+            assert (await producer.publish("c-1", "t.x", 1)).seq == 1
+        assert (await backend.policy("c-1")).policy.history_size == 7
+        with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
+            # keys of another prefix are refused: the function only numbers its own prefix's conversations
+            with pytest.raises(redis.ResponseError, match="not the meta key"):
+                client.fcall(backend.library.publish_function, 6, *[f"{key_prefix}:{{c-1}}:{k}" for k in
+                             ("meta", "log", "live", "state", "state_order", "id:x")],
+                             "c-1", "x", "t.x", b"\x01", "", "", "", 10, "", "", "0", "")
+            assert client.hget(f"{odd}:{{c-1}}:meta", "seq") == b"1"
+            for key in client.scan_iter(match=f"{odd}:*"):
+                client.delete(key)
+    finally:
+        await backend.close()
+        drop_library(redis_url, odd)
