@@ -234,7 +234,7 @@ def load_namespaces(path: str) -> list[Namespace]:
         raise ValueError(f"--namespaces {path}: cannot read it: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"--namespaces {path}: not valid TOML: {exc}") from None
-    return parse_namespaces(doc, path)
+    return parse_namespaces(doc, f"--namespaces {path}")
 
 
 def parse_namespaces(doc: Mapping[str, Any], where: str = "<namespaces>") -> list[Namespace]:
