@@ -37,9 +37,15 @@ ends the stream, and a new stream on a draining gateway ends at once, so that
 conversation per stream, no client messages.
 
 Transport: an :class:`SseStream` is a :class:`~gateway.connection.Connection` (same
-bounded queue, pool, drain, presence and counters) whose writer is the endpoint's own
-coroutine and writes ``http.response.body`` chunks; a second coroutine subscribes and
-then waits for the client to go away. Two coroutines per stream, like a websocket.
+bounded queue, pool, drain, presence and counters). Like a websocket it has two ways
+to the socket, one order: while uvicorn's transport takes writes (not paused), what was
+queued in one event-loop pass is written at once as one HTTP chunk, straight to the
+transport (the pool's one flush callback per pass, as for websockets' direct send);
+otherwise the endpoint's own coroutine writes it as ``http.response.body`` through ASGI
+(which waits for the socket to drain). A second coroutine subscribes and then waits for
+the client to go away. Two coroutines per stream, like a websocket. The direct write
+needs uvicorn's request cycle (``transport``, ``flow.write_paused``, ``disconnected``,
+``response_complete``, ``chunked_encoding``); without them every write takes the ASGI path.
 """
 
 from __future__ import annotations
@@ -132,7 +138,7 @@ class SseStream(Connection):
                  observe_wait: Callable[[float], None] | None, *, request: SubscribeRequest, ping_interval: float,
                  stats: SseStats, abort: Callable[[], None] | None) -> None:
         super().__init__(send, connection_id, profile, pool, max_queue_bytes, observe_wait)
-        self._direct = None  # the endpoint's coroutine writes, never a direct send
+        self._direct = direct_chunk_writer(send)
         self._wake = asyncio.Event()
         self.request = request
         self.ping_interval = ping_interval
@@ -179,13 +185,22 @@ class SseStream(Connection):
     # ---- ending ------------------------------------------------------------------------
 
     def close(self, code: int, reason: str = "") -> None:
-        """End the stream; a slow reader (4408) is counted and, if a write is stuck, its connection reset."""
+        """End the stream. A slow reader (4408) is counted, and its connection reset if a write waits on it;
+        any other end (drain, backend failure) gives a waiting write :data:`END_WRITE_SECONDS` first."""
         if self._close is not None:
             return
         if code == CLOSE_TOO_SLOW:
             self.sse_stats.slow_consumer_closes += 1
         super().close(code, reason)
-        if self._sending:  # the writer waits for a reader that does not read: do not wait with it
+        if not self._sending:
+            return
+        if code == CLOSE_TOO_SLOW:  # the writer waits for a reader that does not read: do not wait with it
+            self.abort()
+        else:
+            asyncio.get_running_loop().call_later(END_WRITE_SECONDS, self._abort_if_stuck)
+
+    def _abort_if_stuck(self) -> None:
+        if self._sending and not self._gone:
             self.abort()
 
     def abort(self) -> None:
@@ -195,6 +210,26 @@ class SseStream(Connection):
         elif self._task is not None and not self._aborted:
             self._aborted = True
             self._task.cancel()
+
+    def flush(self) -> None:
+        """Write what is queued as one HTTP chunk straight to the transport, or leave it to the writer."""
+        if self._close is not None or self._gone or not self._queue:
+            return
+        direct = self._direct
+        if direct is None or self._sending or not direct(b"".join(self._queue)):
+            self.wake_writer()
+            return
+        batch, size = self._queue, self._queued
+        self._queue, self._queued = [], 0
+        stats, sse_stats = self.pool.stats, self.sse_stats
+        stats.queued_bytes -= size
+        if self.observe_wait is not None:
+            self.observe_wait(time.monotonic() - self._waiting_since)
+        stats.frames_written += 1
+        stats.objects_written += len(batch)
+        stats.bytes_written += size
+        sse_stats.objects_written += len(batch)
+        sse_stats.bytes_written += size
 
     def wake_writer(self) -> None:
         """The endpoint's coroutine is the writer: only wake it (no task is ever created here)."""
@@ -279,6 +314,28 @@ def _origin(gw: Gateway, headers: dict[bytes, bytes]) -> tuple[bool, bytes | Non
     if origin in allowed or "*" in allowed:
         return True, raw
     return False, None
+
+
+def direct_chunk_writer(send: Send) -> Callable[[bytes], bool] | None:
+    """A synchronous writer of one HTTP/1.1 chunk behind uvicorn's ``send`` (module docstring), or None.
+
+    It writes and returns True when the transport takes writes now; False (nothing written) when
+    it is paused, closing, or the response is over: the ASGI path then writes, in order.
+    """
+    cycle: Any = getattr(send, "__self__", None)
+    transport: Any = getattr(cycle, "transport", None)
+    flow: Any = getattr(cycle, "flow", None)
+    if (transport is None or not hasattr(flow, "write_paused") or getattr(cycle, "chunked_encoding", None) is not True
+            or not hasattr(cycle, "disconnected") or not hasattr(cycle, "response_complete")):
+        return None
+
+    def write(body: bytes) -> bool:
+        if flow.write_paused or cycle.disconnected or cycle.response_complete or transport.is_closing():
+            return False
+        transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
+
+    return write
 
 
 def _transport_abort(send: Send) -> Callable[[], None] | None:

@@ -306,3 +306,12 @@ async def test_disconnect_unsubscribes() -> None:
 
 async def _async(value: T) -> T:
     return value
+
+
+async def test_origin_checked_and_cors_header_for_allowed_origins() -> None:
+    async with InProcessGateway(Settings(allowed_origins=["http://app.test"])) as gw:
+        async with await open_sse(gw, "conv_id=o", headers={"Origin": "http://evil.test"}) as s:
+            assert (s.status, s.json()["error"]) == (403, "forbidden")
+        async with await open_sse(gw, "conv_id=o", headers={"Origin": "http://app.test"}) as s:
+            assert s.status == 200 and s.headers["access-control-allow-origin"] == "http://app.test"
+            await s.expect("ws.hello")

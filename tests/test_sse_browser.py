@@ -1,11 +1,11 @@
-"""Real Chromium's ``EventSource`` through nginx (the compose nginx.conf) against 2 gateways, one SIGKILLed.
+"""Real Chromium's ``EventSource`` through nginx (the compose nginx.conf) against 2 gateways, one stopped.
 
 The page opens ``/sse`` through the loopback cluster's nginx (devtools.cluster: Redis, two
 gateway processes, nginx), events are published through nginx, the gateway serving the
-stream is killed mid-stream (SIGKILL: no drain, the connection just dies), the browser's own
-reconnect sends ``Last-Event-ID`` to nginx, which hands it to the other gateway: the page
-ends with exactly seq 1..N, each once, in order, and every event's ``lastEventId`` is
-``<epoch>:<seq>``. Also: nginx passes the stream unbuffered (an event published after the
+stream is stopped mid-stream (SIGKILL: no drain, the connection just dies; SIGTERM: it
+drains), the browser's own reconnect sends ``Last-Event-ID`` to nginx, which hands it to
+the other gateway: the page ends with exactly seq 1..N, each once, in order, and every
+event's ``lastEventId`` is ``<epoch>:<seq>``. Also: nginx passes the stream unbuffered (an event published after the
 stream opened arrives while the response is still open), and the shipped proxies' SSE
 settings (nginx location, Kubernetes ingress path) are what the docs say.
 """
@@ -107,7 +107,10 @@ def publish(http: httpx.Client, conv: str, i: int, deadline: float) -> dict[str,
     raise TimeoutError(f"publish {i} never succeeded: {last!r}")
 
 
-def test_eventsource_through_nginx_survives_a_killed_gateway(cluster: LoopbackCluster, page: Page) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm-drain"])
+def test_eventsource_through_nginx_survives_a_stopped_gateway(cluster: LoopbackCluster, page: Page, sig: int) -> None:
+    """SIGKILL: the connection just dies. SIGTERM: the gateway drains, ends the stream (and ends at
+    once any stream opened on it meanwhile); either way EventSource reconnects elsewhere and resumes."""
     for i, child in enumerate(cluster.gateways):
         if not child.running:
             cluster.start_gateway(i)
@@ -126,7 +129,7 @@ def test_eventsource_through_nginx_survives_a_killed_gateway(cluster: LoopbackCl
         for i in range(1, events // 2):
             publish(http, conv, i, deadline)
         wait_state(page, "the first half", lambda s: len(s["seqs"]) == events // 2)
-        assert cluster.stop_gateway(victim, signal.SIGKILL) == -signal.SIGKILL
+        assert cluster.stop_gateway(victim, sig) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
         for i in range(events // 2, events):  # published while the browser reconnects
             publish(http, conv, i, deadline)
 
@@ -144,7 +147,8 @@ def test_shipped_proxies_pass_sse_unbuffered_with_long_timeouts() -> None:
     block = conf[conf.index("location = /sse {"):]
     block = block[:block.index("}")]
     for directive in ("proxy_buffering off;", "proxy_cache off;", "proxy_read_timeout 3600s;",
-                      "proxy_http_version 1.1;", 'proxy_set_header Connection "";'):
+                      "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
+                      "error_page 502 503 504 =200 @sse_retry;"):
         assert directive in block, directive
     ingress = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "ingress.yaml").read_text())
     annotations = ingress["metadata"]["annotations"]
@@ -152,3 +156,42 @@ def test_shipped_proxies_pass_sse_unbuffered_with_long_timeouts() -> None:
     assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
     paths = {p["path"]: p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
     assert paths["/sse"]["pathType"] == "Exact"
+
+
+def test_nginx_turns_no_gateway_into_a_retry_and_passes_refusals(cluster: LoopbackCluster,
+                                                                  tmp_path: Path) -> None:
+    """EventSource stops for good on any status but 200: with no gateway to take the stream, the shipped
+    nginx answers an empty 200 stream saying ``retry:`` (the browser comes back); a gateway's own
+    refusal (here 400) still reaches the client as it is."""
+    import shutil
+
+    from devtools.cluster import render_nginx_prefix
+    from devtools.procs import Supervised, free_port
+
+    for i, child in enumerate(cluster.gateways):
+        if not child.running:
+            cluster.start_gateway(i)
+    refused = httpx.get(cluster.url + "/sse?conv_id=x&convid=typo", timeout=5)
+    assert refused.status_code == 400 and refused.json()["error"] == "bad_request"
+
+    dead, lb_port = free_port(), free_port()  # nothing listens on `dead`
+    conf = render_nginx_prefix(tmp_path, REPO / "deploy" / "nginx" / "nginx.conf", "127.0.0.1", lb_port, [dead])
+    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx = Supervised("nginx", [nginx_bin, "-p", f"{tmp_path}/", "-c", str(conf), "-e", "stderr", "-g",
+                                 "daemon off;"], tmp_path / "nginx.out").start()
+    try:
+        nginx.wait_until(lambda: _listening(lb_port), 10, what=f"nginx on {lb_port}")
+        answer = httpx.get(f"http://127.0.0.1:{lb_port}/sse?conv_id=x", timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert answer.text.startswith("retry: 1000\n") and "data:" not in answer.text
+    finally:
+        nginx.stop()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
