@@ -15,6 +15,7 @@ from gateway.auth import mint_token
 from gateway.settings import Settings
 from producers.client import BroadcasterClient, ClientClosed, Event, Item, Reset, State, _ws_url
 from tests.support.gateway import InProcessGateway, free_port
+from tests.support.polling import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -178,7 +179,12 @@ async def test_stops_on_close_codes_a_retry_cannot_cure(query: str, code: int) -
             assert info.value.code == code
             with pytest.raises(ClientClosed):  # and it stays ended
                 await client.get()
-            await asyncio.sleep(0.3)
+            # No second attempt can come: the connection loop itself has ended (not just been
+            # quiet for a while).
+            task = client._task
+            assert task is not None
+            await async_wait_until(task.done, timeout=10, message="the client's connection loop to end")
+            assert not task.cancelled() and task.exception() is None
             assert client.stats.close_codes == [code]
             assert client.stats.connections + client.stats.failed_attempts <= 1  # no second attempt
 
@@ -259,11 +265,17 @@ async def test_duplicates_from_the_wire_are_dropped_and_counted() -> None:
 async def test_backoff_grows_while_no_gateway_answers() -> None:
     port = free_port()
     client = BroadcasterClient(f"ws://127.0.0.1:{port}/ws", ["w"], backoff_initial=0.05, backoff_max=0.4)
+    began = time.monotonic()
     async with client:
-        await asyncio.sleep(1.5)
-        attempts = client.stats.failed_attempts
-        # 0.05 * 2**n capped at 0.4, full jitter (mean half the ceiling): a handful, not hundreds
-        assert 3 <= attempts <= 40, attempts
+        # Count attempts, not seconds: wait for 12 failed attempts (a capped backoff gets there in
+        # a few seconds, an uncapped one would not), then check they were spread out. The n-th
+        # wait is uniform in [0, min(0.4, 0.05 * 2**n)]: the 11 waits between the 12 attempts
+        # average ~1.95 s (sd ~0.35 s); without backoff they would take a few milliseconds. A
+        # loaded box only makes them longer.
+        await async_wait_until(lambda: client.stats.failed_attempts >= 12, timeout=30,
+                               message="12 failed connection attempts")
+        took = time.monotonic() - began
+        assert took >= 0.6, f"{client.stats.failed_attempts} attempts in {took:.2f}s: no backoff"
         settings = Settings()
         settings.port = port
         gw = InProcessGateway(settings)

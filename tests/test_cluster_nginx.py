@@ -30,6 +30,7 @@ import websockets
 
 from devtools import cluster as cluster_module
 from devtools.cluster import ClusterError, LoopbackCluster
+from tests.support.polling import async_wait_until
 from tests.support.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,6 +74,10 @@ async def publish(http: httpx.AsyncClient, conv: str, i: int, deadline: float) -
             last = exc
         await asyncio.sleep(0.05)
     raise TimeoutError(f"publish {i} never succeeded: {last!r}")
+
+
+async def get_json(http: httpx.AsyncClient, path: str) -> Any:
+    return (await http.get(path)).json()
 
 
 @dataclass
@@ -148,8 +153,13 @@ async def test_clients_spread_over_gateways_and_all_receive_every_event(full_clu
         assert [r["seq"] for r in results] == list(range(1, events + 1))
         # /metrics is not served through the load balancer (a random gateway's numbers).
         assert (await http.get("/metrics")).status_code == 404
-        presence = (await http.get(f"/v1/conversations/{conv}/presence")).json()
-        assert presence["connections"] == 12  # counted over every gateway, asked through any
+        # Counted over every gateway, asked through any. Each gateway reports its counts to
+        # Redis on its own schedule, so the total converges after the ws.subscribed frames.
+        presence = await async_wait_until(
+            lambda: get_json(http, f"/v1/conversations/{conv}/presence"), timeout=20,
+            message="presence to count the 12 clients of every gateway", until=lambda p: p.get("connections") == 12,
+            ignore=(httpx.HTTPError, ValueError))
+        assert presence["connections"] == 12
     for c in clients:
         got = await c.events(events, timeout=15)
         assert [e["seq"] for e in got] == list(range(1, events + 1))

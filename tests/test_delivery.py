@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from broadcaster.profiles import ProfileRegistry
 from gateway.settings import Settings
 from tests.backend_suite import wait_for
 from tests.support.gateway import InProcessGateway
+from tests.support.polling import async_wait_until
 from tests.support.redis_server import RedisServer
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.wsclient import WsClient
@@ -297,13 +299,23 @@ async def test_resume_with_since_while_a_publisher_keeps_publishing(kind: str, r
         watcher = await WsClient.connect(gw.ws_url("conv_id=r&since=0"))  # the feed stays open and live
         await watcher.expect("ws.subscribed")
 
+        resumers: list[tuple[int, WsClient]] = []
+
+        def joined(count: int) -> bool:
+            return len(resumers) >= count
+
         async def publisher() -> None:
             for i in range(total):
+                # Resumers join mid-stream at any speed: the publisher never runs more than two
+                # resumers' worth (40 events) ahead of them, so one is always joining while it publishes.
+                need = min(25, i // 20 - 1)
+                if len(resumers) < need:
+                    await async_wait_until(functools.partial(joined, need), timeout=30,
+                                           message=f"{need} resumers to join mid-stream")
                 await backend.publish("r", "chat.msg", {"i": i})
                 await asyncio.sleep(0.001)
 
         task = asyncio.create_task(publisher())
-        resumers: list[tuple[int, WsClient]] = []
         rng = random.Random(7)
         while not task.done() and len(resumers) < 25:
             head = (await backend.head("r")).seq
@@ -465,12 +477,16 @@ async def test_redis_link_lost_clients_stay_connected_and_get_what_they_missed(r
                 assert await readyz_status(http) == 200
 
                 proxy.block()  # the gateway loses Redis; Redis and the publisher keep going
-                await poll_readyz(http, 503, timeout=5)
+                await poll_readyz(http, 503, timeout=10)
                 assert (await http.get("/readyz")).json()["reason"]
+                refused = proxy.accepted
                 for i in range(10, 40):
                     for conv in convs:
                         await publisher.publish(conv, "chat.msg", {"i": i})
-                await asyncio.sleep(0.5)  # still cut off: nothing new can arrive
+                # Still cut off, nothing new can arrive: rather than waiting a while, wait until the
+                # gateway came back to the proxy and was turned away a few more times.
+                await async_wait_until(lambda: proxy.accepted - refused >= 3, timeout=15,
+                                       message="the gateway to retry Redis through the blocked proxy")
                 assert await readyz_status(http) == 503
                 proxy.unblock()
                 await poll_readyz(http, 200, timeout=10)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +14,7 @@ from broadcaster.envelope import PublishRequest
 from broadcaster.profiles import ProfileRegistry
 from gateway.settings import Settings
 from tests.support.gateway import InProcessGateway
+from tests.support.polling import async_wait_until
 from tests.support.wsclient import StalledClient, WsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,6 +30,10 @@ PROFILES = ProfileRegistry.from_mapping({"profiles": {
              "enrich": ["tests.test_gateway_ws:enrich_badge"]},
     "timeline": {"include": ["timeline.*"]},
 }})
+
+
+async def get_json(http: httpx.AsyncClient, path: str) -> Any:
+    return (await http.get(path)).json()
 
 
 async def publish(gw: InProcessGateway, conv: str, etype: str, data: object = None) -> int:
@@ -208,19 +215,29 @@ async def test_slow_reader_closed_4408_fast_reader_gets_everything_memory_bounde
         slow = StalledClient(gw.ws_url("conv_id=slow"), gw.settings.port)
         await asyncio.to_thread(slow.handshake)
         await fast.expect("ws.subscribed")
-        deadline = asyncio.get_running_loop().time() + 5
-        while sum(gw.gateway.hub.presence_counts("slow").values()) < 2:
-            assert asyncio.get_running_loop().time() < deadline, "slow client never subscribed"
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: sum(gw.gateway.hub.presence_counts("slow").values()), timeout=15,
+                               message="the slow client to subscribe", until=lambda n: n >= 2)
         payload = {"blob": "x" * 2000}
         total = 3000  # ~6 MB: far beyond the slow socket's TCP buffers plus the queue limit
         peak = 0
-        reader = asyncio.create_task(fast.events(total, timeout=40))
-        for _ in range(0, total, 15):  # 30 KB bursts: under the limit for a reader that keeps up
+        got: list[dict[str, Any]] = []
+
+        async def read_all() -> None:
+            while len(got) < total:
+                got.extend(await fast.events(1, timeout=40))
+
+        reader = asyncio.create_task(read_all())
+
+        def caught_up(count: int) -> bool:
+            return len(got) >= count or reader.done()
+
+        for sent in range(0, total, 15):  # 30 KB bursts: under the limit for a reader that keeps up
+            # "Keeps up" at any speed: the next burst goes once the fast reader has all the previous ones.
+            await async_wait_until(functools.partial(caught_up, sent), timeout=30,
+                                   message=f"the fast reader to get {sent} events")
             await gw.gateway.backend.publish_many([PublishRequest("slow", "chat.big", payload)] * 15)
-            await asyncio.sleep(0.01)
             peak = max(peak, max((c.queued_bytes for c in gw.gateway.pool.connections.values()), default=0))
-        got = await reader
+        await reader
         assert [e["seq"] for e in got] == list(range(1, total + 1))
         assert gw.gateway.pool.stats.slow_consumer_closes == 1
         assert peak <= limit + 4096, f"a connection queued {peak} bytes, over the limit"
@@ -262,12 +279,9 @@ async def test_http_publish_history_state_presence_and_errors() -> None:
             r = await http.get("/v1/conversations/h1/events", params={"since": "x"})
             assert r.status_code == 422
 
-            deadline = asyncio.get_running_loop().time() + 5
-            while True:
-                presence = (await http.get("/v1/conversations/h1/presence")).json()
-                if presence["connections"] == 1 or asyncio.get_running_loop().time() > deadline:
-                    break
-                await asyncio.sleep(0.05)
+            presence = await async_wait_until(lambda: get_json(http, "/v1/conversations/h1/presence"), timeout=15,
+                                              message="presence to count the websocket",
+                                              until=lambda p: p.get("connections") == 1)
             assert presence == {"conv_id": "h1", "connections": 1, "by_profile": {"debug": 1}}
             assert (await http.get("/healthz")).status_code == 200
             assert (await http.get("/readyz")).json() == {"status": "ready"}

@@ -11,6 +11,7 @@ import gc
 import socket
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from gateway.server import DirectSendProtocol
 from gateway.settings import Settings
 from producers import AsyncProducer
 from tests.support.gateway import InProcessGateway, free_port
+from tests.support.polling import async_wait_until
 from tests.support.wsclient import StalledClient, WsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,11 +46,8 @@ async def still_receives(gw: InProcessGateway, client: WsClient, conv: str = "ca
     assert [o["seq"] for o in got] == sorted(o["seq"] for o in got)
 
 
-async def wait_for(condition: object, timeout: float = 5.0, message: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{message} not reached within {timeout}s"
-        await asyncio.sleep(0.01)
+async def wait_for(condition: Callable[[], bool], timeout: float = 15.0, message: str = "condition") -> None:
+    await async_wait_until(condition, timeout=timeout, message=message)
 
 
 # ---- websocket messages ------------------------------------------------------------------------
@@ -240,13 +239,16 @@ async def test_handshake_timeout_drops_silent_and_trickling_clients() -> None:
         assert timeout * 0.8 <= silent <= timeout + 2, silent
         assert timeout * 0.8 <= trickle <= timeout + 2, trickle
         assert slow_body[0] == b"" and timeout * 0.8 <= slow_body[1] <= timeout + 2, slow_body
-        # an established websocket outlives the deadline many times over, and keeps receiving
-        await asyncio.sleep(timeout * 2)
+        # An established websocket outlives the deadline many times over, and keeps receiving. The
+        # server's own clock says when a deadline has passed: a silent socket opened now is dropped
+        # by it (two in a row: two more deadlines), so no wait here depends on the box's speed.
+        for _ in range(2):
+            await asyncio.to_thread(_silent, port, 10)
         await still_receives(gw, calm)
         # so does a keep-alive HTTP connection between requests (uvicorn's keep-alive timer applies there)
         async with httpx.AsyncClient(base_url=gw.http_url) as http:
             assert (await http.get("/healthz")).status_code == 200
-            await asyncio.sleep(timeout * 1.5)
+            await asyncio.to_thread(_silent, port, 10)  # a deadline passes between the two requests
             assert (await http.get("/healthz")).status_code == 200
         late = await watcher(gw)
         await still_receives(gw, late)
@@ -342,6 +344,13 @@ async def test_peer_that_never_answers_pings_is_closed_1011() -> None:
         assert code == 1011
         assert time.monotonic() - started <= 2 * interval + 2
         await wait_for(lambda: len(gw.gateway.pool) == 1, message="the dead peer leaving the pool")
-        await asyncio.sleep(interval * 4)  # several ping rounds later the live client is still there
+        # Several ping rounds later the live client is still there. Ping rounds are counted, not
+        # slept through: two more peers that never answer are closed, one after the other, each
+        # after a ping round of its own.
+        for _ in range(2):
+            witness = StalledClient(gw.ws_url("conv_id=calm"), gw.settings.port)
+            await asyncio.to_thread(witness.handshake)
+            assert await asyncio.to_thread(witness.read_until_closed, 10) == 1011
+        await wait_for(lambda: len(gw.gateway.pool) == 1, message="the witnesses leaving the pool")
         await still_receives(gw, calm)
         assert len(gw.gateway.pool) == 1

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import httpx
 import pytest
 
 from tests.support.gateway import start_gateways
+from tests.support.polling import async_wait_until
 from tests.support.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(90)
 
 
 async def poll_presence(http_url: str, conv: str, want: dict[str, int], timeout: float) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
+    """Presence is eventually consistent (each gateway reports on its own): poll until it counts ``want``."""
     async with httpx.AsyncClient(base_url=http_url) as http:
-        while True:
+        async def fetch() -> dict[str, object]:
             body: dict[str, object] = (await http.get(f"/v1/conversations/{conv}/presence")).json()
-            if body["by_profile"] == want or time.monotonic() > deadline:
-                return body
-            await asyncio.sleep(0.1)
+            return body
+
+        return await async_wait_until(fetch, timeout=timeout, message=f"presence of {conv} to be {want}",
+                                      until=lambda body: body.get("by_profile") == want)
 
 
 async def test_two_gateways_share_events_and_presence(redis_url: str, key_prefix: str) -> None:
@@ -32,7 +31,7 @@ async def test_two_gateways_share_events_and_presence(redis_url: str, key_prefix
         on_b = [await WsClient.connect(b.ws_url("conv_id=room&profile=debug")) for _ in range(2)]
         for c in on_a + on_b:
             await c.expect("ws.subscribed")
-        presence = await poll_presence(a.http_url, "room", {"default": 3, "debug": 2}, timeout=5)
+        presence = await poll_presence(a.http_url, "room", {"default": 3, "debug": 2}, timeout=15)
         assert presence == {"conv_id": "room", "connections": 5, "by_profile": {"default": 3, "debug": 2}}
 
         async with httpx.AsyncClient() as http:
@@ -47,7 +46,7 @@ async def test_two_gateways_share_events_and_presence(redis_url: str, key_prefix
             assert [e["data"]["i"] for e in got] == list(range(50))
 
         b.kill()  # SIGKILL: no withdrawal; its counts must expire by TTL
-        presence = await poll_presence(a.http_url, "room", {"default": 3}, timeout=10)
+        presence = await poll_presence(a.http_url, "room", {"default": 3}, timeout=20)
         assert presence["by_profile"] == {"default": 3} and presence["connections"] == 3
     finally:
         for g in gateways:

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Mapping
 
 from broadcaster.presence import PresenceReporter
+from tests.support.polling import async_wait_until
 
 
 class FakeHub:
@@ -39,15 +40,12 @@ async def test_heartbeat_is_sliced_and_covers_every_conversation() -> None:
     reporter = PresenceReporter(hub, backend, "g", heartbeat=0.5, ttl=1.5, flush_interval=0.01)  # type: ignore[arg-type]
     task = asyncio.create_task(reporter.run())
     try:
-        deadline = asyncio.get_running_loop().time() + 5
-        while sum(len(c) for c in backend.calls) < len(convs):
-            assert asyncio.get_running_loop().time() < deadline, "not every conversation was refreshed"
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: sum(len(c) for c in backend.calls), timeout=15,
+                               message="every conversation to be refreshed", until=lambda n: n >= len(convs))
         hub.dirty.add("c1")  # a change goes out with the next tick, whatever the slice
         calls_before = len(backend.calls)
-        while not any("c1" in c for c in backend.calls[calls_before:]):
-            assert asyncio.get_running_loop().time() < deadline, "a change was not flushed"
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: any("c1" in c for c in backend.calls[calls_before:]), timeout=15,
+                               message="the change to be flushed")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -22,6 +22,7 @@ from broadcaster.errors import BackendUnavailable, ValidationError
 from broadcaster.keys import KeyLayout
 from producers import AsyncProducer, Producer
 from tests.support.policy import drop_library, load_library
+from tests.support.polling import RetryLog, async_wait_until, wait_until
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.tcp_proxy import TcpProxy
 
@@ -148,9 +149,12 @@ def test_publish_rides_out_a_redis_restart(aof_redis: RedisServer) -> None:
             except BaseException as exc:  # reported to the test thread
                 outcome["error"] = exc
 
-        worker = threading.Thread(target=publish_while_down)
-        worker.start()
-        time.sleep(0.5)  # let the worker fail a few attempts against the dead server
+        with RetryLog() as retries:
+            worker = threading.Thread(target=publish_while_down)
+            worker.start()
+            # Progress, not time: the worker failed a few attempts against the dead server, and retries.
+            wait_until(lambda: retries.by_thread(worker) >= 3 or not worker.is_alive(), timeout=15,
+                       message="the worker to retry its publish while Redis is down")
         assert worker.is_alive(), outcome
         aof_redis.restart()
         worker.join(timeout=20)
@@ -165,8 +169,10 @@ async def test_async_publish_rides_out_a_redis_restart(aof_redis: RedisServer) -
     async with AsyncProducer.from_url(aof_redis.url, retry_budget=20) as p:
         await p.publish("outage", "t.x", 1)
         aof_redis.kill()
-        pending = asyncio.create_task(p.publish_many([("outage", "t.x", i) for i in range(3)]))
-        await asyncio.sleep(0.5)
+        with RetryLog() as retries:
+            pending = asyncio.create_task(p.publish_many([("outage", "t.x", i) for i in range(3)]))
+            await async_wait_until(lambda: retries.by_task(pending) >= 3 or pending.done(), timeout=15,
+                                   message="the batch to be retried while Redis is down")
         assert not pending.done()
         await asyncio.to_thread(aof_redis.restart)
         results = await asyncio.wait_for(pending, 20)
@@ -200,15 +206,17 @@ def test_lost_reply_is_retried_with_the_same_id(own_redis_for_proxy: RedisServer
             p.publish("lost", "t.x", 0)
             proxy.pause(upstream=False)  # commands reach Redis, replies are held
             outcome: dict[str, Any] = {}
-            worker = threading.Thread(target=lambda: outcome.update(r=p.publish_many(
-                [("lost", "t.x", 1), ("lost", "t.x", 2)])))
-            worker.start()
-            deadline = time.monotonic() + 10
-            while stored_seqs(own_redis_for_proxy.url, "bc", "lost") != [1, 2, 3]:
-                assert time.monotonic() < deadline, "the first attempt never reached Redis"
-                time.sleep(0.02)
-            time.sleep(0.5)  # the first attempt times out; retries time out too while replies are held
-            assert worker.is_alive()
+            with RetryLog() as retries:
+                worker = threading.Thread(target=lambda: outcome.update(r=p.publish_many(
+                    [("lost", "t.x", 1), ("lost", "t.x", 2)])))
+                worker.start()
+                wait_until(lambda: stored_seqs(own_redis_for_proxy.url, "bc", "lost"), timeout=10,
+                           message="the first attempt to reach Redis", until=lambda seqs: seqs == [1, 2, 3])
+                # The first attempt times out; retries time out too while replies are held: wait
+                # until it was retried twice (progress), not for a while.
+                wait_until(lambda: retries.by_thread(worker) >= 2 or not worker.is_alive(), timeout=15,
+                           message="the publish to be retried while its replies are held")
+            assert worker.is_alive(), outcome
             proxy.resume()
             worker.join(timeout=20)
         results: list[PublishResult] = outcome["r"]

@@ -20,6 +20,7 @@ from producers import AsyncProducer, Producer, PublishForbidden, UnexpectedRespo
 from producers.http_transport import HttpProtocol, ServerError
 from producers.options import ProducerOptions
 from tests.support.gateway import GatewayProcess, free_port
+from tests.support.polling import RetryLog, wait_until
 
 PUBLISH_KEY = "s3cret-publish-key"
 
@@ -87,10 +88,13 @@ def test_retries_until_the_gateway_comes_up() -> None:
             except BaseException as exc:
                 outcome["error"] = exc
 
-    worker = threading.Thread(target=publish)
-    worker.start()
-    time.sleep(0.5)
-    assert worker.is_alive()
+    with RetryLog() as retries:
+        worker = threading.Thread(target=publish)
+        worker.start()
+        # Progress, not time: the publish was refused a few times and is being retried.
+        wait_until(lambda: retries.by_thread(worker) >= 3 or not worker.is_alive(), timeout=15,
+                   message="the publish to be retried while no gateway listens")
+    assert worker.is_alive(), outcome
     with GatewayProcess(port=port):
         worker.join(timeout=30)
     assert "error" not in outcome, outcome

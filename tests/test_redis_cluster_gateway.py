@@ -23,6 +23,7 @@ from redis.crc import key_slot
 
 from broadcaster.keys import KeyLayout
 from tests.support.gateway import GatewayProcess, start_gateways
+from tests.support.polling import async_wait_until
 from tests.support.redis_server import RedisClusterNodes, RedisServer
 from tests.support.wsclient import WsClient
 
@@ -148,7 +149,7 @@ async def test_every_shard_delivers_and_only_watched_channels_are_subscribed(
         for conv in all_watched:
             want = {"conv_id": conv, "connections": 2, "by_profile": {"default": 2}}
             url = f"{publisher.http_url}/v1/conversations/{conv}/presence"
-            await poll_until(partial(get_json, http, url), partial(operator.eq, want), timeout=10,
+            await poll_until(partial(get_json, http, url), partial(operator.eq, want), timeout=20,
                              what=f"presence of {conv}")
         for conv in unwatched:
             node = redis_cluster.node_for_slot(key_slot(layout.live(conv).encode()))
@@ -168,7 +169,7 @@ async def test_every_shard_delivers_and_only_watched_channels_are_subscribed(
         return {node.port: shard_channels(node, prefix) for node in redis_cluster.nodes}
 
     kept = {port: {layout.live(c) for c in convs[1:]} for port, convs in watched.items()}
-    await poll_until(lambda: asyncio.to_thread(snapshot), lambda now: now == kept, timeout=10,
+    await poll_until(lambda: asyncio.to_thread(snapshot), lambda now: now == kept, timeout=15,
                      what="sharded subscriptions dropped after the last client left")
     for c in [*singles.values(), multi]:
         await c.close()
@@ -239,20 +240,27 @@ async def test_watched_conversation_survives_a_slot_migration(
     client = await WsClient.connect(watcher.ws_url(f"conv_id={conv}"))
     await client.expect("ws.subscribed")
     events = 120
+    published = [0]
     async with httpx.AsyncClient(timeout=10) as http:
         async def produce() -> None:
             for i in range(events):
                 await publish(http, publisher.http_url, conv, i)
+                published[0] = i + 1
                 await asyncio.sleep(0.005)
 
         producing = asyncio.create_task(produce())
-        await asyncio.sleep(0.2)
+        # Migrate mid-stream at any speed: once a fifth of the events are out, not after a while.
+        await async_wait_until(lambda: published[0] >= events // 5 or producing.done(), timeout=30,
+                               message="the producer to get going")
+        assert not producing.done(), "the producer finished before the migration"
         await asyncio.to_thread(migrate_slot, redis_cluster, slot, src, dst)
         await producing
     got = await client.until(lambda got: sum(not o["type"].startswith("ws.") for o in got) >= events, timeout=15)
     assert [o["seq"] for o in got] == list(range(1, events + 1)), [o for o in got if o["type"].startswith("ws.")]
     assert redis_cluster.node_for_slot(slot) is dst
     await poll_until(lambda: asyncio.to_thread(shard_channels, dst, prefix), lambda chans: layout.live(conv) in chans,
-                     timeout=5, what="subscription on the slot's new owner")
-    assert layout.live(conv) not in shard_channels(src, prefix)
+                     timeout=15, what="subscription on the slot's new owner")
+    await poll_until(lambda: asyncio.to_thread(shard_channels, src, prefix),
+                     lambda chans: layout.live(conv) not in chans, timeout=15,
+                     what="no subscription left on the old owner")
     await client.close()

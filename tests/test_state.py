@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -14,6 +14,7 @@ from broadcaster.envelope import PublishRequest
 from broadcaster.profiles import ProfileRegistry
 from gateway.settings import Settings
 from tests.support.gateway import InProcessGateway
+from tests.support.polling import async_wait_until
 from tests.support.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(90)
@@ -69,23 +70,28 @@ async def test_state_holds_latest_per_key_and_hydrate_continues_exactly(gateway:
 
     # hydrate while another task keeps publishing: ws.state, then every later event once, in order
     stop = asyncio.Event()
+    published = [0]  # live publishes so far
 
     async def keep_publishing() -> int:
-        n = 0
         while not stop.is_set():
+            n = published[0]
             await backend.publish("s1", "timeline.delta", {"live": n}, key=f"msg-{n % 40}")
-            n += 1
+            published[0] = n + 1
             await asyncio.sleep(0)
-        return n
+        return published[0]
 
     publisher = asyncio.create_task(keep_publishing())
-    await asyncio.sleep(0.05)
+    # The hydrate must happen mid-stream: wait until the publisher is going, not for a while.
+    await async_wait_until(lambda: published[0] >= 20, timeout=15, message="the live publisher to get going")
     client = await WsClient.connect(gateway.ws_url("conv_id=s1&profile=full&hydrate=1"))
-    subscribed = await client.expect("ws.subscribed")
-    snapshot = await client.next()
+    subscribed = await client.expect("ws.subscribed", timeout=15)
+    snapshot = await client.next(timeout=15)
     assert snapshot["type"] == "ws.state" and snapshot["seq"] == subscribed["seq"]
     assert len(snapshot["entities"]) == 40
-    await asyncio.sleep(0.2)
+    # Keep publishing past the snapshot: 200 more events follow it live.
+    at_snapshot = snapshot["seq"] - 5000  # live publishes the snapshot includes
+    await async_wait_until(lambda: published[0] >= at_snapshot + 200, timeout=30,
+                           message="200 live events after the snapshot")
     stop.set()
     await publisher
     head = (await backend.head("s1")).seq
@@ -148,11 +154,9 @@ async def test_client_away_past_history_resets_then_rehydrates_then_live(redis_u
         async for item in client:
             items.append(item)
 
-    async def wait_for(condition: object, what: str, timeout: float = 15.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not condition():  # type: ignore[operator]
-            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}: {items[-3:]}"
-            await asyncio.sleep(0.02)
+    async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+        await async_wait_until(lambda: condition() or items[-3:], timeout=timeout, message=what,
+                               until=lambda seen: seen is True)
 
     reader = asyncio.create_task(collect())
     try:
@@ -195,14 +199,8 @@ async def test_state_survives_a_redis_restart_with_aof(key_prefix: str) -> None:
         before = await backend.state("aof")
         server.kill()
         server.restart()
-        deadline = asyncio.get_running_loop().time() + 15
-        while True:
-            try:
-                after = await backend.state("aof")
-                break
-            except Exception:
-                assert asyncio.get_running_loop().time() < deadline, "backend did not come back"
-                await asyncio.sleep(0.1)
+        after = await async_wait_until(lambda: backend.state("aof"), timeout=20,
+                                       message="the backend to come back", ignore=(Exception,))
         assert (after.epoch, after.seq) == (before.epoch, before.seq) == (before.epoch, 30)
         assert {k: e.data for k, e in after.entities.items()} == {k: e.data for k, e in before.entities.items()}
         nxt = await backend.publish("aof", "timeline.item", {"v": "next"}, key="k0")
