@@ -132,7 +132,7 @@ def stream_request(query: QueryParams, last_event_id: str | None) -> tuple[Subsc
 class SseStream(Connection):
     """One ``/sse`` stream's outgoing side: SSE frames in the connection's bounded queue."""
 
-    __slots__ = ("_abort", "_aborted", "_task", "epoch", "ping_interval", "request", "sse_stats")
+    __slots__ = ("_abort", "_aborted", "_task", "ping_interval", "request", "sse_stats")
 
     def __init__(self, send: Send, connection_id: str, profile: str, pool: ConnectionPool, max_queue_bytes: int,
                  observe_wait: Callable[[float], None] | None, *, request: SubscribeRequest, ping_interval: float,
@@ -143,7 +143,6 @@ class SseStream(Connection):
         self.request = request
         self.ping_interval = ping_interval
         self.sse_stats = stats
-        self.epoch = ""
         self._abort = abort
         self._aborted = False
         self._task: asyncio.Task[Any] | None = None
@@ -174,7 +173,6 @@ class SseStream(Connection):
         if position is None:
             frame = b"event: %b\ndata: %b\n\n" % (kind.encode(), data)
         else:
-            self.epoch = position[0]
             frame = b"id: %b:%d\nevent: %b\ndata: %b\n\n" % (position[0].encode(), position[1], kind.encode(), data)
         Connection.send(self, frame)
 
