@@ -321,6 +321,16 @@ async def test_namespaces_on_a_redis_cluster(cluster: RedisClusterNodes, tmp_pat
             policy = (await http.get(f"/v1/conversations/{conv}/policy")).json()
             assert policy["policy"]["history_size"] == size and not policy["conflict"]
         assert await gw.gateway.backend.check_policy() == []  # type: ignore[attr-defined]
+        # one primary loses the library (a node replaced empty): the gateway's check loads it again there
+        victim = cluster.nodes[0]
+        client = victim.client()
+        client.function_delete(library)
+        on_victim = next(c for c in convs if cluster.node_for_slot(
+            redis.crc.key_slot(f"ns:{{{c}}}:meta".encode())) is victim)
+        async with AsyncProducer.from_url(cluster.url, key_prefix="ns", retry_budget=15) as async_producer:
+            assert (await async_producer.publish(on_victim, "t.x", "after")).seq == 401 + (on_victim == "support-0")
+        assert client.function_list(library)
+        client.close()
 
 
 # --- the README's raw call, as written ---------------------------------------------------------------

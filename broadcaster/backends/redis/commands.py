@@ -228,11 +228,15 @@ class RedisCommands:
         command = scripts.policy_fingerprint_call(library)
         replies: list[Any] = []
         if isinstance(self.client, RedisCluster):
+            # Each primary on its own connection, not through the cluster client's routing: a dead
+            # master must not make the client refresh its slot map under the publishes of the others.
             for node in self.client.get_primaries():
                 try:
-                    replies.append(await self.client.execute_command(*command, target_nodes=node))
+                    replies.append(await node.execute_command(*command))
                 except ResponseError as exc:
                     replies.append(exc)
+                except PING_ERRORS:
+                    continue  # a shard down: checked again next time
         else:
             try:
                 replies.append(await self.client.execute_command(*command))  # type: ignore[no-untyped-call]
