@@ -195,3 +195,63 @@ def _listening(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+JS_CLIENT = """
+async ([conv, transport]) => {
+  const { BroadcasterClient } = await import("/client/broadcaster-client.js");
+  // behind a proxy that refuses upgrades, a websocket never opens
+  class BlockedWebSocket {
+    constructor() {
+      this.readyState = 0;
+      setTimeout(() => { this.readyState = 3; this.onclose?.({ code: 1006 }); }, 5);
+    }
+    send() {}
+    close() {}
+  }
+  const s = (window.__js = { seqs: [], transports: [], statuses: [] });
+  const client = new BroadcasterClient({ url: "/ws", transport, WebSocket: BlockedWebSocket, pingIntervalMs: 0,
+                                         backoff: { initialMs: 50, maxMs: 300 } });
+  client.on("event", (e) => s.seqs.push(e.seq));
+  client.on("transport", (d) => s.transports.push(d.transport));
+  client.on("status", (d) => s.statuses.push(d.status));
+  client.on("subscribed", () => { s.subscribed = true; s.transport = client.transport; });
+  client.subscribe(conv, { since: 0 });
+  window.__client = client;
+}
+"""
+
+
+@pytest.mark.parametrize("transport", ["sse", "auto"])
+def test_js_client_sse_transport_in_chromium_through_nginx(cluster: LoopbackCluster, page: Page,
+                                                          transport: str) -> None:
+    """The JS client's SSE transport in a real browser (fetch streaming through nginx); ``auto`` gets there
+    after its websocket fails to open."""
+    for i, child in enumerate(cluster.gateways):
+        if not child.running:
+            cluster.start_gateway(i)
+    conv = "jsse-" + secrets.token_hex(4)
+    with httpx.Client(base_url=cluster.url, timeout=5) as http:
+        deadline = time.monotonic() + 20
+        for i in range(3):
+            publish(http, conv, i, deadline)
+        page.goto(cluster.url + "/healthz")
+        page.evaluate(JS_CLIENT, [conv, transport])
+        _wait_js(page, "the replay over SSE", lambda s: s["seqs"] == [1, 2, 3])
+        for i in range(3, 6):
+            publish(http, conv, i, deadline)
+        final = _wait_js(page, "live events over SSE", lambda s: s["seqs"] == [1, 2, 3, 4, 5, 6])
+    assert final["transport"] == "sse"
+    assert final["transports"] == (["sse"] if transport == "auto" else [])
+    page.evaluate("() => window.__client.close()")
+
+
+def _wait_js(page: Page, what: str, ok: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT
+    while True:
+        current: dict[str, Any] = page.evaluate("() => JSON.parse(JSON.stringify(window.__js || {}))")
+        if current and ok(current):
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; page state: {current}")
+        page.wait_for_timeout(25)
