@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,9 +12,25 @@ REDIS_URL = os.environ.get("BROADCASTER_TEST_REDIS_URL", "redis://127.0.0.1:6379
 
 
 @pytest.fixture
-def key_prefix() -> str:
-    """A key prefix no other test uses, so tests can share the local Redis."""
-    return "t" + secrets.token_hex(6)
+def key_prefix() -> Iterator[str]:
+    """A key prefix no other test uses, so tests can share the local Redis.
+
+    Gateways load a function library per prefix (docs/namespaces.md); the one a test's
+    prefix got is deleted afterwards, so runs do not pile libraries up in the shared Redis.
+    """
+    prefix = "t" + secrets.token_hex(6)
+    yield prefix
+    import redis
+
+    from broadcaster.backends.scripts import library_name
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.function_delete(library_name(prefix))
+    except redis.RedisError:
+        pass  # never loaded (memory backend, or a test that did not publish), or Redis gone
+    finally:
+        client.close()
 
 
 @pytest.fixture
