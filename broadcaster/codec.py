@@ -63,7 +63,12 @@ def envelope_fields_head(conv: str, etype: str) -> bytes:
     return b"\xa1v\x01\xa4conv" + _pack(conv) + b"\xa4type" + _pack(etype) + b"\xa2id"
 
 
-def envelope_fields(head: bytes, event_id: str, data: bytes, key: str | None) -> bytes:
+APPEND = "append"
+"""The one ``op`` an event may carry (docs/streaming.md)."""
+_OP_APPEND = b"\xa2op\xa6append"
+
+
+def envelope_fields(head: bytes, event_id: str, data: bytes, key: str | None, op: str | None = None) -> bytes:
     """The payload's ``v``, ``conv``, ``type``, ``id``, ``data`` (and ``key``) as msgpack keys and values.
 
     ``head`` is :func:`envelope_fields_head` of the event's conversation and type;
@@ -72,13 +77,16 @@ def envelope_fields(head: bytes, event_id: str, data: bytes, key: str | None) ->
     :func:`encode_envelope`), so the SDK encodes most of each payload in C, not in Lua.
     """
     fields = head + _pack(event_id) + b"\xa4data" + data
-    return fields if key is None else fields + b"\xa3key" + _pack(key)
+    if key is None:
+        return fields
+    fields += b"\xa3key" + _pack(key)
+    return fields if op is None else fields + _OP_APPEND
 
 
 def encode_envelope(env: Envelope) -> bytes:
     """The msgpack payload for ``env``, byte for byte what the publish script builds."""
-    fields = envelope_fields(envelope_fields_head(env.conv, env.type), env.id, _pack(env.data), env.key)
-    header = b"\x88" if env.key is None else b"\x89"
+    fields = envelope_fields(envelope_fields_head(env.conv, env.type), env.id, _pack(env.data), env.key, env.op)
+    header = b"\x88" if env.key is None else b"\x89" if env.op is None else b"\x8a"
     return header + fields + b"\xa3seq" + _pack(env.seq) + b"\xa2ts" + _pack(env.ts) + b"\xa5epoch" + _pack(env.epoch)
 
 
@@ -104,7 +112,10 @@ def decode_envelope(payload: bytes) -> Envelope:
         raise PayloadDecodeError("bad ts or epoch")
     if key is not None and not is_valid_name(key):
         raise PayloadDecodeError("bad key")
-    return Envelope(conv, seq, eid, etype, ts, body.get("data"), epoch, key)
+    op = body.get("op")
+    if op is not None and (op != APPEND or key is None):
+        raise PayloadDecodeError("bad op")
+    return Envelope(conv, seq, eid, etype, ts, body.get("data"), epoch, key, op)
 
 
 def dumps(obj: Any) -> bytes:

@@ -23,6 +23,8 @@ class Envelope:
     data: Any
     epoch: str
     key: str | None = None
+    op: str | None = None
+    """``"append"`` for an append to the state entry ``key`` (``data``: the chunk only); None otherwise."""
 
     def event_object(self) -> dict[str, Any]:
         """The client-facing event object of CONTRACT §3 (``key`` only when set)."""
@@ -36,17 +38,40 @@ class Envelope:
         }
         if self.key is not None:
             obj["key"] = self.key
+        if self.op is not None:
+            obj["op"] = self.op
         return obj
 
 
+def apply_append(entry: Any, chunk: dict[str, Any]) -> dict[str, Any]:
+    """The data of a state entry ``entry`` after the append ``chunk`` (what publish.lua does in Redis).
+
+    A string value of ``chunk`` extends the entry's string at the same field (a missing
+    field, or one that is not a string, starts empty); any other value replaces the
+    field. Fields keep their order, new ones go last. An entry that is not an object
+    starts as ``{}``.
+    """
+    merged = dict(entry) if isinstance(entry, dict) else {}
+    for name, value in chunk.items():
+        old = merged.get(name)
+        merged[name] = old + value if isinstance(value, str) and isinstance(old, str) else value
+    return merged
+
+
 class PublishRequest(NamedTuple):
-    """What a producer asks to publish; ``id`` and ``key`` are optional."""
+    """What a producer asks to publish; ``id``, ``key`` and ``op`` are optional.
+
+    ``op="append"`` (with a ``key`` and an object ``data``): each string value of ``data``
+    is appended to the same field of the key's state entry, other values are set
+    (docs/streaming.md).
+    """
 
     conv: str
     type: str
     data: Any = None
     id: str | None = None
     key: str | None = None
+    op: str | None = None
 
 
 class PublishResult(NamedTuple):

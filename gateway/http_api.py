@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
 from broadcaster.codec import embed, json_array
+from broadcaster.envelope import PublishRequest
 from broadcaster.errors import BackendUnavailable, PayloadTooLarge, ValidationError
 from broadcaster.profiles import GlobSet, Profile, parse_type_filter
 from broadcaster.validation import validate_conv_id
@@ -22,7 +23,7 @@ from gateway.auth import AuthError, Grant, bearer
 from gateway.state import Gateway
 
 router = APIRouter()
-_BODY_KEYS = {"type", "data", "id", "key"}
+_BODY_KEYS = {"type", "data", "id", "key", "op"}
 MAX_HISTORY_LIMIT = 1000
 JSON_OVERHEAD = 64 * 1024
 """Bytes a publish body may carry beyond the event data (type, id, key, JSON syntax)."""
@@ -138,16 +139,17 @@ async def publish(conv_id: str, request: Request) -> Response:
     except orjson.JSONDecodeError as exc:
         raise ApiError(422, "invalid", _json_error(body, exc), "body") from None
     if not isinstance(parsed, dict) or "type" not in parsed:
-        raise ApiError(422, "invalid", 'body must be a JSON object with "type" (and "data", "id", "key")', "body")
+        raise ApiError(422, "invalid", 'body must be a JSON object with "type" (and "data", "id", "key", "op")',
+                       "body")
     unknown = set(parsed) - _BODY_KEYS
     if unknown:
         raise ApiError(422, "invalid", f"unknown field(s) {sorted(unknown)}", "body")
-    event_id, key = parsed.get("id"), parsed.get("key")
+    event_id, key, op = parsed.get("id"), parsed.get("key"), parsed.get("op")
     if event_id is not None and not isinstance(event_id, str):
         raise ApiError(422, "invalid", "id must be a string", "id")
     try:
-        result = await _backend_call(
-            gw.publisher.publish(conv, parsed["type"], parsed.get("data"), id=event_id, key=key))
+        wanted = PublishRequest(conv, parsed["type"], parsed.get("data"), event_id, key, op)
+        result = (await _backend_call(gw.publisher.publish_many([wanted])))[0]
     except PayloadTooLarge as exc:
         raise ApiError(413, "too_large", exc.message, exc.field) from None
     except ValidationError as exc:

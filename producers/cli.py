@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("data", metavar="JSON", help="event data as JSON, e.g. '{\"text\": \"hi\"}'")
     parser.add_argument("--id", help="event id (idempotency: republishing it is a no-op)")
     parser.add_argument("--key", help="state key: the event becomes the conversation's state entry for it")
+    parser.add_argument("--op", choices=["append"],
+                        help="append: JSON (an object) is appended to the --key entry: its string values "
+                             "extend the entry's, other values replace them (docs/streaming.md)")
     parser.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_URL,
                         help="http(s):// of a gateway, or redis://, rediss://, redis+cluster:// to publish "
                              f"straight to Redis (env {URL_ENV}, as for the gateway; default {DEFAULT_URL})")
@@ -81,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Producer.from_url(args.url, key_prefix=args.key_prefix, publish_key=args.publish_key,
                                retry_budget=args.retry_budget) as producer:
-            result = producer.publish(args.conv, args.type, data, id=args.id, key=args.key)
+            result = producer.publish(args.conv, args.type, data, id=args.id, key=args.key, op=args.op)
     except ValidationError as exc:
         print(f"broadcaster-publish: invalid {exc.field}: {exc.message}", file=sys.stderr)
         return 2

@@ -22,6 +22,10 @@ What it does for you (docs/delivery.md has the why):
   never repeats one) and counts it in ``stats.duplicates``;
 * surfaces ``ws.reset`` as a :class:`Reset` item and ``ws.state`` as a :class:`State`
   item, in stream order with the events;
+* keeps each conversation's entities whole (:meth:`BroadcasterClient.entities`,
+  :meth:`~BroadcasterClient.entity`, the ``on_entity`` callback): ``ws.state``, keyed
+  upserts, appends (``"op": "append"`` chunks merged in) and deletes, so application
+  code sees whole messages, never chunks (:mod:`producers.entities`, docs/streaming.md);
 * stops for good on what a retry cannot cure - the close codes 4400, 4401, 4403,
   4404, and a ``ws.error`` ``bad_subscribe`` answering one of its subscriptions
   (:class:`SubscribeRefused`): the iterator raises :class:`ClientClosed` saying why;
@@ -41,7 +45,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NoReturn
@@ -52,6 +56,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from broadcaster.validation import is_valid_name
+from producers.entities import Entity, EntityMap
 
 MAX_EPOCH_LENGTH = 64
 MAX_SINCE = 10**18
@@ -77,13 +82,15 @@ class Event:
     key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields a profile's enrich hooks added, beyond the standard ones."""
+    op: str | None = None
+    """``"append"``: ``data`` is a chunk appended to the entity ``key`` (whole: :meth:`BroadcasterClient.entity`)."""
 
     @classmethod
     def from_object(cls, obj: dict[str, Any]) -> Event:
-        known = {"type", "conv_id", "seq", "id", "ts", "data", "key"}
+        known = {"type", "conv_id", "seq", "id", "ts", "data", "key", "op"}
         return cls(str(obj["conv_id"]), int(obj["seq"]), str(obj["type"]), str(obj.get("id", "")),
                    int(obj.get("ts", 0)), obj.get("data"), obj.get("key"),
-                   {k: v for k, v in obj.items() if k not in known})
+                   {k: v for k, v in obj.items() if k not in known}, obj.get("op"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +193,9 @@ class BroadcasterClient:
     :meth:`subscribe` says otherwise. ``start_at``: index of the first URL to try
     (default: random, which spreads clients over gateways). ``backoff_initial`` /
     ``backoff_max``: seconds; the n-th consecutive failed attempt waits a random time
-    in ``[0, min(backoff_max, backoff_initial * 2**n)]``.
+    in ``[0, min(backoff_max, backoff_initial * 2**n)]``. ``on_entity(conv_id, key,
+    entity)``: called, in stream order, with each entity whole after every change to it
+    (``None``: deleted); see :meth:`entities`.
     """
 
     def __init__(
@@ -205,6 +214,7 @@ class BroadcasterClient:
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         max_queue: int = 10_000,
+        on_entity: Callable[[str, str, Entity | None], None] | None = None,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
@@ -238,6 +248,8 @@ class BroadcasterClient:
         self._subscribe_failed = False
         self._refused: SubscribeRefused | None = None
         self._changed = asyncio.Event()
+        self._entities: dict[str, EntityMap] = {}
+        self.on_entity = on_entity
         for conv in conversations:
             self._add(conv, since=None, epoch=None, types=None, hydrate=None)
 
@@ -279,6 +291,24 @@ class BroadcasterClient:
         if ws is not None:
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(orjson.dumps({"type": "ws.unsubscribe", "conv_id": conv_id}).decode())
+
+    def entities(self, conv_id: str) -> EntityMap:
+        """``conv_id``'s entities as of the last item the client queued: whole, by key (empty if none yet)."""
+        return self._entities.setdefault(conv_id, EntityMap())
+
+    def entity(self, conv_id: str, key: str) -> Entity | None:
+        """The whole entity ``key`` of ``conv_id`` (an event object whose ``data`` holds every append), or None."""
+        found = self._entities.get(conv_id)
+        return found.get(key) if found is not None else None
+
+    def _track(self, conv_id: str, obj: dict[str, Any]) -> None:
+        changes = self.entities(conv_id).apply(obj)
+        if self.on_entity is not None:
+            for key, entity in changes:
+                try:
+                    self.on_entity(conv_id, key, entity)
+                except Exception:
+                    log.exception("on_entity callback failed for %s %s", conv_id, key)
 
     def position(self, conv_id: str) -> tuple[str | None, int | None]:
         """``(epoch, seq)`` the client would resume ``conv_id`` from."""
@@ -481,11 +511,13 @@ class BroadcasterClient:
             epoch, seq = str(obj["epoch"]), int(obj["seq"])
             conv.epoch, conv.seq = epoch, seq
             entities = {str(k): Event.from_object(v) for k, v in dict(obj.get("entities") or {}).items()}
+            self._track(conv.conv_id, obj)
             await self._emit(State(conv.conv_id, epoch, seq, entities))
         elif kind == "ws.reset" and conv is not None:
             reset = Reset(conv.conv_id, str(obj.get("reason")), str(obj["epoch"]), int(obj["seq"]))
             conv.epoch, conv.seq = reset.epoch, reset.seq
             self.stats.resets += 1
+            self._track(conv.conv_id, obj)
             await self._emit(reset)
             if conv.hydrate:  # reload the state rather than leave the caller with a hole
                 conv.seq = None
@@ -535,6 +567,8 @@ class BroadcasterClient:
             return
         conv.seq = seq
         self.stats.events += 1
+        if "key" in obj:
+            self._track(conv.conv_id, obj)
         await self._emit(Event.from_object(obj))
 
     async def _emit(self, item: Item) -> None:
@@ -562,4 +596,5 @@ def _ws_url(url: str, profile: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
 
 
-__all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Event", "Item", "Reset", "State", "SubscribeRefused"]
+__all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Entity", "EntityMap", "Event", "Item", "Reset", "State",
+           "SubscribeRefused"]

@@ -60,6 +60,8 @@ class HttpProtocol:
         body: dict[str, Any] = {"type": request.type, "data": request.data, "id": out.prepared.id}
         if request.key is not None:
             body["key"] = request.key
+        if request.op is not None:
+            body["op"] = request.op
         headers = {"content-type": "application/json"}
         if self.options.publish_key:
             headers["authorization"] = f"Bearer {self.options.publish_key}"

@@ -19,7 +19,7 @@ from broadcaster.errors import ValidationError
 from broadcaster.namespaces import POLICY_FIELDS
 
 PublishItem = PublishRequest | tuple[Any, ...]
-"""A :class:`PublishRequest` or a tuple ``(conv, type, data[, id[, key]])``."""
+"""A :class:`PublishRequest` or a tuple ``(conv, type, data[, id[, key[, op]]])``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +38,19 @@ class ProducerOptions:
     library for yet is retried too). ``timeout``: seconds per HTTP request.
     ``publish_key``: HTTP ``Authorization: Bearer`` for publishing; ``token``: the same
     for reads (presence) when the gateway requires auth.
+
+    ``wait_replicas`` (over ``redis://`` / ``redis+sentinel://``): after each publish
+    call, ``WAIT wait_replicas wait_timeout_ms`` on the same connection; fewer replicas
+    confirming in time raises :class:`broadcaster.errors.NotReplicated` instead of
+    reporting success (docs/operations.md: what it costs, what it buys).
     """
 
     retry_budget: float = 10.0
     timeout: float = 5.0
     publish_key: str | None = None
     token: str | None = None
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> ProducerOptions:
@@ -74,12 +81,13 @@ class Outgoing(NamedTuple):
 
 
 def to_request(item: PublishItem) -> PublishRequest:
-    """A :class:`PublishRequest` from a request or a ``(conv, type, data[, id[, key]])`` tuple."""
+    """A :class:`PublishRequest` from a request or a ``(conv, type, data[, id[, key[, op]]])`` tuple."""
     if isinstance(item, PublishRequest):
         return item
-    if isinstance(item, tuple) and 2 <= len(item) <= 5:
+    if isinstance(item, tuple) and 2 <= len(item) <= 6:
         return PublishRequest(*item)
-    raise ValidationError("request", f"expected PublishRequest or (conv, type, data[, id[, key]]), got {item!r}")
+    raise ValidationError("request",
+                          f"expected PublishRequest or (conv, type, data[, id[, key[, op]]]), got {item!r}")
 
 
 ID_TTL = 10 * 365 * 86400

@@ -16,14 +16,15 @@ from typing import Any, Protocol
 from broadcaster.backend import Presence
 from broadcaster.backends.scripts import RedisTarget, parse_redis_url
 from broadcaster.envelope import PublishResult
-from broadcaster.errors import BackendUnavailable, ValidationError
+from broadcaster.errors import BackendUnavailable, NotReplicated, ValidationError
 from broadcaster.urls import redact_url
 from producers.http_transport import AsyncHttpTransport, SyncHttpTransport
 from producers.options import Outgoing, ProducerOptions, PublishItem, prepare
 from producers.redis_transport import AsyncRedisTransport, SyncRedisTransport
+from producers.stream import DEFAULT_WINDOW, AsyncStream, Stream
 
 HTTP_SCHEMES = ("http", "https")
-REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel", "unix")
 
 
 class SyncTransport(Protocol):
@@ -39,7 +40,7 @@ class AsyncTransport(Protocol):
 
 
 _SCHEMES_HELP = ("http:// or https:// (a gateway's HTTP API), or redis://, rediss://, redis+cluster://, "
-                 "rediss+cluster://, unix:// (straight to Redis)")
+                 "rediss+cluster://, redis+sentinel://, rediss+sentinel://, unix:// (straight to Redis)")
 
 
 def _scheme(url: str) -> str:
@@ -67,6 +68,8 @@ def _naming(where: str) -> Iterator[None]:
     """Say which URL stayed unreachable (credentials redacted)."""
     try:
         yield
+    except NotReplicated as exc:  # keeps its type: the caller may publish again with the same ids
+        raise NotReplicated(f"{where}: {exc}", exc.results, exc.acked) from exc
     except BackendUnavailable as exc:
         cause = exc.__cause__
         detail = f": {cause}" if cause is not None and str(cause) and str(cause) not in str(exc) else ""
@@ -101,9 +104,13 @@ class Producer:
         return cls(transport, opts, url)
 
     def publish(self, conv: str, type: str, data: Any = None, id: str | None = None,
-                key: str | None = None) -> PublishResult:
-        """Publish one event (see CONTRACT §5); retried on transient errors, then BackendUnavailable."""
-        batch = prepare([(conv, type, data, id, key)], self.options)
+                key: str | None = None, op: str | None = None) -> PublishResult:
+        """Publish one event (see CONTRACT §5); retried on transient errors, then BackendUnavailable.
+
+        ``op="append"`` (with ``key``, ``data`` an object): append to the key's state entry
+        instead of replacing it (docs/streaming.md).
+        """
+        batch = prepare([(conv, type, data, id, key, op)], self.options)
         with _naming(self.url):
             return self._transport.publish_many(batch)[0]
 
@@ -119,6 +126,15 @@ class Producer:
         batch = prepare(items, self.options)
         with _naming(self.url):
             return self._transport.publish_many(batch)
+
+    def stream(self, conv: str, key: str, type: str, *, window: float = DEFAULT_WINDOW, field: str = "text",
+               final: dict[str, Any] | None = None) -> Stream:
+        """A context manager streaming one growing message into state entry ``key`` (:mod:`producers.stream`).
+
+        ``append`` calls within ``window`` seconds become one ``op="append"`` publish; on a
+        clean exit the entry ends with a full upsert of the whole message (plus ``final``).
+        """
+        return Stream(self, conv, key, type, window, field, final)
 
     def presence(self, conv: str) -> Presence:
         """Live connections watching ``conv`` over every gateway."""
@@ -161,8 +177,8 @@ class AsyncProducer:
         return cls(transport, opts, url)
 
     async def publish(self, conv: str, type: str, data: Any = None, id: str | None = None,
-                      key: str | None = None) -> PublishResult:
-        batch = prepare([(conv, type, data, id, key)], self.options)
+                      key: str | None = None, op: str | None = None) -> PublishResult:
+        batch = prepare([(conv, type, data, id, key, op)], self.options)
         with _naming(self.url):
             return (await self._transport.publish_many(batch))[0]
 
@@ -170,6 +186,11 @@ class AsyncProducer:
         batch = prepare(items, self.options)
         with _naming(self.url):
             return await self._transport.publish_many(batch)
+
+    def stream(self, conv: str, key: str, type: str, *, window: float = DEFAULT_WINDOW, field: str = "text",
+               final: dict[str, Any] | None = None) -> AsyncStream:
+        """Like :meth:`Producer.stream`, for ``async with``; ``await s.append(token)``."""
+        return AsyncStream(self, conv, key, type, window, field, final)
 
     async def presence(self, conv: str) -> Presence:
         with _naming(self.url):

@@ -11,8 +11,9 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from broadcaster.backend import DEFAULT_IDEMPOTENCY_TTL_AUTO, BackendStats, Listener
-from broadcaster.codec import DEFAULT_MAX_DATA_BYTES, encode_data
+from broadcaster.codec import APPEND, DEFAULT_MAX_DATA_BYTES, encode_data
 from broadcaster.envelope import Envelope, PublishRequest
+from broadcaster.errors import ValidationError
 from broadcaster.locks import KeyedLock
 from broadcaster.validation import validate_conv_id, validate_event_id, validate_event_type, validate_state_key
 
@@ -68,6 +69,8 @@ class PreparedPublish(NamedTuple):
     data: bytes
     id_ttl: int
     chosen_id: bool
+    op: str | None = None
+    """``"append"``: append ``data`` (an object) to the state entry ``key``."""
 
 
 def prepare_publish(
@@ -77,12 +80,21 @@ def prepare_publish(
     conv = validate_conv_id(request.conv)
     etype = validate_event_type(request.type)
     key = validate_state_key(request.key) if request.key is not None else None
+    op = request.op
+    if op is not None:
+        if op != APPEND:
+            raise ValidationError("op", f'unknown op {op!r}: the one op is "append"')
+        if key is None:
+            raise ValidationError("key", 'op "append" needs a state key')
+        if not isinstance(request.data, dict) or not request.data:
+            raise ValidationError("data", 'op "append" needs data that is a non-empty object')
     chosen_id = request.id is not None
     if chosen_id:
         event_id, id_ttl = validate_event_id(request.id), history_ttl
     else:
         event_id, id_ttl = new_event_id(), generated_id_ttl(history_ttl)
-    return PreparedPublish(conv, etype, event_id, key, encode_data(request.data, max_data_bytes), id_ttl, chosen_id)
+    return PreparedPublish(conv, etype, event_id, key, encode_data(request.data, max_data_bytes), id_ttl, chosen_id,
+                           op)
 
 
 def generated_id_ttl(history_ttl: int) -> int:

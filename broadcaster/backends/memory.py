@@ -49,7 +49,7 @@ from broadcaster.backend import (
 )
 from broadcaster.backends.base import ChannelRegistry, PreparedPublish, prepare_publish
 from broadcaster.codec import encode_envelope
-from broadcaster.envelope import Envelope, PublishRequest, PublishResult
+from broadcaster.envelope import Envelope, PublishRequest, PublishResult, apply_append
 
 EPOCH_PERIOD = 86400
 """Seconds; the ``EPOCH_PERIOD`` of ``read.lua`` and ``publish.lua`` (see their header)."""
@@ -234,8 +234,14 @@ class MemoryBackend(Backend):
             return PublishResult(prepared.conv, known[0], prepared.id, record.epoch, duplicate=True), None
         seq = record.seq + 1
         env = Envelope(prepared.conv, seq, prepared.id, prepared.type, int(time.time() * 1000), data,
-                       record.epoch, prepared.key)
-        size = len(encode_envelope(env)) if prepared.key is not None and data is not None else 0
+                       record.epoch, prepared.key, prepared.op)
+        entry = env  # what the state keeps: for an append, the entry with the chunk merged in (as publish.lua)
+        if prepared.op is not None and prepared.key is not None:
+            previous = record.state.get(prepared.key)
+            entry = Envelope(env.conv, seq, env.id, env.type, env.ts,
+                             apply_append(previous.data if previous is not None else None, data),
+                             env.epoch, env.key)
+        size = len(encode_envelope(entry)) if prepared.key is not None and data is not None else 0
         record.seq = seq
         record.log.append(env)
         while len(record.log) > policy.history_size:
@@ -248,7 +254,7 @@ class MemoryBackend(Backend):
             if record.state.pop(prepared.key, None) is not None:
                 record.state_bytes -= record.state_sizes.pop(prepared.key)
             if data is not None:
-                record.state[prepared.key] = env  # ``size``: what the Redis backend stores for it
+                record.state[prepared.key] = entry  # ``size``: what the Redis backend stores for it
                 record.state_sizes[prepared.key] = size
                 record.state_bytes += size
                 max_bytes = policy.state_max_bytes

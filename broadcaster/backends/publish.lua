@@ -32,6 +32,8 @@
 --        [12] max state bytes (optional; absent or 0 = no byte cap): the encoded size of
 --             all state entries, tracked in meta field state_bytes; past it the
 --             oldest-updated go
+--        [13] "append" (optional; needs a state key and data that is a msgpack map of
+--             string keys): append to the state entry instead of replacing it (APPEND below)
 --   Returns {seq, epoch, duplicate (0/1), state entries evicted}
 --
 -- A BATCH (what the SDK and the gateways send; cheaper per event)
@@ -48,11 +50,13 @@
 --        [10] one code character per event, in order: its byte value minus 64 is the sum of
 --             1 = remember the event id (its id key is the next of KEYS[7...]),
 --             2 = the event has a state key (the next of the state keys below),
---             4 = delete that state entry instead of writing it
---             ("@" = none of these, "A" = 1, "B" = 2, "C" = 1 + 2, "F" = 2 + 4, "G" = 1 + 2 + 4)
+--             4 = delete that state entry instead of writing it,
+--             8 = append to that state entry (with 2; see APPEND)
+--             ("@" = none of these, "A" = 1, "B" = 2, "C" = 1 + 2, "F" = 2 + 4, "G" = 1 + 2 + 4,
+--             "J" = 2 + 8, "K" = 1 + 2 + 8)
 --        [11...] the fields of each event, in order: the payload's "v", "conv", "type",
---             "id", "data" (and "key" with a state key) as msgpack keys and values one
---             after another, without a map header
+--             "id", "data" (and "key" with a state key, then "op" = "append" with code 8)
+--             as msgpack keys and values one after another, without a map header
 --        then the state key of each event with code 2, in order
 --   Returns {epoch, then per event: seq, duplicate (0/1), state entries evicted}
 --
@@ -74,7 +78,18 @@
 -- error is raised: a retry of the batch answers them as duplicates and goes on with
 -- the rest.
 --
--- The payload is the msgpack map {"v":1,"conv","type","id","data"(,"key"),"seq","ts","epoch"}.
+-- APPEND. An append event (op "append") carries a chunk: a msgpack map of string keys. Its
+-- payload in history and on the live channel is the chunk with "op": "append"; the state
+-- entry becomes the entry merged with it (the payload of an event with this event's
+-- type, id, seq and ts, no "op", and the merged data): each string value of the chunk is
+-- concatenated to the entry's string at the same key (a missing entry, key, or a value
+-- that is not a string starts empty), any other value replaces the key's; keys keep their
+-- order, new keys go last. An entry whose data is not a map starts as an empty map.
+-- The merge decodes only the two maps' top level (read_map below): values are copied as
+-- raw msgpack bytes, strings concatenated. Data that is not such a map is refused
+-- (error "BADAPPEND ...") before any write, so it takes no seq.
+--
+-- The payload is the msgpack map {"v":1,"conv","type","id","data"(,"key"(,"op")),"seq","ts","epoch"}.
 -- The data bytes are copied as they came, never decoded (a Lua table cannot tell [] from {}
 -- and loses big integers), and the few scalars are encoded below rather than with
 -- cmsgpack, so the script also runs where cmsgpack is missing (fakeredis, some
@@ -269,6 +284,155 @@ local function str_end(s, pos)
   return nil -- longer than any conversation id, type or event id may be
 end
 
+-- >>> msgpack reading for APPEND
+-- Big-endian unsigned integer of `n` bytes of `s` at `pos`.
+local function be(s, pos, n)
+  local v = 0
+  for i = pos, pos + n - 1 do
+    v = v * 256 + string.byte(s, i)
+  end
+  return v
+end
+
+-- Bytes after the tag of each fixed-size msgpack type (nil, bool, numbers, fixext).
+local FIXED = {[0xc0] = 0, [0xc2] = 0, [0xc3] = 0, [0xca] = 4, [0xcb] = 8, [0xcc] = 1, [0xcd] = 2,
+  [0xce] = 4, [0xcf] = 8, [0xd0] = 1, [0xd1] = 2, [0xd2] = 4, [0xd3] = 8, [0xd4] = 2, [0xd5] = 3,
+  [0xd6] = 5, [0xd7] = 9, [0xd8] = 17}
+-- Length-prefixed types: bytes of the length, extra bytes after it (ext's type byte).
+local SIZED = {[0xc4] = {1, 0}, [0xc5] = {2, 0}, [0xc6] = {4, 0}, [0xc7] = {1, 1}, [0xc8] = {2, 1},
+  [0xc9] = {4, 1}, [0xd9] = {1, 0}, [0xda] = {2, 0}, [0xdb] = {4, 0}}
+
+-- The position just after the msgpack value at `pos` of `s` (iterative: no recursion on depth).
+local function skip(s, pos)
+  local todo = 1
+  while todo > 0 do
+    local b = string.byte(s, pos)
+    if not b then
+      error({bad_append = 'BADAPPEND truncated msgpack'})
+    end
+    todo = todo - 1
+    if b < 0x80 or b >= 0xe0 then
+      pos = pos + 1
+    elseif b < 0x90 then
+      todo, pos = todo + 2 * (b - 0x80), pos + 1
+    elseif b < 0xa0 then
+      todo, pos = todo + b - 0x90, pos + 1
+    elseif b < 0xc0 then
+      pos = pos + 1 + b - 0xa0
+    elseif FIXED[b] then
+      pos = pos + 1 + FIXED[b]
+    elseif SIZED[b] then
+      local w = SIZED[b]
+      pos = pos + 1 + w[1] + w[2] + be(s, pos + 1, w[1])
+    elseif b == 0xdc or b == 0xdd then
+      local w = b == 0xdc and 2 or 4
+      todo, pos = todo + be(s, pos + 1, w), pos + 1 + w
+    elseif b == 0xde or b == 0xdf then
+      local w = b == 0xde and 2 or 4
+      todo, pos = todo + 2 * be(s, pos + 1, w), pos + 1 + w
+    else
+      error({bad_append = 'BADAPPEND unknown msgpack type ' .. b})
+    end
+  end
+  return pos
+end
+
+-- The content of the msgpack str at `pos` of `s` and the position after it; nil if it is no str.
+local function read_str(s, pos)
+  local b = string.byte(s, pos)
+  local start
+  if not b then
+    return nil
+  elseif b >= 0xa0 and b <= 0xbf then
+    start = pos + 1
+  elseif b == 0xd9 or b == 0xda or b == 0xdb then
+    start = pos + 2 + SIZED[b][1] - 1
+  else
+    return nil
+  end
+  local stop = b <= 0xbf and start + b - 0xa0 or start + be(s, pos + 1, SIZED[b][1])
+  return string.sub(s, start, stop - 1), stop
+end
+
+-- The top level of the msgpack map at `pos` of `s`, ending before `stop`: {names = {...},
+-- values = {name -> raw msgpack bytes}}; nil if that is not a map of str keys filling it.
+local function read_map(s, pos, stop)
+  local b = string.byte(s, pos)
+  local n
+  if not b then
+    return nil
+  elseif b >= 0x80 and b <= 0x8f then
+    n, pos = b - 0x80, pos + 1
+  elseif b == 0xde or b == 0xdf then
+    local w = b == 0xde and 2 or 4
+    n, pos = be(s, pos + 1, w), pos + 1 + w
+  else
+    return nil
+  end
+  local map = {names = {}, values = {}}
+  for _ = 1, n do
+    local name, after = read_str(s, pos)
+    if not name or after > stop then
+      return nil
+    end
+    local value_end = skip(s, after)
+    if value_end > stop then
+      return nil
+    end
+    if not map.values[name] then
+      map.names[#map.names + 1] = name
+    end
+    map.values[name] = string.sub(s, after, value_end - 1)
+    pos = value_end
+  end
+  if pos ~= stop then
+    return nil
+  end
+  return map
+end
+
+-- The msgpack bytes of `entry` (a read_map, or nil) merged with the chunk `chunk` (see APPEND).
+local function merge_append(entry, chunk)
+  entry = entry or {names = {}, values = {}}
+  local names, values = {}, {}
+  for i = 1, #entry.names do
+    names[i] = entry.names[i]
+    values[entry.names[i]] = entry.values[entry.names[i]]
+  end
+  for _, name in ipairs(chunk.names) do
+    local new = chunk.values[name]
+    local old = values[name]
+    if not old then
+      names[#names + 1] = name
+    else
+      local old_text, old_end = read_str(old, 1)
+      local new_text, new_end = read_str(new, 1)
+      if old_text and new_text and old_end == #old + 1 and new_end == #new + 1 then
+        new = mp_str(old_text .. new_text)
+      end
+    end
+    values[name] = new
+  end
+  local n = #names
+  local out = {n < 16 and string.char(0x80 + n) or n < 65536 and string.char(0xde, math.floor(n / 256), n % 256)
+    or string.char(0xdf) .. be32(n)}
+  for _, name in ipairs(names) do
+    out[#out + 1] = mp_str(name)
+    out[#out + 1] = values[name]
+  end
+  return table.concat(out)
+end
+
+-- Where the data of an event's fields starts (after "\164data"; `base` = the position of
+-- the fields' first byte): after v, conv, type, id. Nil if the fields are not laid out so.
+local function data_start(s, base)
+  local pos = str_end(s, base + 8) -- after "\161v\001\164conv": the conversation id
+  pos = pos and str_end(s, pos + 5) -- after "\164type"
+  pos = pos and str_end(s, pos + 3) -- after "\162id"
+  return pos and pos + 5
+end
+-- <<< msgpack reading for APPEND
+
 -- Bytes of the msgpack data in a batch event's fields (v, conv, type, id, data[, key]).
 local function data_size(fields, key)
   local pos = str_end(fields, 9) -- after "\161v\001\164conv": the conversation id
@@ -285,9 +449,33 @@ end
 -- Returns its seq, 1 if it was a duplicate of an earlier event (else 0), and evictions.
 -- Data over the namespace's max data bytes (`data`: the one-event form's; else measured
 -- in `fields`) is refused before any write: a refused event takes no seq.
-local function publish(fields, key, delete, id_key, id_ttl, data)
+local OP_APPEND = '\162op\166append'
+
+-- The state payload of the append event with `fields` (ending in key and op) taking seq
+-- `next_seq`: the entry `key` merged with the event's chunk (see APPEND).
+local function appended_entry(fields, key, next_seq)
+  local start = data_start(fields, 1)
+  local stop = #fields - 4 - #mp_str(key) - #OP_APPEND + 1 -- the chunk ends before "\163key"
+  local chunk = start and read_map(fields, start, stop)
+  if not chunk then
+    error({bad_append = 'BADAPPEND an append needs data that is a map of string keys'})
+  end
+  local entry
+  local old = redis.call('HGET', state, key)
+  if old then
+    local old_start = data_start(old, 2)
+    if old_start then
+      local ok, old_stop = pcall(skip, old, old_start)
+      entry = ok and read_map(old, old_start, old_stop) or nil -- data that is no map starts empty
+    end
+  end
+  return '\137' .. string.sub(fields, 1, start - 1) .. merge_append(entry, chunk) .. '\163key' .. mp_str(key)
+    .. '\163seq' .. mp_uint(next_seq) .. tail
+end
+
+local function publish(fields, key, delete, id_key, id_ttl, data, append)
   if max_data > 0 and #fields > max_data then -- the data is part of the fields: most events stop here
-    local size = data and #data or data_size(fields, key)
+    local size = data and #data or data_size(fields, key) - (append and #OP_APPEND or 0)
     if size > max_data then
       error({too_large = 'TOOLARGE event data is ' .. size .. ' bytes (msgpack), over max_data_bytes '
         .. max_data .. ' of its namespace'})
@@ -306,7 +494,9 @@ local function publish(fields, key, delete, id_key, id_ttl, data)
     end
   end
   local next_seq = seq + 1
-  local payload = string.char(key ~= '' and 0x89 or 0x88) .. fields .. '\163seq' .. mp_uint(next_seq) .. tail
+  local entry = append and appended_entry(fields, key, next_seq) -- before any write: a bad chunk takes no seq
+  local payload = string.char(append and 0x8a or key ~= '' and 0x89 or 0x88) .. fields .. '\163seq'
+    .. mp_uint(next_seq) .. tail
   redis.call('XADD', log, next_seq .. '-0', 'p', payload)
   seq = next_seq -- the event is in history: from here on it has its seq, whatever fails next
   if id_key then
@@ -314,7 +504,7 @@ local function publish(fields, key, delete, id_key, id_ttl, data)
   end
   local evicted = 0
   if key ~= '' then
-    evicted = write_state(key, delete, payload)
+    evicted = write_state(key, delete, entry or payload)
   end
   redis.call(fan_out, live, payload)
   return seq, 0, evicted
@@ -345,7 +535,7 @@ local ok, failure = pcall(function()
         s, duplicate, evicted = applied[j], 1, 0
       else
         wrote_state = wrote_state or key ~= ''
-        s, duplicate, evicted = publish(ARGV[10 + j], key, code >= 4, id_key, history_ttl, false)
+        s, duplicate, evicted = publish(ARGV[10 + j], key, code % 8 >= 4, id_key, history_ttl, false, code >= 8)
       end
       seqs[j] = s
       reply[#reply + 1] = s
@@ -356,11 +546,20 @@ local ok, failure = pcall(function()
     local conv, event_id, etype, data, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
     local fields = '\161v\001\164conv' .. mp_str(conv) .. '\164type' .. mp_str(etype) .. '\162id'
       .. mp_str(event_id) .. '\164data' .. data
+    local append = ARGV[13] == 'append'
+    if ARGV[13] and ARGV[13] ~= '' and not append then
+      error({bad_append = 'BADAPPEND unknown op ' .. ARGV[13] .. ' (the one op is append)'})
+    elseif append and key == '' then
+      error({bad_append = 'BADAPPEND an append needs a state key'})
+    end
     if key ~= '' then
       fields = fields .. '\163key' .. mp_str(key)
     end
+    if append then
+      fields = fields .. OP_APPEND
+    end
     wrote_state = key ~= ''
-    local s, duplicate, evicted = publish(fields, key, data == '\192', KEYS[6], id_ttl, data)
+    local s, duplicate, evicted = publish(fields, key, data == '\192' and not append, KEYS[6], id_ttl, data, append)
     reply = {s, epoch, duplicate, evicted}
   end
 end)
@@ -394,8 +593,8 @@ elseif wrote_state and redis.call('TTL', state) == -1 then
   redis.call('EXPIRE', order, history_ttl)
 end
 if not ok then
-  if type(failure) == 'table' and failure.too_large then
-    return redis.error_reply(failure.too_large)
+  if type(failure) == 'table' and (failure.too_large or failure.bad_append) then
+    return redis.error_reply(failure.too_large or failure.bad_append)
   end
   error(failure)
 end

@@ -75,7 +75,7 @@ def is_noscript(reply: object) -> bool:
 
 # --- the function library ------------------------------------------------------
 
-LIBRARY_VERSION = 1
+LIBRARY_VERSION = 2
 """Bumped whenever the library's code changes in a way its fingerprint must show."""
 _POLICY_LINE = "local POLICY = false -- @policy: this line is replaced in the function library\n"
 
@@ -258,7 +258,7 @@ MAX_BATCH_EVENTS = 256
 
 _NIL = b"\xc0"
 # Per-event codes of the batch form (see publish.lua): 64 plus these bits.
-_CODE_BASE, _CODE_ID, _CODE_STATE, _CODE_STATE_DELETE = 64, 1, 2, 2 + 4
+_CODE_BASE, _CODE_ID, _CODE_STATE, _CODE_STATE_DELETE, _CODE_APPEND = 64, 1, 2, 2 + 4, 2 + 8
 
 
 def publish_call(
@@ -286,6 +286,8 @@ def publish_call(
         "1" if sharded else "0",
         settings.state_max_bytes,
     ]
+    if prepared.op is not None:
+        args.append(prepared.op)
     return keys, args
 
 
@@ -317,12 +319,13 @@ def publish_batch_call(
             code += _CODE_ID
         if event.key is not None:
             state_keys.append(event.key)
-            code += _CODE_STATE_DELETE if event.data == _NIL else _CODE_STATE
+            code += (_CODE_APPEND if event.op is not None else _CODE_STATE_DELETE if event.data == _NIL
+                     else _CODE_STATE)
         head = heads.get(event.type)
         if head is None:
             head = heads[event.type] = envelope_fields_head(conv, event.type)
         codes.append(code)
-        fields.append(envelope_fields(head, event.id, event.data, event.key))
+        fields.append(envelope_fields(head, event.id, event.data, event.key, event.op))
     if function is not None:
         return ("FCALL", function, len(keys), *keys, *args, bytes(codes), *fields, *state_keys)
     return PUBLISH.command(keys, [*args, bytes(codes), *fields, *state_keys])
@@ -412,6 +415,8 @@ class PublishBatch:
                     self.needs_library = True
                 elif is_too_large(reply):
                     error = error or DataTooLarge(str(reply))
+                elif isinstance(reply, ResponseError) and str(reply).startswith("BADAPPEND"):
+                    error = error or ValidationError("data", str(reply))
                 else:
                     error = error or reply
                 continue

@@ -12,7 +12,16 @@ export interface BroadcastEvent<T = unknown> {
   data: T;
   /** Present on state upserts; `data === null` with a key removes the entry. */
   key?: string;
+  /** "append": `data` is a chunk merged into the entity `key` (whole: `client.entity(convId, key)`). */
+  op?: "append";
   [field: string]: unknown;
+}
+
+/** A change to a conversation's entity map; `entity` null: deleted. */
+export interface EntityDetail {
+  convId: string;
+  key: string;
+  entity: BroadcastEvent | null;
 }
 
 export interface HelloMessage {
@@ -104,6 +113,8 @@ export interface BroadcasterEventMap {
   message: { type: string; [field: string]: unknown };
   /** `transport: "auto"` fell back to SSE (the websocket could not open). */
   transport: { transport: "sse"; reason: string };
+  /** An entity changed (ws.state, upsert, append or delete): the whole entity, never a chunk. */
+  entity: EntityDetail;
 }
 
 /** "websocket": /ws; "sse": one /sse stream per conversation (fetch); "auto": the websocket, SSE once it cannot open. */
@@ -199,6 +210,10 @@ export declare class BroadcasterClient extends EventTarget {
   ping(): boolean;
   /** Where the client stands in a conversation, or undefined when not subscribed. */
   position(convId: string): Position | undefined;
+  /** A conversation's entities, whole, by key (ws.state, upserts, appends merged, deletes; emptied by ws.reset). */
+  entities(convId: string): Map<string, BroadcastEvent>;
+  /** One whole entity, or undefined. */
+  entity(convId: string, key: string): BroadcastEvent | undefined;
   /** Close for good (no reconnect) until connect() is called again; subscriptions are kept. */
   close(code?: number, reason?: string): void;
 
@@ -234,5 +249,14 @@ export declare function parseFrame(text: string): {
   messages: Array<{ [field: string]: unknown }>;
   errors: Array<{ line: string; error: unknown }>;
 };
+
+/** An entity's data after an append chunk: string fields extend, others replace. */
+export declare function mergeAppend(data: unknown, chunk: unknown): Record<string, unknown>;
+
+/** Apply one stream object to an entity map; returns the [key, entity | null] changes. */
+export declare function applyToEntities(
+  map: Map<string, BroadcastEvent>,
+  msg: { type: string; [field: string]: unknown },
+): Array<[string, BroadcastEvent | null]>;
 
 export default BroadcasterClient;

@@ -179,6 +179,38 @@ export class BroadcasterClient extends EventTarget {
     /** @type {Map<string, Map<Function, EventListener>>} */
     this._wrapped = new Map();
     this.stats = { connects: 0, duplicatesDropped: 0, badLines: 0 };
+    /** @type {Map<string, Map<string, any>>} each conversation's entities, whole (see entities()) */
+    this._entities = new Map();
+  }
+
+  /**
+   * A conversation's entities, whole, by key: built from ws.state, keyed upserts, appends
+   * (`"op": "append"` chunks merged in) and deletes, so the page shows whole messages, never
+   * chunks. Every change also fires an "entity" event `{convId, key, entity}` (entity null:
+   * deleted). A ws.reset empties the map (with hydrate, the next ws.state fills it again).
+   *
+   * @param {string} convId
+   * @returns {Map<string, any>}
+   */
+  entities(convId) {
+    let map = this._entities.get(convId);
+    if (!map) this._entities.set(convId, (map = new Map()));
+    return map;
+  }
+
+  /**
+   * One whole entity (an event object whose data holds every append so far), or undefined.
+   * @param {string} convId
+   * @param {string} key
+   */
+  entity(convId, key) {
+    return this._entities.get(convId)?.get(key);
+  }
+
+  _track(/** @type {any} */ msg) {
+    for (const [key, entity] of applyToEntities(this.entities(msg.conv_id), msg)) {
+      this._emit("entity", { convId: msg.conv_id, key, entity });
+    }
   }
 
   // ---- public API -------------------------------------------------------------------------
@@ -564,6 +596,7 @@ export class BroadcasterClient extends EventTarget {
     sub.needsState = false;
     sub.seq = msg.seq;
     if (msg.epoch !== undefined) sub.epoch = msg.epoch;
+    this._track(msg);
     this._emit("state", msg);
   }
 
@@ -574,6 +607,7 @@ export class BroadcasterClient extends EventTarget {
     sub.seq = msg.seq;
     if (msg.epoch !== undefined) sub.epoch = msg.epoch;
     const rehydrate = sub.hydrate;
+    this._track(msg);
     this._emit("reset", { ...msg, rehydrate });
     if (rehydrate && this._subs.get(msg.conv_id) === sub) {
       // What the app holds is stale: ask for a fresh snapshot (the server replaces the
@@ -591,6 +625,7 @@ export class BroadcasterClient extends EventTarget {
       return;
     }
     sub.seq = msg.seq;
+    if (typeof msg.key === "string") this._track(msg);
     this._emit("event", msg);
   }
 
@@ -600,6 +635,63 @@ export class BroadcasterClient extends EventTarget {
 }
 
 // ---- helpers ----------------------------------------------------------------------------------
+
+/**
+ * The data of an entity after the append `chunk` (the server's rule, docs/streaming.md): each
+ * string field extends the entity's string at the same field, any other field replaces it.
+ * @param {any} data
+ * @param {any} chunk
+ */
+export function mergeAppend(data, chunk) {
+  const merged = data !== null && typeof data === "object" && !Array.isArray(data) ? { ...data } : {};
+  if (chunk === null || typeof chunk !== "object" || Array.isArray(chunk)) return merged;
+  for (const [name, value] of Object.entries(chunk)) {
+    const old = merged[name];
+    merged[name] = typeof value === "string" && typeof old === "string" ? old + value : value;
+  }
+  return merged;
+}
+
+/**
+ * Apply one object of a conversation's stream to its entity map (`Map` key -> entity); returns
+ * the changes as [key, entity | null] pairs. ws.state replaces the map, ws.reset empties it, an
+ * event with a key upserts (data null: deletes), one with `"op": "append"` merges its chunk.
+ * @param {Map<string, any>} map
+ * @param {any} msg
+ * @returns {Array<[string, any]>}
+ */
+export function applyToEntities(map, msg) {
+  /** @type {Array<[string, any]>} */
+  const changes = [];
+  if (msg.type === "ws.state") {
+    const next = new Map(Object.entries(msg.entities ?? {}));
+    for (const key of map.keys()) if (!next.has(key)) changes.push([key, null]);
+    map.clear();
+    for (const [key, entity] of next) {
+      map.set(key, entity);
+      changes.push([key, entity]);
+    }
+    return changes;
+  }
+  if (msg.type === "ws.reset") {
+    for (const key of map.keys()) changes.push([key, null]);
+    map.clear();
+    return changes;
+  }
+  if (typeof msg.type !== "string" || msg.type.startsWith("ws.") || typeof msg.key !== "string") return changes;
+  if (msg.op === "append") {
+    const { op: _op, ...entity } = msg;
+    entity.data = mergeAppend(map.get(msg.key)?.data, msg.data);
+    map.set(msg.key, entity);
+    changes.push([msg.key, entity]);
+  } else if (msg.data === null || msg.data === undefined) {
+    if (map.delete(msg.key)) changes.push([msg.key, null]);
+  } else {
+    map.set(msg.key, msg);
+    changes.push([msg.key, msg]);
+  }
+  return changes;
+}
 
 /**
  * The websocket stand-in of the SSE transport: what the client sends over a socket (ws.subscribe,

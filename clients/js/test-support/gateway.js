@@ -145,10 +145,11 @@ export class Gateway {
   }
 
   /** POST an event through the HTTP API; returns the parsed response body. */
-  async publish(conv, type, data, { id, key } = {}) {
+  async publish(conv, type, data, { id, key, op } = {}) {
     const body = { type, data };
     if (id !== undefined) body.id = id;
     if (key !== undefined) body.key = key;
+    if (op !== undefined) body.op = op;
     const res = await fetch(`${this.http}/v1/conversations/${encodeURIComponent(conv)}/events`, {
       method: "POST",
       headers: { "content-type": "application/json" },

@@ -85,6 +85,22 @@ describe("against a real gateway", { timeout: 120_000 }, () => {
     client.close();
   });
 
+  test("entities: a client hydrating mid-answer holds the whole message, then every append (#17)", async () => {
+    const conv = newConv();
+    for (const text of ["The ", "quick "]) await gw.publish(conv, "llm.message", { text }, { key: "a", op: "append" });
+    const client = makeClient(gw.ws);
+    const changes = record(client, "entity");
+    await subscribed(client, conv, { hydrate: true });
+    assert.equal(client.entity(conv, "a").data.text, "The quick ");
+    for (const text of ["brown ", "fox"]) await gw.publish(conv, "llm.message", { text }, { key: "a", op: "append" });
+    await waitFor(() => client.entity(conv, "a")?.seq === 4);
+    assert.deepEqual(client.entity(conv, "a").data, { text: "The quick brown fox" });
+    await gw.publish(conv, "llm.message", null, { key: "a" });
+    await waitFor(() => changes.length === 4);
+    assert.deepEqual(changes.map((c) => c.entity?.data.text ?? null), ["The quick ", "The quick brown ", "The quick brown fox", null]);
+    assert.equal(client.entities(conv).size, 0);
+  });
+
   test("an idempotent publish (same id) fans out once", async () => {
     const conv = newConv();
     const client = makeClient(gw.ws);
