@@ -1,6 +1,6 @@
 """Start-up check of the uvicorn, websockets and Starlette internals the gateway uses.
 
-Four features reach below the public APIs (the mechanics are in
+Five features reach below the public APIs (the mechanics are in
 :mod:`broadcaster.compat`; the redis-py ones are there too):
 
 ``request_deadline`` (gateway.handshake)
@@ -16,22 +16,32 @@ Four features reach below the public APIs (the mechanics are in
 ``handshake_release`` (gateway.server)
     dropping the handshake request and response once accepted. Fallback: they stay
     referenced for the life of the socket (a few KB per idle socket).
+``sse_direct_write`` (gateway.sse)
+    the synchronous HTTP chunk write of an SSE stream straight to the transport of
+    uvicorn's httptools request cycle, and the reset of a slow reader's connection
+    (the transport's ``abort``). Fallback: every chunk through the ASGI ``send``; a
+    slow reader's stream ends by cancelling its writer (the connection is closed,
+    not reset).
 
 Instance fields are probed on real instances: a protocol built from a loaded
 uvicorn config, given a stand-in transport and, for the websocket protocol, a real
-upgrade request (no socket, no event loop run). :func:`check` runs every probe,
+upgrade request, for the SSE write a real ``GET`` whose request cycle answers it
+(no socket, no event loop run). :func:`check` runs every probe,
 refuses to start (:class:`CompatError`) when something is missing unless
 ``--compat`` allows the fallbacks, and returns the report the gateway builds its
-protocol classes from; :class:`CompatCollector` exports it as
+protocol classes from (code that builds no protocol class, gateway.sse, asks
+:func:`passed`); :class:`CompatCollector` exports it as
 ``broadcaster_compat_fallback{feature=...}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 from collections.abc import Callable, Iterator
-from typing import Any
+from types import MethodType
+from typing import Any, cast
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,7 +49,11 @@ from prometheus_client.registry import Collector
 from broadcaster.compat import REDIS_FEATURES, CompatError, CompatReport, Feature, enforce, lacking, run
 from broadcaster.compat import TESTED as REDIS_TESTED
 
-__all__ = ["FEATURES", "TESTED", "CompatCollector", "CompatError", "CompatReport", "check", "probe"]
+__all__ = ["FEATURES", "SSE_DIRECT_WRITE", "TESTED", "CompatCollector", "CompatError", "CompatReport", "check",
+           "passed", "probe"]
+
+SSE_DIRECT_WRITE = "sse_direct_write"
+"""The feature gateway.sse asks :func:`passed` about."""
 
 TESTED: dict[str, tuple[str, str]] = {
     "uvicorn": ("0.52.1", "0.54.0"),
@@ -222,6 +236,121 @@ def _probe_handshake_release() -> list[str]:
     return missing
 
 
+_SSE_GET = b"GET /sse?conv_id=compat HTTP/1.1\r\nHost: compat.invalid\r\nAccept: text/event-stream\r\n\r\n"
+_CYCLE = "uvicorn httptools RequestResponseCycle"
+
+
+class _KeepingLoop(_Loop):
+    """A :class:`_Loop` that keeps the coroutines it is given instead of closing them, for the probe to run."""
+
+    def __init__(self) -> None:
+        self.coroutines: list[Any] = []
+
+    def create_task(self, coro: Any) -> _Task:
+        self.coroutines.append(coro)
+        return _Task()
+
+
+def _lacking_cycle(http: Any, transport: _Transport) -> list[str]:
+    """The fields gateway.sse reads on the request cycle of ``http`` (connected to ``transport``, a request
+    received, its app not started): present, and the transport's and flow control's."""
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    cycle = getattr(http, "cycle", None)  # the probe's way to the cycle, not gateway.sse's (that is send.__self__)
+    if not isinstance(cycle, RequestResponseCycle):
+        return [f"uvicorn HttpToolsProtocol.cycle (a RequestResponseCycle, got {type(cycle).__name__})"]
+    missing = lacking(cycle, _CYCLE, "send", "transport", "flow", "chunked_encoding", "disconnected",
+                      "response_complete")
+    if hasattr(cycle, "flow"):
+        missing += lacking(cycle.flow, "uvicorn FlowControl", "write_paused")
+    if missing:
+        return missing
+    if cycle.transport is not transport:
+        missing.append(f"{_CYCLE}.transport (the connection's transport)")
+    http.pause_writing()  # what the transport calls when its buffer is full
+    if cycle.flow.write_paused is not True:
+        missing.append(f"{_CYCLE}.flow.write_paused (True while the transport is paused)")
+    http.resume_writing()
+    return missing
+
+
+def _probe_sse_direct_write() -> list[str]:
+    """What gateway.sse reads behind the ``send`` of an httptools request: ``send.__self__`` (the request
+    cycle), its ``transport``, ``flow.write_paused``, ``chunked_encoding``, ``disconnected``,
+    ``response_complete``, and the transport's ``write`` / ``is_closing`` / ``abort``. Present, and meaning
+    what the direct write assumes: checked by answering a real request with an SSE-like response."""
+    import uvicorn
+    from uvicorn.protocols.http import httptools_impl
+    from uvicorn.server import ServerState
+
+    missing = lacking(httptools_impl, "uvicorn.protocols.http.httptools_impl", "RequestResponseCycle")
+    for cls, label in _transport_classes():
+        missing += lacking(cls, label, "write", "is_closing", "abort")
+    if importlib.util.find_spec("uvloop") is not None and len(_transport_classes()) < 2:
+        missing.append("uvloop.loop.TCPTransport")
+    if missing:
+        return missing
+
+    seen: list[tuple[Any, tuple[object, ...]]] = []  # (the app's send, the cycle's state once the response started)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        cycle = http.cycle
+        seen.append((send, (cycle.chunked_encoding, cycle.disconnected, cycle.response_complete,
+                            cycle.flow.write_paused, cycle.transport.is_closing())))
+        await send({"type": "http.response.body", "body": b"data", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    config = uvicorn.Config(app, http="httptools", lifespan="off", log_config=None, access_log=False)
+    config.load()
+    loop = _KeepingLoop()
+    http = httptools_impl.HttpToolsProtocol(config, ServerState(), {}, _loop=cast(Any, loop))
+    transport = _Transport()
+    http.connection_made(transport)
+    try:
+        http.data_received(_SSE_GET)
+        if len(loop.coroutines) != 1:
+            return [f"uvicorn HttpToolsProtocol.data_received (one ASGI task per request: {len(loop.coroutines)})"]
+        missing += _lacking_cycle(http, transport)
+        if missing:
+            return missing
+        cycle = http.cycle
+        transport.written.clear()
+        # The request's ASGI task, as uvicorn made it: the loaded app (middleware and all) on the cycle.
+        if _runs_to_the_end(loop.coroutines[0]) is not True:
+            return [f"{_CYCLE}.send (returns at once while the transport takes writes)"]
+        send, state = seen[0] if seen else (None, ())
+        if not isinstance(send, MethodType) or send.__self__ is not cycle:
+            missing.append(f"{_CYCLE}.send (the app's send, a bound method of the request cycle)")
+        if state != (True, False, False, False, False):
+            missing.append(f"{_CYCLE}.chunked_encoding / disconnected / response_complete / flow.write_paused / "
+                           f"transport.is_closing() (once a streamed response started: True, then all False; "
+                           f"got {state})")
+        if transport.written[1:] != [b"4\r\ndata\r\n", b"0\r\n\r\n"]:
+            missing.append(f"{_CYCLE}.send (writes a body as one HTTP chunk: {transport.written[1:]!r})")
+        if cycle.response_complete is not True:
+            missing.append(f"{_CYCLE}.response_complete (True once the response ended)")
+        http.data_received(_SSE_GET)  # a second request on the connection, then the client goes away
+        second = http.cycle
+        http.connection_lost(None)
+        if second is cycle or second.disconnected is not True:
+            missing.append(f"{_CYCLE}.disconnected (True once the client went away during a response)")
+        return missing
+    finally:
+        for coroutine in loop.coroutines:
+            with contextlib.suppress(RuntimeError):  # one suspended in a write that would write again
+                coroutine.close()
+
+
+def _runs_to_the_end(coroutine: Any) -> bool:
+    """Run ``coroutine`` without an event loop: True if it finished, False if it waited for something."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return True
+    return False
+
+
 _WEB = ("uvicorn", "websockets")
 FEATURES: tuple[Feature, ...] = (
     Feature("request_deadline", "the request deadline and head cap of gateway.handshake", _probe_request_deadline,
@@ -232,6 +361,9 @@ FEATURES: tuple[Feature, ...] = (
             "every frame goes through the ASGI send and a writer task (slower)", (*_WEB, "starlette")),
     Feature("handshake_release", "freeing the handshake request and response of accepted sockets",
             _probe_handshake_release, "each socket keeps its handshake request and response (memory)", _WEB),
+    Feature(SSE_DIRECT_WRITE, "the direct HTTP chunk write and connection reset of gateway.sse",
+            _probe_sse_direct_write, "every SSE chunk goes through the ASGI send (slower); a slow reader's stream "
+            "ends by cancelling its writer instead of resetting the connection", ("uvicorn",)),
 )
 
 
@@ -240,10 +372,25 @@ def probe() -> CompatReport:
     return run((*FEATURES, *REDIS_FEATURES), TESTED)
 
 
+_checked: CompatReport | None = None
+"""The report of this process's last :func:`check` that let the gateway start."""
+
+
 def check(allow_fallback: bool) -> CompatReport:
     """:func:`probe`, then refuse to start (:class:`CompatError`) unless all is there or ``allow_fallback``
-    (``--compat``) and every missing feature has a fallback (logged at WARNING)."""
-    return enforce(probe(), allow_fallback=allow_fallback, option="--compat (BROADCASTER_COMPAT=1)")
+    (``--compat``) and every missing feature has a fallback (logged at WARNING). The report is kept
+    for :func:`passed`."""
+    global _checked
+    report = enforce(probe(), allow_fallback=allow_fallback, option="--compat (BROADCASTER_COMPAT=1)")
+    _checked = report
+    return report
+
+
+def passed(feature: str) -> bool:
+    """True when the last :func:`check` of this process found everything ``feature`` needs; False when it
+    did not (``--compat`` runs the fallback) or when nothing was checked (an app served without
+    :func:`gateway.server.uvicorn_config`: no internal is used unchecked)."""
+    return _checked is not None and _checked.ok(feature)
 
 
 class CompatCollector(Collector):

@@ -44,8 +44,10 @@ transport (the pool's one flush callback per pass, as for websockets' direct sen
 otherwise the endpoint's own coroutine writes it as ``http.response.body`` through ASGI
 (which waits for the socket to drain). A second coroutine subscribes and then waits for
 the client to go away. Two coroutines per stream, like a websocket. The direct write
-needs uvicorn's request cycle (``transport``, ``flow.write_paused``, ``disconnected``,
-``response_complete``, ``chunked_encoding``); without them every write takes the ASGI path.
+needs uvicorn's httptools request cycle (``transport``, ``flow.write_paused``, ``disconnected``,
+``response_complete``, ``chunked_encoding``), checked at start-up (``gateway.compat``, feature
+``sse_direct_write``); without them (``--compat``), or under another server, every write takes
+the ASGI path.
 """
 
 from __future__ import annotations
@@ -58,16 +60,19 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 import orjson
 from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http import httptools_impl
 
 from broadcaster.codec import dumps
 from broadcaster.errors import BackendUnavailable
 from broadcaster.hub import server_time_ms
+from gateway import compat
 from gateway.auth import AuthError, bearer
 from gateway.connection import CLOSE_TOO_SLOW, Connection, ConnectionPool
 from gateway.metrics import TransportCollector, TransportSources
@@ -314,18 +319,26 @@ def _origin(gw: Gateway, headers: dict[bytes, bytes]) -> tuple[bool, bytes | Non
     return False, None
 
 
+def _request_cycle(send: Send) -> httptools_impl.RequestResponseCycle | None:
+    """uvicorn's httptools request cycle whose ``send`` this is, if the start-up check found what the direct
+    write and the abort read on it (``gateway.compat``, feature ``sse_direct_write``); else None: ``--compat``
+    runs without them, or another server (uvicorn's h11 implementation frames chunks itself) serves the app."""
+    if not compat.passed(compat.SSE_DIRECT_WRITE) or not isinstance(send, MethodType):
+        return None
+    cycle = send.__self__
+    return cycle if isinstance(cycle, httptools_impl.RequestResponseCycle) else None
+
+
 def direct_chunk_writer(send: Send) -> Callable[[bytes], bool] | None:
     """A synchronous writer of one HTTP/1.1 chunk behind uvicorn's ``send`` (module docstring), or None.
 
     It writes and returns True when the transport takes writes now; False (nothing written) when
     it is paused, closing, or the response is over: the ASGI path then writes, in order.
     """
-    cycle: Any = getattr(send, "__self__", None)
-    transport: Any = getattr(cycle, "transport", None)
-    flow: Any = getattr(cycle, "flow", None)
-    if (transport is None or not hasattr(flow, "write_paused") or getattr(cycle, "chunked_encoding", None) is not True
-            or not hasattr(cycle, "disconnected") or not hasattr(cycle, "response_complete")):
+    cycle = _request_cycle(send)
+    if cycle is None or cycle.chunked_encoding is not True:  # not chunked: a HEAD, or a length was set
         return None
+    transport, flow = cycle.transport, cycle.flow
 
     def write(body: bytes) -> bool:
         if flow.write_paused or cycle.disconnected or cycle.response_complete or transport.is_closing():
@@ -338,9 +351,8 @@ def direct_chunk_writer(send: Send) -> Callable[[bytes], bool] | None:
 
 def _transport_abort(send: Send) -> Callable[[], None] | None:
     """The server connection's ``abort`` behind uvicorn's ``send`` (its request cycle's transport), or None."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
-    return abort if callable(abort) else None
+    cycle = _request_cycle(send)
+    return None if cycle is None else cycle.transport.abort
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str,
