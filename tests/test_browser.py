@@ -254,3 +254,37 @@ def test_page_reconnects_after_gateway_restart_without_gaps_or_duplicates(
         producer.close()
         gw.stop()
         _delete_prefix(redis_url, key_prefix)
+
+
+def message_text(page: Page, key: str) -> str | None:
+    """The text of entity ``key``'s message in the state panel, or None if it has none."""
+    found = page.query_selector(f'#state dd[data-key="{key}"] p.message')
+    return None if found is None else str(found.text_content())
+
+
+def test_streamed_answer_grows_in_one_message_and_survives_a_reload(
+        page: Page, memory_gateway: GatewayProcess) -> None:
+    """#17: an answer streamed with op=append shows as one growing message; a reload mid-answer
+    shows the whole message so far (from the hydrated state), then the rest as it comes."""
+    from producers import Producer
+
+    conv = new_conv()
+    tokens = [f"word{i} " for i in range(30)]
+    with Producer.from_url(memory_gateway.http_url) as producer:
+        page.goto(f"{memory_gateway.http_url}/?conv={conv}&hydrate=1&autoconnect=1")
+        wait_until(page, lambda: status(page) == "open", "status 'open'")
+        for t in tokens[:10]:
+            producer.publish(conv, "llm.message", {"text": t}, key="answer", op="append")
+        wait_until(page, lambda: message_text(page, "answer") == "".join(tokens[:10]), "the first ten tokens")
+        assert len(page.query_selector_all("#state dd")) == 1  # one entry, not one per token
+
+        page.reload()  # mid-answer: the page hydrates and must show the whole message so far
+        wait_until(page, lambda: status(page) == "open", "status 'open' after the reload")
+        wait_until(page, lambda: message_text(page, "answer") == "".join(tokens[:10]), "the message so far")
+        for t in tokens[10:]:
+            producer.publish(conv, "llm.message", {"text": t}, key="answer", op="append")
+        producer.publish(conv, "llm.message", {"text": "".join(tokens), "done": True}, key="answer")
+    wait_until(page, lambda: message_text(page, "answer") == "".join(tokens), "the whole answer")
+    assert '"done":true' in str(page.text_content('#state dd[data-key="answer"]'))
+    assert page.problems == [], page.problems  # type: ignore[attr-defined]
+    screenshot(page, "browser-streamed-answer.png")

@@ -4,6 +4,9 @@
 // profile (or the types filter) hides are shown as a marker row, so a gap never looks like
 // a loss. Connects, reconnects, resumes and ws.reset appear in the list as they happen.
 // The side panel polls presence and draws events per second (a canvas, no dependencies).
+// The state panel (hydrate) shows the client's entities whole: an answer streamed with
+// op=append grows in one entry (its data.text as a message), and a reload mid-answer shows
+// the whole message so far, then the rest (docs/streaming.md).
 //
 // Query parameters (for links and browser tests): conv, profile, types, token,
 // history=0 (live only), hydrate=1, autoconnect=0 (wait for the Connect button; the page
@@ -58,7 +61,7 @@ const ui = {
 
 /** The open session: its client, conversation, filter description and what it has seen. */
 let session = null;
-/** Keyed state entries of the hydrated conversation (key -> event). */
+/** Keyed state entries of the hydrated conversation (key -> whole entity): the client's entity map. */
 let entities = new Map();
 
 const wsUrl = () => {
@@ -183,6 +186,12 @@ function connect() {
   client.on("event", mine(onEvent));
   client.on("state", mine(onState));
   client.on("reset", mine(onReset));
+  client.on("entity", mine((s, change) => {
+    if (change.convId !== s.conv) return;
+    entities = client.entities(s.conv);
+    ui.stateSeq.textContent = change.entity ? `as of seq ${change.entity.seq}` : ui.stateSeq.textContent;
+    renderState();
+  }));
   client.on("error", mine((s, err) => note(`error ${err.code ?? ""}: ${err.message ?? ""}`, "error")));
   try {
     client.subscribe(conv, options);
@@ -285,10 +294,7 @@ function onEvent(s, event) {
     cell("type", event.type),
     cell("data", JSON.stringify(event.data)),
   );
-  if (event.key !== undefined) {
-    row.append(cell("key", `key ${event.key}`));
-    applyEntity(event);
-  }
+  if (event.key !== undefined) row.append(cell("key", event.op === "append" ? `append to ${event.key}` : `key ${event.key}`));
   row.title = `id ${event.id} · published ${new Date(event.ts).toISOString()} · via ${s.stats.gateway ?? "?"}`;
   append(row);
   renderStats();
@@ -311,7 +317,7 @@ function gap(s, from, to) {
 function onState(s, state) {
   s.lastSeq = state.seq;
   s.stats.latest = Math.max(s.stats.latest ?? 0, state.seq);
-  entities = new Map(Object.entries(state.entities ?? {}));
+  entities = s.client.entities(s.conv);
   ui.stateSeq.textContent = `as of seq ${state.seq}`;
   renderState();
   note(`state: ${entities.size} entities as of seq ${state.seq} (epoch ${state.epoch})`, "state");
@@ -337,20 +343,24 @@ function renderStats() {
   ui.stat.resets.textContent = String(st?.resets ?? 0);
 }
 
-function applyEntity(event) {
-  if (event.data === null) entities.delete(event.key);
-  else entities.set(event.key, event);
-  ui.stateSeq.textContent = `as of seq ${event.seq}`;
-  renderState();
-}
-
 function renderState() {
   const rows = [];
   for (const [key, event] of entities) {
     const dt = document.createElement("dt");
     dt.textContent = key;
     const dd = document.createElement("dd");
-    dd.textContent = `${event.type} ${JSON.stringify(event.data)}`;
+    dd.dataset.key = key;
+    const text = event.data?.text;
+    if (typeof text === "string") {
+      // a message (streamed with op=append, or upserted whole): its text as it reads
+      const { text: _text, ...rest } = event.data;
+      const message = document.createElement("p");
+      message.className = "message";
+      message.textContent = text;
+      dd.append(`${event.type} ${Object.keys(rest).length ? JSON.stringify(rest) : ""}`, message);
+    } else {
+      dd.textContent = `${event.type} ${JSON.stringify(event.data)}`;
+    }
     rows.push(dt, dd);
   }
   ui.state.replaceChildren(...rows);
