@@ -34,7 +34,16 @@ COPY clients/js/broadcaster-client.js ./clients/js/broadcaster-client.js
 
 # Build the wheel, then install it with its dependencies into the venv (pip compiles
 # every module to .pyc while installing).
-RUN pip wheel --no-deps --wheel-dir /wheels . \
+#
+# Behind a TLS-intercepting proxy pip must trust the proxy's CA: pass a PEM bundle holding
+# it and the public roots (e.g. the host's whole store) as the build secret `ca-bundle`:
+#   docker build --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt .
+# pip then uses it (PIP_CERT) for this step only. A secret, not a build argument: it is
+# mounted for this RUN and never stored in a layer or the image's history. Without the
+# secret nothing is mounted and pip uses its own bundled roots.
+RUN --mount=type=secret,id=ca-bundle,target=/run/secrets/ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && pip wheel --no-deps --wheel-dir /wheels . \
  && pip install /wheels/*.whl \
  && broadcaster-gateway --help > /dev/null
 
