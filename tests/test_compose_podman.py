@@ -85,10 +85,10 @@ def podman_compose_binary() -> str:
 
 
 def ca_bundle() -> str | None:
-    """The host's CA bundle for the build secret: $BROADCASTER_CA_BUNDLE, else the system store if there is one."""
-    given = os.environ.get("BROADCASTER_CA_BUNDLE")
+    """The host's CA bundle for the build secret: $BC_CA_BUNDLE, else the system store if there is one."""
+    given = os.environ.get("BC_CA_BUNDLE")
     if given:
-        assert Path(given).is_file(), f"BROADCASTER_CA_BUNDLE={given} is not a file"
+        assert Path(given).is_file(), f"BC_CA_BUNDLE={given} is not a file"
         return given
     return next((p for p in HOST_CA_BUNDLES if Path(p).is_file()), None)
 
@@ -268,7 +268,7 @@ def http_status(url: str) -> int | None:
 def stack(image: str) -> Iterator[Stack]:
     project = f"bctest{os.getpid()}x{random.getrandbits(24):x}"
     port = free_port()
-    s = Stack(project, port, {**os.environ, "BROADCASTER_COMPOSE_HTTP_PORT": str(port)})
+    s = Stack(project, port, {**os.environ, "BC_COMPOSE_HTTP_PORT": str(port)})
     try:
         result = s.compose("up", "-d", timeout=240)
         assert result.returncode == 0, f"compose up failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
