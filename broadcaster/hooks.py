@@ -24,7 +24,8 @@ class Publisher(Protocol):
     """Publishing as seen by code inside the gateway process (and by the SDK)."""
 
     async def publish(
-        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None
+        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None,
+        op: str | None = None,
     ) -> PublishResult: ...
 
     async def publish_many(self, requests: list[PublishRequest]) -> list[PublishResult]: ...
@@ -41,8 +42,12 @@ class BackendPublisher:
         self._backend = backend
 
     async def publish(
-        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None
+        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None,
+        op: str | None = None,
     ) -> PublishResult:
+        """``op="append"``: append to the state entry ``key`` (docs/streaming.md)."""
+        if op is not None:
+            return (await self._backend.publish_many([PublishRequest(conv, type, data, id, key, op)]))[0]
         return await self._backend.publish(conv, type, data, id=id, key=key)
 
     async def publish_many(self, requests: list[PublishRequest]) -> list[PublishResult]:

@@ -24,6 +24,7 @@ from producers import AsyncProducer, Producer
 from tests.backend_suite import KINDS, Harness, wait_for
 from tests.support.gateway import InProcessGateway
 from tests.support.policy import load_library
+from tests.support.sseclient import SseClient
 from tests.support.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -199,6 +200,15 @@ async def test_ws_live_hydrate_resume_and_http_state_see_appends(gateway: InProc
     resumed = await WsClient.connect(gateway.ws_url("conv_id=w&since=2"))
     replay = await resumed.events(2)
     assert [(e["seq"], e["op"], e["data"]["text"]) for e in replay] == [(3, "append", ", "), (4, "append", "world")]
+    # SSE frames the same JSON: op and key pass unchanged, hydrate gives the whole entry
+    async with await SseClient.open(gateway.settings.port, "/sse?conv_id=w&since=3") as sse:
+        (event,) = await sse.events(1)
+        assert (event.json()["op"], event.json()["key"], event.json()["data"]["text"]) == ("append", "a1", "world")
+    async with await SseClient.open(gateway.settings.port, "/sse?conv_id=w&hydrate=1") as sse:
+        first = await sse.next()
+        while first.event != "ws.state":  # ws.hello, ws.subscribed
+            first = await sse.next()
+        assert first.json()["entities"]["a1"]["data"]["text"] == "Hello, world"
     for ws in (live, late, resumed):
         await ws.close()
 
@@ -235,6 +245,17 @@ async def test_sdk_sync_async_and_cli_append_over_redis_and_http(redis_url: str,
         snapshot = await gw.gateway.backend.state("s")
         assert snapshot.entities["m"].data == {"text": "abcdefghi"}
         assert [e.op for e in (await gw.gateway.backend.history("s")).events] == ["append"] * 9
+
+
+async def test_plugins_publish_appends_through_the_publisher() -> None:
+    from broadcaster.backends.memory import MemoryBackend
+    from broadcaster.hooks import BackendPublisher
+
+    backend = MemoryBackend()
+    publisher = BackendPublisher(backend)
+    await publisher.publish("p", "llm.message", {"text": "a"}, key="m", op="append")
+    await publisher.publish("p", "llm.message", {"text": "b"}, key="m", op="append")
+    assert (await backend.state("p")).entities["m"].data == {"text": "ab"}
 
 
 def test_batch_call_marks_appends_with_code_8() -> None:
