@@ -224,6 +224,16 @@ class Backend(abc.ABC):
     async def head(self, conv: str) -> Head:
         """The conversation's epoch and last seq; creates the epoch if it has none."""
 
+    async def change_epoch(self, conv: str, seen: str) -> str:
+        """Give ``conv`` a new epoch if it is still in epoch ``seen``; return the epoch it is in now.
+
+        For a history that went back (a failover lost acknowledged events: the seqs after
+        them are issued again): every gateway that notices asks, the first one changes
+        it, the others get that new epoch (compare-and-set: idempotent). A backend whose
+        history cannot go back keeps the epoch.
+        """
+        return (await self.head(conv)).epoch
+
     @abc.abstractmethod
     async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
         """Kept events with seq > ``since`` (see :class:`HistoryPage`)."""

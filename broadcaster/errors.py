@@ -29,3 +29,17 @@ class PayloadDecodeError(BroadcasterError):
 
 class BackendUnavailable(BroadcasterError):
     """The backend stayed unreachable for the whole retry budget."""
+
+
+class NotReplicated(BackendUnavailable):
+    """A publish the master applied but fewer replicas than asked acknowledged in time (``wait_replicas``).
+
+    Not an acknowledgement: the event may survive a failover or be lost with the old
+    master. Publishing it again with the same id is safe (a duplicate if it was kept).
+    ``results`` are what the master answered; ``acked`` the replicas that confirmed.
+    """
+
+    def __init__(self, message: str, results: list[object], acked: int) -> None:
+        super().__init__(message)
+        self.results = results
+        self.acked = acked

@@ -35,10 +35,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from broadcaster.backend import Backend, Listener
+from broadcaster.backend import Backend, HistoryPage, Listener
 from broadcaster.batched_reads import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, BatchedHistory
 from broadcaster.codec import dumps, embed, json_object
 from broadcaster.envelope import Envelope
@@ -90,6 +90,8 @@ class HubStats:
     stale_dropped: int = 0
     gap_repairs: int = 0
     resets: int = 0
+    history_went_back: int = 0
+    """Feeds that found their history behind what they had delivered (a failover lost events): new epoch."""
     render_errors: int = 0
     intercept_drops: int = 0
 
@@ -133,6 +135,10 @@ class _Feed:
     groups: dict[_GroupKey, _Group] = field(default_factory=dict)
     members: dict[Subscriber, _Member] = field(default_factory=dict)
     sync_task: asyncio.Task[None] | None = None
+    last_id: str = ""
+    """The id of the event delivered at ``last_seq`` (to tell a history that went back, see ``_went_back``)."""
+    verify: bool = False
+    """The backend resubscribed: check the history still holds what was delivered before repairing."""
     again: bool = False
     """A reconnect happened while a repair was running: its history read may predate the outage."""
     listener: Listener = field(init=False)
@@ -390,7 +396,7 @@ class Hub:
         self._start_sync(feed)
 
     def _deliver(self, feed: _Feed, env: Envelope) -> None:
-        feed.last_seq = env.seq
+        feed.last_seq, feed.last_id = env.seq, env.id
         self.stats.events_delivered += 1
         if self._on_dispatch is not None:
             self._on_dispatch(env)
@@ -445,6 +451,7 @@ class Hub:
         for feed in feeds:
             if feed.sync_task is not None and not feed.sync_task.done():
                 feed.again = True
+            feed.verify = True
             self._start_sync(feed)
 
     async def _sync(self, feed: _Feed) -> None:
@@ -477,9 +484,39 @@ class Hub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    @staticmethod
+    def _went_back(feed: _Feed, page: HistoryPage) -> str | None:
+        """After a resubscription: does history still hold the event delivered last, at its seq?
+
+        ``page`` was read from ``last_seq - 1``. A failover to a replica that missed
+        acknowledged writes takes the seq counter back: the next publishes reuse seqs
+        already delivered, which would be dropped as duplicates - silent loss. Seen here
+        as a head below ``last_seq`` or another id at ``last_seq`` (what was found, else
+        None); the conversation then moves to a new epoch (every gateway agrees:
+        ``Backend.change_epoch`` is a compare-and-set), so every client is reset.
+        """
+        at = page.events[0] if page.events and page.events[0].seq == feed.last_seq else None
+        if page.seq >= feed.last_seq and (at is None or at.id == feed.last_id):
+            return None
+        return f"head {page.seq}" if at is None else f"id {at.id!r} at seq {at.seq}"
+
     async def _catch_up(self, feed: _Feed) -> None:
+        verify, feed.verify = feed.verify, False
         while True:
-            page = await self._repair_reads.history(feed.conv, feed.last_seq, REPAIR_PAGE)
+            verify = verify and feed.last_seq > 0 and bool(feed.last_id)
+            since = feed.last_seq - 1 if verify else feed.last_seq  # one event more: the one delivered last
+            page = await self._repair_reads.history(feed.conv, since, REPAIR_PAGE)
+            if verify and page.epoch == feed.epoch:
+                verify = False
+                found = self._went_back(feed, page)
+                if found is not None:
+                    log.warning("history of %s went back (delivered seq %d id %r, now %s): a failover lost "
+                                "events; moving it to a new epoch", feed.conv, feed.last_seq, feed.last_id, found)
+                    self.stats.history_went_back += 1
+                    await self.backend.change_epoch(feed.conv, feed.epoch)
+                    continue
+                if page.truncated and page.events and page.events[0].seq == feed.last_seq + 1:
+                    page = replace(page, truncated=False)  # only the extra event is gone: nothing after it
             if page.epoch != feed.epoch:
                 self.stats.resets += 1
                 feed.epoch, feed.last_seq = page.epoch, 0
@@ -492,7 +529,9 @@ class Hub:
                 return
             for env in page.events:
                 if env.seq == feed.last_seq + 1:
-                    self._deliver(feed, env)
+                    # History kept across an epoch change (a history that went back) holds events
+                    # tagged with the old epoch: they are this epoch's now.
+                    self._deliver(feed, env if env.epoch == page.epoch else replace(env, epoch=page.epoch))
             if not page.events or feed.last_seq >= page.seq:
                 return
 

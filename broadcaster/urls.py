@@ -9,7 +9,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode
 
 REDACTED = "***"
-_SECRET_QUERY_KEYS = frozenset({"password", "pass", "token", "secret"})
+_SECRET_QUERY_KEYS = frozenset({"password", "pass", "token", "secret", "sentinel_password"})
 
 
 def redact_url(url: str) -> str:
@@ -17,7 +17,8 @@ def redact_url(url: str) -> str:
 
     ``redis://user:pw@h:6379/0`` -> ``redis://user:***@h:6379/0``; ``redis://:pw@h`` ->
     ``redis://:***@h``; a URL without credentials comes back unchanged. Works on
-    ``redis+cluster://`` host lists too (it does not parse them as one host).
+    ``redis+cluster://`` and ``redis+sentinel://`` host lists too (it does not parse them as one host), and
+    hides a ``sentinel_password`` query value.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -44,7 +45,8 @@ def redact_url(url: str) -> str:
 def url_addresses(url: str) -> str:
     """The ``host:port`` (or ``host:port,host:port`` for a cluster, or the socket path) a URL points at.
 
-    Default ports: 6379 for Redis, 80/443 for http(s). Never includes credentials.
+    Default ports: 6379 for Redis, 26379 for the sentinels of a ``redis+sentinel://`` URL, 80/443 for
+    http(s). Never includes credentials.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -54,7 +56,7 @@ def url_addresses(url: str) -> str:
     if scheme == "unix":
         return rest.rpartition("@")[2] or "?"
     authority = rest.partition("/")[0].rpartition("@")[2]
-    default_port = {"http": 80, "https": 443}.get(scheme, 6379)
+    default_port = {"http": 80, "https": 443, "redis+sentinel": 26379, "rediss+sentinel": 26379}.get(scheme, 6379)
     out = []
     for item in authority.split(","):
         if not item:

@@ -38,12 +38,19 @@ class ProducerOptions:
     library for yet is retried too). ``timeout``: seconds per HTTP request.
     ``publish_key``: HTTP ``Authorization: Bearer`` for publishing; ``token``: the same
     for reads (presence) when the gateway requires auth.
+
+    ``wait_replicas`` (over ``redis://`` / ``redis+sentinel://``): after each publish
+    call, ``WAIT wait_replicas wait_timeout_ms`` on the same connection; fewer replicas
+    confirming in time raises :class:`broadcaster.errors.NotReplicated` instead of
+    reporting success (docs/operations.md: what it costs, what it buys).
     """
 
     retry_budget: float = 10.0
     timeout: float = 5.0
     publish_key: str | None = None
     token: str | None = None
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> ProducerOptions:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from broadcaster.backend import Presence
 from broadcaster.backends.scripts import RedisTarget, parse_redis_url
 from broadcaster.envelope import PublishResult
-from broadcaster.errors import BackendUnavailable, ValidationError
+from broadcaster.errors import BackendUnavailable, NotReplicated, ValidationError
 from broadcaster.urls import redact_url
 from producers.http_transport import AsyncHttpTransport, SyncHttpTransport
 from producers.options import Outgoing, ProducerOptions, PublishItem, prepare
@@ -24,7 +24,7 @@ from producers.redis_transport import AsyncRedisTransport, SyncRedisTransport
 from producers.stream import DEFAULT_WINDOW, AsyncStream, Stream
 
 HTTP_SCHEMES = ("http", "https")
-REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel", "unix")
 
 
 class SyncTransport(Protocol):
@@ -40,7 +40,7 @@ class AsyncTransport(Protocol):
 
 
 _SCHEMES_HELP = ("http:// or https:// (a gateway's HTTP API), or redis://, rediss://, redis+cluster://, "
-                 "rediss+cluster://, unix:// (straight to Redis)")
+                 "rediss+cluster://, redis+sentinel://, rediss+sentinel://, unix:// (straight to Redis)")
 
 
 def _scheme(url: str) -> str:
@@ -68,6 +68,8 @@ def _naming(where: str) -> Iterator[None]:
     """Say which URL stayed unreachable (credentials redacted)."""
     try:
         yield
+    except NotReplicated as exc:  # keeps its type: the caller may publish again with the same ids
+        raise NotReplicated(f"{where}: {exc}", exc.results, exc.acked) from exc
     except BackendUnavailable as exc:
         cause = exc.__cause__
         detail = f": {cause}" if cause is not None and str(cause) and str(cause) not in str(exc) else ""

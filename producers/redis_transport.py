@@ -16,20 +16,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import hiredis
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from broadcaster.backend import BackendStats, Presence
 from broadcaster.backends import scripts
-from broadcaster.backends.redis import RedisCommands, client_options, make_async_client
+from broadcaster.backends.redis import RedisCommands, client_options, make_async_client, send_on_one_connection
+from broadcaster.backends.redis.clients import sentinel_kwargs
 from broadcaster.envelope import PublishResult
-from broadcaster.errors import BackendUnavailable, PayloadTooLarge
+from broadcaster.errors import BackendUnavailable, NotReplicated, PayloadTooLarge, ValidationError
 from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
 from broadcaster.validation import validate_conv_id
@@ -49,12 +53,45 @@ def _explained() -> Iterator[None]:
         raise
 
 
+def _wait_command(target: scripts.RedisTarget, options: ProducerOptions) -> scripts.Command | None:
+    """``WAIT n timeout`` to send after each publish call, or None (``wait_replicas`` 0)."""
+    if options.wait_replicas <= 0:
+        return None
+    if target.is_cluster:
+        raise ValidationError("wait_replicas", "not supported on a Redis Cluster URL (use redis://, redis+sentinel://)")
+    if options.wait_timeout_ms < 0:
+        raise ValidationError("wait_timeout_ms", "must be >= 0 (0 waits for ever)")
+    return ("WAIT", options.wait_replicas, options.wait_timeout_ms)
+
+
+def _check_replicated(results: list[PublishResult], acks: list[Any], wanted: int, timeout_ms: int) -> None:
+    """Raise NotReplicated unless the last WAIT of the call counted ``wanted`` replicas."""
+    acked = acks[-1] if acks and isinstance(acks[-1], int) else 0
+    if acked < wanted:
+        seqs = ", ".join(f"{r.conv_id}#{r.seq}" for r in results[:5])
+        raise NotReplicated(f"published ({seqs}) but {acked} of the {wanted} replica(s) asked for confirmed within "
+                            f"{timeout_ms} ms: not acknowledged; publish again with the same id(s) to be sure",
+                            list(results), acked)
+
+
 def _retry_policy(options: ProducerOptions) -> RetryPolicy:
     return RetryPolicy(budget=options.retry_budget, is_transient=scripts.transient_or_missing_library)
 
 
 def make_sync_client(target: scripts.RedisTarget) -> SyncClient:
-    """A blocking redis-py client for ``target``; its own retries are off (the policy retries)."""
+    """A blocking redis-py client for ``target``; its own retries are off (the policy retries).
+
+    For ``redis+sentinel://``, a client of the service's master: each new connection asks
+    the sentinels where it is, a READONLY reply (a demoted master) drops the connection
+    and counts as a transient error, so a publish during a failover is retried onto the
+    new master within the retry budget.
+    """
+    if target.is_sentinel:
+        sentinels = list(target.sentinel_nodes)
+        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs(target))  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.service_name, retry=Retry(NoBackoff(), 0), **client_options(target), **target.master_options())
+        return master
     if target.is_cluster:
         nodes = [ClusterNode(host, port) for host, port in target.cluster_nodes]  # type: ignore[no-untyped-call]
         return RedisCluster(startup_nodes=nodes, retry=Retry(NoBackoff(), 1), **client_options(target))
@@ -65,6 +102,7 @@ class SyncRedisTransport:
     """Blocking publish and presence over redis-py (standalone or cluster)."""
 
     def __init__(self, target: scripts.RedisTarget, key_prefix: str, options: ProducerOptions) -> None:
+        self.wait = _wait_command(target, options)  # refused before any connection opens
         # Any: redis-py's blocking cluster client is untyped; both kinds share the calls used here.
         self.client: Any = make_sync_client(target)
         self.layout = KeyLayout(key_prefix)
@@ -72,6 +110,8 @@ class SyncRedisTransport:
         self.retry = _retry_policy(options)
         self.sharded = target.is_cluster
         self.library = scripts.library_name(key_prefix)
+        self.options = options
+        self._acks: list[Any] = []
 
     def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
         if not batch:
@@ -79,9 +119,11 @@ class SyncRedisTransport:
         publish = scripts.PublishBatch(self.layout, prepared_only(batch), self.settings, "", self.sharded,
                                        self.library + "_publish")
 
+        acks: list[Any] = []
+
         def attempt() -> list[PublishResult]:
             for _ in range(3):
-                publish.feed(self._send(publish.commands()))
+                publish.feed(self._send(publish.commands(), acks))
                 if publish.done:
                     return publish.results()
                 if publish.needs_library:
@@ -91,9 +133,12 @@ class SyncRedisTransport:
 
         try:
             with _explained():
-                return self.retry.call(attempt)
+                results = self.retry.call(attempt)
         except scripts.DataTooLarge as exc:
             raise PayloadTooLarge("data", str(exc)) from None
+        if self.wait is not None:
+            _check_replicated(results, acks, self.options.wait_replicas, self.options.wait_timeout_ms)
+        return results
 
     def presence(self, conv: str) -> Presence:
         command = scripts.presence_call(self.layout, validate_conv_id(conv))
@@ -114,16 +159,21 @@ class SyncRedisTransport:
         for script in scripts.SCRIPTS:
             self.client.script_load(script.source)
 
-    def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
+    def _send(self, commands: Sequence[scripts.Command], acks: list[Any] | None = None) -> list[Any]:
         """Send ``commands`` in one round trip; error replies come back as exception values.
 
         On a single server they go out in one write on one pooled connection, with
-        none of redis-py's pipeline bookkeeping. A cluster client routes a pipeline
-        per node instead.
+        none of redis-py's pipeline bookkeeping (and, with ``wait_replicas``, the WAIT
+        right after them on the same connection: its reply goes to ``acks``). A
+        cluster client routes a pipeline per node instead.
         """
         client = self.client
         if isinstance(client, redis.Redis):
-            return _send_on_one_connection(client.connection_pool, commands)
+            if self.wait is None or acks is None:
+                return _send_on_one_connection(client.connection_pool, commands)
+            replies = _send_on_one_connection(client.connection_pool, [*commands, self.wait])
+            acks.append(replies.pop())
+            return replies
         pipe = client.pipeline()
         for command in commands:
             pipe.execute_command(*command)
@@ -155,17 +205,51 @@ def _send_on_one_connection(pool: redis.ConnectionPool, commands: Sequence[scrip
         pool.release(connection)
 
 
+_ACKS: ContextVar[list[Any] | None] = ContextVar("broadcaster_wait_acks", default=None)
+"""The WAIT replies of the publish call running in this task (``wait_replicas``)."""
+
+
+class _WaitingCommands(RedisCommands):
+    """:class:`RedisCommands` that sends ``WAIT`` after each publish round, on the same connection."""
+
+    def __init__(self, client: Any, wait: scripts.Command, **options: Any) -> None:
+        super().__init__(client, **options)
+        self.wait = wait
+
+    async def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
+        acks = _ACKS.get()
+        if acks is None or not isinstance(self.client, redis.asyncio.Redis):
+            return await super()._send(commands)
+        replies = await send_on_one_connection(self.client.connection_pool, [*commands, self.wait])
+        acks.append(replies.pop())
+        return replies
+
+
 class AsyncRedisTransport:
-    """Asyncio publish and presence: the gateway's own :class:`RedisCommands`."""
+    """Asyncio publish and presence: the gateway's own :class:`RedisCommands` (plus WAIT, if asked)."""
 
     def __init__(self, target: scripts.RedisTarget, key_prefix: str, options: ProducerOptions) -> None:
-        self.commands = RedisCommands(make_async_client(target), layout=KeyLayout(key_prefix),
-                                      settings=options.settings(), stats=BackendStats(),
-                                      retry=_retry_policy(options))
+        self.options = options
+        self.wait = _wait_command(target, options)
+        common: dict[str, Any] = {"layout": KeyLayout(key_prefix), "settings": options.settings(),
+                                  "stats": BackendStats(), "retry": _retry_policy(options)}
+        client = make_async_client(target)
+        self.commands = (RedisCommands(client, **common) if self.wait is None
+                         else _WaitingCommands(client, self.wait, **common))
 
     async def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
-        with _explained():
-            return await self.commands.publish_many(prepared_only(batch))
+        if self.wait is None:
+            with _explained():
+                return await self.commands.publish_many(prepared_only(batch))
+        acks: list[Any] = []
+        token = _ACKS.set(acks)
+        try:
+            with _explained():
+                results = await self.commands.publish_many(prepared_only(batch))
+        finally:
+            _ACKS.reset(token)
+        _check_replicated(results, acks, self.options.wait_replicas, self.options.wait_timeout_ms)
+        return results
 
     async def presence(self, conv: str) -> Presence:
         return await self.commands.presence(conv)

@@ -12,7 +12,8 @@ the blocking SDK: they only differ in how they send a command and await its repl
   REPLACE): the publish core of ``publish.lua`` plus the namespaces' policy, so every
   producer's publish gets its conversation's policy without carrying it (see
   docs/namespaces.md);
-* :func:`parse_redis_url`: ``redis://``, ``rediss://``, ``redis+cluster://`` and ``rediss+cluster://`` URLs.
+* :func:`parse_redis_url`: ``redis://``, ``rediss://``, ``redis+cluster://``, ``rediss+cluster://``,
+  ``redis+sentinel://`` and ``rediss+sentinel://`` URLs.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import importlib.resources
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -513,6 +514,12 @@ def parse_presence(reply: Any) -> Presence:
 
 CLUSTER_SCHEME = "redis+cluster"
 CLUSTER_TLS_SCHEME = "rediss+cluster"
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_TLS_SCHEME = "rediss+sentinel"
+SENTINEL_PORT = 26379
+"""The port of a sentinel named without one."""
+SENTINEL_CREDENTIALS = ("sentinel_username", "sentinel_password")
+"""Query parameters of a sentinel URL authenticating to the sentinels themselves (not to the master)."""
 CLUSTER_TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 """Query parameters a ``rediss+cluster://`` URL accepts (the redis-py keyword arguments of the same names)."""
 _CERT_REQS = ("none", "optional", "required")
@@ -528,16 +535,41 @@ class RedisTarget:
     credentials, as redis-py ``RedisCluster`` keyword arguments.
     """
 
-    url: str
+    url: str = field(repr=False)
     cluster_nodes: tuple[tuple[str, int], ...] = ()
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
     ssl_options: tuple[tuple[str, str | bool], ...] = ()
+    sentinel_nodes: tuple[tuple[str, int], ...] = ()
+    service_name: str = ""
+    db: int = 0
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
 
     @property
     def is_cluster(self) -> bool:
         return bool(self.cluster_nodes)
+
+    @property
+    def is_sentinel(self) -> bool:
+        return bool(self.sentinel_nodes)
+
+    def master_options(self) -> dict[str, Any]:
+        """For a sentinel URL: database, credentials and TLS of the master (redis-py ``master_for`` arguments)."""
+        options: dict[str, Any] = {"db": self.db, "username": self.username, "password": self.password}
+        if self.tls:
+            options["ssl"] = True
+            options.update(self.ssl_options)
+        return options
+
+    def sentinel_options(self) -> dict[str, Any]:
+        """For a sentinel URL: how to talk to the sentinels (their own credentials, the same TLS settings)."""
+        options: dict[str, Any] = {"username": self.sentinel_username, "password": self.sentinel_password}
+        if self.tls:
+            options["ssl"] = True
+            options.update(self.ssl_options)
+        return options
 
     def cluster_options(self) -> dict[str, Any]:
         """Credentials and TLS settings as keyword arguments of redis-py's ``RedisCluster`` (sync or asyncio)."""
@@ -549,7 +581,13 @@ class RedisTarget:
 
 
 def parse_redis_url(url: str) -> RedisTarget:
-    """Parse ``redis://``, ``rediss://``, ``unix://`` or a Redis Cluster URL.
+    """Parse ``redis://``, ``rediss://``, ``unix://``, a Redis Cluster or a Redis Sentinel URL.
+
+    A sentinel URL is ``redis+sentinel://[user[:password]@]host[:port][,host[:port]...]/service_name[/db][?query]``
+    (``rediss+sentinel://``: TLS to the sentinels and to the master): the hosts are the
+    sentinels (port 26379 by default), the user info authenticates to the master,
+    ``sentinel_username`` / ``sentinel_password`` in the query to the sentinels (if they
+    need it); the TLS options are those of a cluster URL.
 
     A cluster URL is ``redis+cluster://[user[:password]@]host[:port][,host[:port]...][/0][?query]``
     (``rediss+cluster://`` for TLS to every node). Credentials are percent-decoded;
@@ -567,8 +605,11 @@ def parse_redis_url(url: str) -> RedisTarget:
         raise ValidationError("url", f"not a URL: {url!r}")
     if scheme in ("redis", "rediss", "unix"):
         return RedisTarget(url)
+    if scheme in (SENTINEL_SCHEME, SENTINEL_TLS_SCHEME):
+        return _parse_sentinel_url(url, scheme == SENTINEL_TLS_SCHEME, rest)
     if scheme not in (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME):
-        raise ValidationError("url", f"unsupported scheme {scheme!r} (redis, rediss, redis+cluster, rediss+cluster)")
+        raise ValidationError("url", f"unsupported scheme {scheme!r} (redis, rediss, redis+cluster, rediss+cluster, "
+                                     "redis+sentinel, rediss+sentinel)")
     tls = scheme == CLUSTER_TLS_SCHEME
     rest, _, query = rest.partition("#")[0].partition("?")
     authority, _, path = rest.partition("/")
@@ -586,7 +627,47 @@ def parse_redis_url(url: str) -> RedisTarget:
     return RedisTarget(url, nodes, username, password, tls, _cluster_query(query, tls))
 
 
-def _cluster_query(query: str, tls: bool) -> tuple[tuple[str, str | bool], ...]:
+def _parse_sentinel_url(url: str, tls: bool, rest: str) -> RedisTarget:
+    rest, _, query = rest.partition("#")[0].partition("?")
+    authority, _, path = rest.partition("/")
+    service, _, db_text = path.partition("/")
+    service = unquote(service)
+    if not service:
+        raise ValidationError("url", "a sentinel URL names the master's service: "
+                                     "redis+sentinel://host:port[,host:port...]/service_name[/db]")
+    db_text = db_text.rstrip("/")
+    if db_text and not db_text.isdigit():
+        raise ValidationError("url", f"bad database number {db_text!r} in a sentinel URL")
+    userinfo, _, hostlist = authority.rpartition("@")
+    nodes = tuple(_host_port(item, SENTINEL_PORT) for item in hostlist.split(",") if item)
+    if not nodes:
+        raise ValidationError("url", "no sentinel in the URL")
+    username = password = None
+    if userinfo:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    credentials: dict[str, str] = {}
+    tls_query = []
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
+    except ValueError:
+        raise ValidationError("url", "malformed query in a sentinel URL") from None
+    for key, value in pairs:
+        if key in SENTINEL_CREDENTIALS:
+            if key in credentials:
+                raise ValidationError("url", f"query parameter {key!r} given twice")
+            credentials[key] = value
+        else:
+            tls_query.append((key, value))
+    ssl_options = _cluster_query(urlencode(tls_query), tls, "sentinel", SENTINEL_CREDENTIALS)
+    return RedisTarget(url, (), username, password, tls, ssl_options, sentinel_nodes=nodes, service_name=service,
+                       db=int(db_text or 0), sentinel_username=credentials.get("sentinel_username") or None,
+                       sentinel_password=credentials.get("sentinel_password"))
+
+
+def _cluster_query(query: str, tls: bool, kind: str = "cluster",
+                   also: tuple[str, ...] = ()) -> tuple[tuple[str, str | bool], ...]:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True) if query else []
     except ValueError:
@@ -594,10 +675,10 @@ def _cluster_query(query: str, tls: bool) -> tuple[tuple[str, str | bool], ...]:
     options: dict[str, str | bool] = {}
     for key, value in pairs:
         if key not in CLUSTER_TLS_OPTIONS:
-            raise ValidationError("url", f"unknown query parameter {key!r} in a cluster URL "
-                                         f"(known: {', '.join(CLUSTER_TLS_OPTIONS)})")
+            raise ValidationError("url", f"unknown query parameter {key!r} in a {kind} URL "
+                                         f"(known: {', '.join(CLUSTER_TLS_OPTIONS + also)})")
         if not tls:
-            raise ValidationError("url", f"{key!r} needs TLS: use rediss+cluster://")
+            raise ValidationError("url", f"{key!r} needs TLS: use rediss+{kind}://")
         if key in options:
             raise ValidationError("url", f"query parameter {key!r} given twice")
         if key == "ssl_cert_reqs" and value.lower() not in _CERT_REQS:
@@ -613,7 +694,7 @@ def _cluster_query(query: str, tls: bool) -> tuple[tuple[str, str | bool], ...]:
     return tuple(options.items())
 
 
-def _host_port(item: str) -> tuple[str, int]:
+def _host_port(item: str, default_port: int = 6379) -> tuple[str, int]:
     if item.startswith("["):  # [::1]:7000
         host, _, port = item[1:].partition("]")
         port = port.lstrip(":")
@@ -622,6 +703,6 @@ def _host_port(item: str) -> tuple[str, int]:
     if not host:
         raise ValidationError("url", f"no host in {item!r}")
     try:
-        return host, int(port) if port else 6379
+        return host, int(port) if port else default_port
     except ValueError:
         raise ValidationError("url", f"bad port in {item!r}") from None

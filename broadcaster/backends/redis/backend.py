@@ -23,7 +23,7 @@ from broadcaster.backend import (
     StateSnapshot,
 )
 from broadcaster.backends import scripts
-from broadcaster.backends.base import ChannelRegistry, prepare_publish
+from broadcaster.backends.base import ChannelRegistry, new_epoch, prepare_publish
 from broadcaster.backends.redis.clients import AsyncClient, make_async_client
 from broadcaster.backends.redis.commands import RedisCommands
 from broadcaster.backends.redis.subscriber import Subscriber
@@ -32,6 +32,16 @@ from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
 
 log = logging.getLogger("broadcaster.backend.redis")
+
+CHANGE_EPOCH = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+  return ARGV[2]
+end
+return epoch or ''
+"""
+"""Compare-and-set of a conversation's epoch (meta hash field ``epoch``): the first caller changes it."""
 
 POLICY_CHECK_INTERVAL = 3.0
 """Seconds between two checks that Redis still has this gateway's function library, with its policy."""
@@ -189,6 +199,22 @@ class RedisBackend(Backend):
 
     async def history(self, conv: str, since: int = 0, limit: int | None = None) -> HistoryPage:
         return await self.commands.history(conv, since, limit)
+
+    async def change_epoch(self, conv: str, seen: str) -> str:
+        """A new epoch for ``conv`` if it is still in ``seen`` (one EVAL, compare-and-set; see Backend)."""
+        meta = self.layout.meta(conv)
+        client = self.commands.client
+
+        async def attempt() -> Any:
+            return await client.eval(CHANGE_EPOCH, 1, meta, seen, new_epoch())
+
+        reply = await self.commands.retry.acall(attempt)
+        epoch = reply.decode() if isinstance(reply, bytes) else str(reply)
+        if epoch:
+            if epoch != seen:
+                log.warning("conversation %s: epoch %s -> %s", conv, seen, epoch)
+            return epoch
+        return (await self.head(conv)).epoch
 
     async def history_many(self, reads: Sequence[HistoryRead]) -> list[HistoryPage]:
         """Every read in one pipeline (one round trip per node); see :meth:`RedisCommands.history_many`."""

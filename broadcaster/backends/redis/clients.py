@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from broadcaster.backends import scripts
@@ -47,14 +48,34 @@ def client_options(target: scripts.RedisTarget) -> dict[str, Any]:
     return options
 
 
+def sentinel_kwargs(target: scripts.RedisTarget) -> dict[str, Any]:
+    """How our clients talk to the sentinels of a ``redis+sentinel://`` target (sync or asyncio)."""
+    return {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": CONNECT_TIMEOUT, "protocol": 2,
+            **target.sentinel_options()}
+
+
 def make_async_client(target: scripts.RedisTarget, *, max_connections: int = MAX_CONNECTIONS) -> AsyncClient:
     """A redis-py asyncio client for ``target``; its own retries are off (our policy retries).
+
+    For a sentinel target, a client of the service's current master (redis-py's
+    ``SentinelConnectionPool``: not a blocking one, a command finding every
+    connection busy fails as transient and is retried).
 
     At most ``max_connections`` command connections (per node of a cluster). On a
     single server a command finding them all busy waits for one (a blocking pool)
     instead of failing; a cluster node's pool cannot wait, so :class:`RedisCommands`
     keeps the number of commands in flight within the same bound.
     """
+    if target.is_sentinel:
+        # The pool asks the sentinels for the master's address whenever it opens a connection,
+        # and a READONLY reply (a demoted master) drops the connection as a (retried) ConnectionError.
+        sentinels = list(target.sentinel_nodes)
+        sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs(target))  # type: ignore[no-untyped-call]
+        client: Redis = sentinel.master_for(target.service_name, redis_class=Redis,
+                                            connection_pool_class=SentinelConnectionPool,
+                                            retry=Retry(NoBackoff(), 0), max_connections=max_connections,
+                                            **client_options(target), **target.master_options())
+        return client
     if target.is_cluster:
         nodes = [ClusterNode(host, port) for host, port in target.cluster_nodes]
         # One immediate in-client retry lets redis-py refresh its slot map after a MOVED/failover.

@@ -35,6 +35,8 @@ SUBSCRIBE_CHUNK = 500
 """Channels per SUBSCRIBE command when a standalone link subscribes its channels again."""
 REFRESH_INTERVAL = 2.0
 """Seconds between two slot-map refreshes asked for by pub/sub links that cannot connect."""
+MASTER_CHECK_INTERVAL = 1.0
+"""Seconds between two questions to the sentinels (``redis+sentinel://``): is our pub/sub link still on the master?"""
 RETRY_DELAY_MAX = 5.0
 """Longest wait before subscribing again a channel a node refused (other than with MOVED)."""
 LINK_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -337,7 +339,11 @@ class Subscriber:
             async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
                 link.conn = self._topology.connection(link.name)
                 await link.conn.connect()  # type: ignore[no-untyped-call]
+                if self._topology.sentinel:
+                    await self._check_role(link)
             link.tasks = [asyncio.create_task(self._read(link)), asyncio.create_task(self._probe(link))]
+            if self._topology.sentinel:
+                link.tasks.append(asyncio.create_task(self._watch_master(link)))
             channels = list(link.channels)
             link.begin_round(channels)
             link.ready = True  # from here on, subscribe() sends by itself
@@ -355,6 +361,42 @@ class Subscriber:
         except BaseException:
             await link.teardown()
             raise
+
+    async def _check_role(self, link: Link) -> None:
+        """ROLE on a fresh connection (before it enters pub/sub): a replica, a demoted master, is refused.
+
+        A replica would accept the subscriptions and relay what its master publishes, or
+        nothing at all when cut from it; either way not the node producers write to.
+        """
+        conn = link.conn
+        assert conn is not None
+        await conn.send_command("ROLE", check_health=False)
+        reply = await conn.read_response()
+        role = reply[0] if isinstance(reply, list | tuple) and reply else reply
+        if role not in (b"master", "master"):
+            raise ConnectionError(f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')} is a {role!r}, "
+                                  "not the master (a failover is under way)")
+
+    async def _watch_master(self, link: Link) -> None:
+        """Every MASTER_CHECK_INTERVAL, ask the sentinels where the master is; another address = a lost link.
+
+        A demoted master keeps our connection open and may stay silent (partitioned from
+        the producers): the idle probe's PONG would still come, this does not.
+        """
+        conn = link.conn
+        assert conn is not None
+        here = (str(getattr(conn, "host", "")), int(getattr(conn, "port", 0)))
+        while True:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
+                    master = await self._topology.master_address()
+            except LINK_ERRORS as exc:  # no sentinel answers, or none knows a master: the reader tells a loss
+                log.debug("asking the sentinels for the master failed: %r", exc)
+                continue
+            if master is not None and master != here:
+                self._lose(link, f"the sentinels name {master[0]}:{master[1]} the master now, not {here[0]}:{here[1]}")
+                return
 
     async def _resubscribe(self, link: Link, channels: list[bytes]) -> None:
         if self._sharded:  # SSUBSCRIBE takes channels of a single slot only

@@ -5,6 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -38,6 +39,25 @@ class Topology:
             await self._cluster.initialize()
             self._initialised = True
         self._moved.clear()
+
+    @property
+    def sentinel(self) -> bool:
+        """True for a master found through Redis Sentinel (``redis+sentinel://``): its address can change."""
+        return self._single is not None and isinstance(self._single.connection_pool, SentinelConnectionPool)
+
+    async def master_address(self) -> tuple[str, int] | None:
+        """The master's address as the sentinels say now (None unless :attr:`sentinel`).
+
+        Asking also moves the command pool to a new master: redis-py's pool drops its idle
+        connections to the old one when the address changed.
+        """
+        if self._single is None:
+            return None
+        pool = self._single.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return None
+        host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        return str(host), int(port)
 
     def primaries(self) -> list[str]:
         if self._cluster is None:
