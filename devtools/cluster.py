@@ -5,8 +5,8 @@ checkout of the repository (a development tool: it is not in the installed distr
 and it reads compose's own nginx configuration, so the two cannot drift):
 
 * **Redis**: a ``redis-server`` of its own (free port, temp dir, append-only file on),
-  unless ``--redis-url`` points at one (``redis://``, ``rediss://`` or
-  ``redis+cluster://``; ``BROADCASTER_REDIS_URL`` is *not* consulted, so a run without
+  unless ``--redis-url`` points at one (``redis://``, ``rediss://``, ``redis+cluster://`` or
+  ``redis+sentinel://``; ``BROADCASTER_REDIS_URL`` is *not* consulted, so a run without
   ``--redis-url`` never touches a Redis you care about).
 * **Gateways**: ``--gateways N`` (default 3) processes of
   ``python -m gateway.cli --host 127.0.0.1 --port P --redis-url URL --gateway-id gatewayI``
@@ -362,7 +362,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"port of the load balancer (default {DEFAULT_PORT}; 0: a free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address nginx listens on (default 127.0.0.1)")
     parser.add_argument("--redis-url", default=None,
-                        help="use this Redis (redis://, rediss://, redis+cluster://) instead of starting one; "
+                        help="use this Redis (redis://, rediss://, redis+cluster://, redis+sentinel://) instead of "
+                             "starting one; "
                              "BROADCASTER_REDIS_URL is not consulted")
     parser.add_argument("--nginx", default=None, help="nginx binary (default: found on PATH or in /usr/sbin)")
     parser.add_argument("--nginx-conf", default=None, help="nginx.conf to use (default: deploy/nginx/nginx.conf)")

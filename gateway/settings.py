@@ -64,7 +64,8 @@ class Settings:
 HELP: dict[str, str] = {
     "host": "interface to listen on",
     "port": "TCP port for HTTP and websockets",
-    "redis_url": "redis://, rediss:// or redis+cluster://host:port[,host:port]; unset = embedded memory backend",
+    "redis_url": "redis://, rediss://, redis+cluster://host:port[,host:port] or "
+                 "redis+sentinel://host:port[,host:port]/service[/db]; unset = embedded memory backend",
     "profiles": "TOML file with [profiles.NAME] tables",
     "namespaces": "TOML file with [namespaces.\"GLOB\"] tables: retention and limits per group of conversations "
                   "(history_size, history_ttl, state_max_entries, state_max_bytes, max_data_bytes), first match "

@@ -47,7 +47,8 @@ K8S = DEPLOY / "k8s"
 BASE = K8S / "base"
 PRODUCTION = K8S / "overlays" / "production"
 MANAGED_REDIS = K8S / "overlays" / "managed-redis"
-KUSTOMIZATIONS = {"base": BASE, "production": PRODUCTION, "managed-redis": MANAGED_REDIS}
+SENTINEL = K8S / "overlays" / "sentinel"
+KUSTOMIZATIONS = {"base": BASE, "production": PRODUCTION, "managed-redis": MANAGED_REDIS, "sentinel": SENTINEL}
 NGINX_DIR = DEPLOY / "nginx"
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -435,9 +436,10 @@ def test_gateway_deployment(name: str, rendered: dict[str, list[dict[str, Any]]]
 
     # Redis URL: the in-cluster headless Service, or the managed one from a Secret.
     redis_url = env["BROADCASTER_REDIS_URL"]
-    if name == "managed-redis":
+    if name in ("managed-redis", "sentinel"):
+        secret = "broadcaster-redis" if name == "managed-redis" else "broadcaster-redis-sentinel"
         assert "value" not in redis_url
-        assert redis_url["valueFrom"]["secretKeyRef"] == {"name": "broadcaster-redis", "key": "url"}
+        assert redis_url["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "url"}
     else:
         assert redis_url == {"name": "BROADCASTER_REDIS_URL", "value": "redis://redis:6379/0"}
 

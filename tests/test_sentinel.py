@@ -319,3 +319,29 @@ async def test_history_that_went_back_is_a_new_epoch_not_a_silent_skip(key_prefi
                          f"master; promoted after {promoted:.2f}s; every client reset, then the new epoch 1..35)")
             ids = {c: {i for _, i in h} for c, h in history.items()}
             assert all(r.id in ids[r.conv_id] for r in after)
+
+
+def test_compose_sentinel_override_is_valid_and_points_everyone_at_the_sentinels() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    override = repo / "docker-compose.sentinel.yml"
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    result = subprocess.run([str(checker), "--builtin-schema", "vendor.compose-spec", str(override)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    services = yaml.safe_load(override.read_text())["services"]
+    base = yaml.safe_load((repo / "docker-compose.yml").read_text())["services"]
+    users = {name for name, s in base.items() if "BROADCASTER_REDIS_URL" in (s.get("environment") or {})}
+    assert users == {"gateway1", "gateway2", "gateway3", "producer"}
+    for name in users:
+        url = services[name]["environment"]["BROADCASTER_REDIS_URL"]
+        target = scripts.parse_redis_url(url)
+        assert target.service_name == "mymaster"
+        assert {h for h, _ in target.sentinel_nodes} == {"sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    assert "--replicaof" in services["redis-replica"]["command"]
+    assert "--min-replicas-to-write" in services["redis"]["command"]
