@@ -10,8 +10,9 @@ Redis with the SDK. Modes:
 
 * ``upsert``: each token republishes the whole message so far as a keyed upsert;
 * ``append``: each token is an ``op="append"`` of the token alone;
-* ``stream``: the SDK's ``producer.stream`` helper (window 20 ms), which at this rate
-  sends about one append per token, then a final upsert.
+* ``stream``: the SDK's ``producer.stream`` helper (window 20 ms), then a final upsert;
+* ``delta``: as ``upsert``, with the viewers subscribed ``delta=1`` (the gateway's namespaces
+  file allows deltas everywhere): each upsert reaches them as a delta ``{"$append": token}``.
 
 Reported per mode: bytes a client received (mean), deliveries, gateway CPU seconds and
 CPU per delivery (µs), and that every client ended with the whole message.
@@ -76,7 +77,16 @@ class Viewer:
                         self.deliveries += 1
                         key = obj["key"]
                         piece = obj["data"].get("text", "")
-                        self.text[key] = self.text.get(key, "") + piece if obj.get("op") == "append" else piece
+                        if obj.get("op") == "delta":
+                            patch = obj["data"].get("text")
+                            if isinstance(patch, dict):
+                                self.text[key] = self.text.get(key, "") + patch["$append"]
+                            elif isinstance(patch, str):
+                                self.text[key] = patch
+                        elif obj.get("op") == "append":
+                            self.text[key] = self.text.get(key, "") + piece
+                        else:
+                            self.text[key] = piece
                         if self.text[key] == final_text and obj["data"].get("done"):
                             self.done.set()
                             return
@@ -87,7 +97,7 @@ async def run_mode(mode: str, url: str, ws_url: str, prefix: str, pid: int, conv
     run = secrets.token_hex(3)
     names = [f"s{run}-{i}" for i in range(convs)]
     final_text = "".join(token(i) for i in range(tokens))
-    clients = [Viewer(ws_url) for _ in range(convs * viewers)]
+    clients = [Viewer(ws_url + ("&delta=1" if mode == "delta" else "")) for _ in range(convs * viewers)]
     tasks = [asyncio.create_task(v.run(names[i // viewers], final_text)) for i, v in enumerate(clients)]
     await asyncio.sleep(1.0)  # every socket open and subscribed (bench only: not a test)
     cpu0 = cpu_seconds(pid)
@@ -107,7 +117,7 @@ async def run_mode(mode: str, url: str, ws_url: str, prefix: str, pid: int, conv
                 await asyncio.sleep(max(0.0, tick - time.perf_counter()))
                 so_far += token(i)
                 last = i == tokens - 1
-                if mode == "upsert":
+                if mode in ("upsert", "delta"):
                     data = {"text": so_far, **({"done": True} if last else {})}
                     await p.publish_many([(c, "llm.message", data, None, "answer") for c in names])
                 else:
@@ -147,9 +157,11 @@ def run_with_gateway(args: argparse.Namespace) -> None:
     prefix = "bs" + secrets.token_hex(4)
     port = free_port()
     env = {**os.environ, "BROADCASTER_LOG_LEVEL": "warning"}
+    namespaces = Path(f"/tmp/bench-streaming-{prefix}.toml")
+    namespaces.write_text('[namespaces."*"]\ndelta = true\n')
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "--port", str(port), "--redis-url", args.url, "--key-prefix", prefix],
-        cwd=ROOT, env=env)
+        [sys.executable, "-m", "gateway.cli", "--port", str(port), "--redis-url", args.url, "--key-prefix", prefix,
+         "--namespaces", str(namespaces)], cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -164,6 +176,7 @@ def run_with_gateway(args: argparse.Namespace) -> None:
     finally:
         gateway.terminate()
         gateway.wait(15)
+        namespaces.unlink(missing_ok=True)
         client = redis.Redis.from_url(args.url)
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         for i in range(0, len(keys), 1000):
@@ -182,7 +195,7 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=1500)
     parser.add_argument("--rate", type=float, default=50.0)
-    parser.add_argument("--modes", default="upsert,append,stream")
+    parser.add_argument("--modes", default="upsert,append,stream,delta")
     run_with_gateway(parser.parse_args())
 
 

@@ -40,7 +40,8 @@ from typing import Any, Protocol
 
 from broadcaster.backend import Backend, HistoryPage, Listener
 from broadcaster.batched_reads import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, BatchedHistory
-from broadcaster.codec import dumps, embed, json_object
+from broadcaster.codec import dumps, embed, json_object, loads
+from broadcaster.delta import make_patch
 from broadcaster.envelope import Envelope
 from broadcaster.errors import BackendUnavailable
 from broadcaster.hooks import PluginContext, SubscriptionInfo
@@ -52,6 +53,9 @@ log = logging.getLogger("broadcaster.hub")
 REPAIR_PAGE = 1000
 MAX_SYNC_BUFFER = 100_000
 """Live events buffered while a feed syncs; past this they are dropped (history refills them)."""
+MAX_DELTA_KEYS = 10_000
+"""Keys whose last version a delta group (or a delta subscriber) remembers; past this it forgets them all
+(the next upsert of each goes out whole)."""
 
 
 class Subscriber(Protocol):
@@ -113,6 +117,9 @@ class _Member:
     pending: list[_Pending] | None = field(default_factory=list)
     send_event: EventSend | None = None
     """The subscriber's ``send_event`` (:class:`EventSubscriber`), else None: events go through ``send``."""
+    held: dict[str, tuple[str, int]] | None = None
+    """Delta subscribers only: key -> (epoch, seq) of the version of that key it was sent live (whole or as a
+    delta), so it certainly holds it; a delta goes to it only against that version (docs/streaming.md)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -120,6 +127,9 @@ class _Group:
     profile: Profile
     types: GlobSet | None
     members: dict[Subscriber, _Member] = field(default_factory=dict)
+    delta_members: int = 0
+    versions: dict[str, tuple[str, int, Any]] = field(default_factory=dict)
+    """While ``delta_members``: key -> (epoch, seq, data) of the last version of that key this group rendered live."""
 
     def wants(self, event_type: str) -> bool:
         return self.types is None or self.types.matches(event_type)
@@ -183,15 +193,18 @@ class Hub:
         since: int | None = None,
         epoch: str | None = None,
         hydrate: bool = False,
+        delta: bool = False,
     ) -> None:
         """Subscribe ``sub`` to ``conv``; sends ``ws.subscribed`` and what follows (module docstring).
 
         Subscribing again to a conversation already subscribed replaces the old
         subscription. Raises whatever the backend raises if it is unreachable; the
-        subscriber is then not registered.
+        subscriber is then not registered. ``delta``: send a keyed upsert of a key this
+        subscriber certainly holds as a delta against that version, when smaller
+        (docs/streaming.md); ``ws.subscribed`` then says ``"delta": true``.
         """
         await self.unsubscribe(sub, conv)
-        feed, member = await self._join(sub, conv, profile, types)
+        feed, member = await self._join(sub, conv, profile, types, delta)
         try:
             await self._start(feed, member, since=since, epoch=epoch, hydrate=hydrate)
         except BaseException:
@@ -247,7 +260,7 @@ class Hub:
         await self._repair_reads.close()
 
     async def _join(
-        self, sub: Subscriber, conv: str, profile: Profile, types: GlobSet | None
+        self, sub: Subscriber, conv: str, profile: Profile, types: GlobSet | None, delta: bool = False
     ) -> tuple[_Feed, _Member]:
         async with self._feed_lock(conv):
             feed = self._feeds.get(conv)
@@ -257,7 +270,9 @@ class Hub:
             group = feed.groups.get(key)
             if group is None:
                 group = feed.groups[key] = _Group(profile, types)
-            member = _Member(sub, group, send_event=getattr(sub, "send_event", None))
+            member = _Member(sub, group, send_event=getattr(sub, "send_event", None), held={} if delta else None)
+            if delta:
+                group.delta_members += 1
             group.members[sub] = member
             feed.members[sub] = member
             self._dirty.add(conv)
@@ -270,6 +285,10 @@ class Hub:
                 return
             group = member.group
             group.members.pop(sub, None)
+            if member.held is not None:
+                group.delta_members -= 1
+                if not group.delta_members:
+                    group.versions.clear()
             if not group.members:
                 feed.groups = {k: g for k, g in feed.groups.items() if g is not group}
             self._dirty.add(feed.conv)
@@ -304,7 +323,8 @@ class Hub:
         if hydrate:
             snapshot = await self.backend.state(conv)
             member.epoch = snapshot.epoch
-            sub.send(self._control("ws.subscribed", conv, epoch=snapshot.epoch, seq=snapshot.seq))
+            sub.send(self._control("ws.subscribed", conv, epoch=snapshot.epoch, seq=snapshot.seq,
+                                   **_delta_flag(member)))
             head = {"type": "ws.state", "conv_id": conv, "epoch": snapshot.epoch, "seq": snapshot.seq}
             sub.send(embed(head, "entities", self.render_entities(snapshot.entities, member.group.profile,
                                                                   member.group.types)))
@@ -314,7 +334,7 @@ class Hub:
         else:
             latest, current_epoch = feed.last_seq, feed.epoch
             member.epoch = current_epoch
-            sub.send(self._control("ws.subscribed", conv, epoch=current_epoch, seq=latest))
+            sub.send(self._control("ws.subscribed", conv, epoch=current_epoch, seq=latest, **_delta_flag(member)))
             position = latest
             if epoch is not None and epoch != current_epoch:
                 sub.send(self._reset(conv, "epoch_changed", current_epoch, latest))
@@ -405,6 +425,7 @@ class Hub:
             return
         obj = intercepted.event_object()
         rendered: dict[str, bytes | None] = {}
+        deltas: dict[tuple[str, int], tuple[bytes | None, Any]] | None = None  # (profile, base seq) -> (delta, data)
         seq, epoch = env.seq, env.epoch
         for group in feed.groups.values():
             name = group.profile.name
@@ -413,6 +434,13 @@ class Hub:
             else:
                 payload = rendered[name] = self._render(obj, intercepted, group.profile)
             if payload is None or not group.wants(env.type):
+                if group.delta_members and env.key is not None:
+                    group.versions.pop(env.key, None)  # its members do not get this change: no base any more
+                continue
+            if group.delta_members and env.key is not None:
+                if deltas is None:
+                    deltas = {}
+                self._deliver_keyed(group, env, payload, deltas)
                 continue
             for member in group.members.values():
                 if member.pending is not None:
@@ -424,9 +452,72 @@ class Hub:
                         member.send_event(payload, env.type, seq, epoch)
                     self.stats.deliveries += 1
 
+    def _deliver_keyed(self, group: _Group, env: Envelope, payload: bytes,
+                       deltas: dict[tuple[str, int], tuple[bytes | None, Any]]) -> None:
+        """:meth:`_deliver`'s member loop for a keyed event in a group with delta subscribers.
+
+        The group remembers the data of the last version of each key it rendered live; a
+        full upsert of a key with such a version is also encoded as a delta against it
+        (once per profile and base, whatever the groups and connections), and a delta
+        subscriber gets that delta only if the version it was last sent of this key live,
+        in this epoch, is that base (it certainly holds it). Anyone else gets the whole
+        event, and an append, a delete or an event this group does not render leaves the
+        key without a base: its next upsert goes out whole.
+        """
+        key, seq, epoch = env.key or "", env.seq, env.epoch
+        base = group.versions.get(key)
+        upsert = env.op is None and env.data is not None
+        delta: bytes | None = None
+        data: Any = None
+        if upsert:
+            name = group.profile.name
+            cached = deltas.get((name, base[1] if base is not None and base[0] == epoch else 0))
+            if cached is not None:
+                delta, data = cached
+            else:
+                obj = loads(payload)
+                data = obj.get("data")
+                if base is not None and base[0] == epoch:
+                    patch = make_patch(base[2], data)
+                    if patch is not None:
+                        obj["op"], obj["base"], obj["data"] = "delta", base[1], patch
+                        encoded = dumps(obj)
+                        delta = encoded if len(encoded) < len(payload) else None
+                deltas[(name, base[1] if base is not None and base[0] == epoch else 0)] = (delta, data)
+            if len(group.versions) >= MAX_DELTA_KEYS and key not in group.versions:
+                group.versions.clear()
+            group.versions[key] = (epoch, seq, data)
+        else:
+            group.versions.pop(key, None)
+        base_id = (base[0], base[1]) if base is not None else None
+        for member in group.members.values():
+            if member.pending is not None:
+                member.pending.append((seq, payload, False, epoch, env.type))
+                continue
+            if seq <= member.position or member.epoch != epoch:
+                continue
+            out = payload
+            held = member.held
+            if held is not None:
+                if delta is not None and held.get(key) == base_id:
+                    out = delta
+                if upsert:
+                    if len(held) >= MAX_DELTA_KEYS and key not in held:
+                        held.clear()
+                    held[key] = (epoch, seq)
+                else:
+                    held.pop(key, None)
+            if member.send_event is None:
+                member.sub.send(out)
+            else:
+                member.send_event(out, env.type, seq, epoch)
+            self.stats.deliveries += 1
+
     def _broadcast_reset(self, feed: _Feed, reason: str, epoch: str, seq: int) -> None:
         payload = self._reset(feed.conv, reason, epoch, seq)
         for member in feed.members.values():
+            if member.held:
+                member.held.clear()  # the client empties its entities on a reset: it holds no base
             if member.pending is not None:
                 member.pending.append((seq, payload, True, epoch, "ws.reset"))
             else:
@@ -615,6 +706,10 @@ class Hub:
 
     def _reset(self, conv: str, reason: str, epoch: str, seq: int) -> bytes:
         return self._control("ws.reset", conv, reason=reason, epoch=epoch, seq=seq)
+
+
+def _delta_flag(member: _Member) -> dict[str, bool]:
+    return {"delta": True} if member.held is not None else {}
 
 
 def server_time_ms() -> int:

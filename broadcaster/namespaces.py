@@ -15,6 +15,11 @@ the conversation id by glob, first match in file order wins::
 A field a table leaves out, and every conversation no table matches (the *default
 namespace*), takes the gateway's own option (``--history-size`` and friends).
 
+``delta = true`` in a table lets its conversations' subscribers ask for delta upserts
+(``delta=1``, docs/streaming.md); it is the gateways' delivery, not the storage policy,
+so it is not part of the function library or its fingerprint. ``[namespaces."*"]``
+(last) with ``delta = true`` allows them everywhere else.
+
 Globs: ``*`` (any run of characters), ``?`` (one), ``[abc]``, ``[a-z]``, ``[!abc]``, and
 literal characters of conversation ids (``[A-Za-z0-9._:-]``). Each glob is compiled
 twice from one parse: to an anchored Lua pattern (the publish function of
@@ -68,12 +73,14 @@ class Namespace:
     overrides: tuple[tuple[str, int], ...]
     lua_pattern: str
     regex: re.Pattern[str]
+    delta: bool = False
+    """Its subscribers may ask for delta upserts (docs/streaming.md)."""
 
     @classmethod
-    def build(cls, glob: str, overrides: Mapping[str, int]) -> Namespace:
+    def build(cls, glob: str, overrides: Mapping[str, int], delta: bool = False) -> Namespace:
         lua, regex = compile_glob(glob)
         ordered = tuple((name, overrides[name]) for name in POLICY_FIELDS if name in overrides)
-        return cls(glob, ordered, lua, re.compile(regex))
+        return cls(glob, ordered, lua, re.compile(regex), delta)
 
 
 class GlobError(ValueError):
@@ -158,6 +165,8 @@ class Resolved:
 
     namespace: str
     policy: Policy
+    delta: bool = False
+    """The namespace allows delta upserts."""
 
 
 class PolicyTable:
@@ -179,7 +188,7 @@ class PolicyTable:
         found = self._default
         for ns, policy in zip(self.namespaces, self.policies, strict=True):
             if ns.regex.match(conv):
-                found = Resolved(ns.glob, policy)
+                found = Resolved(ns.glob, policy, ns.delta)
                 break
         if len(self._cache) >= 4096:
             self._cache.clear()
@@ -250,16 +259,20 @@ def parse_namespaces(doc: Mapping[str, Any], where: str = "<namespaces>") -> lis
         label = f'{where}: [namespaces."{glob}"]'
         if not isinstance(table, dict):
             raise ValueError(f"{label} must be a table of fields ({', '.join(POLICY_FIELDS)})")
-        extra = sorted(set(table) - set(POLICY_FIELDS))
+        extra = sorted(set(table) - set(POLICY_FIELDS) - {"delta"})
         if extra:
-            raise ValueError(f"{label}: unknown field {extra[0]!r}; known: {', '.join(POLICY_FIELDS)}")
+            raise ValueError(f"{label}: unknown field {extra[0]!r}; known: {', '.join(POLICY_FIELDS)}, delta")
+        table = dict(table)
+        delta = table.pop("delta", False)
+        if not isinstance(delta, bool):
+            raise ValueError(f"{label}: delta must be true or false, not {delta!r}")
         for name, value in table.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{label}: {name} must be a positive integer, not {value!r}")
             if value >= 2**53:
                 raise ValueError(f"{label}: {name} is too large ({value})")
         try:
-            out.append(Namespace.build(glob, table))
+            out.append(Namespace.build(glob, table, delta))
         except GlobError as exc:
             raise ValueError(f"{label}: bad glob: {exc}") from None
     return out

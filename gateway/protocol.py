@@ -43,6 +43,8 @@ class SubscribeRequest:
     epoch: str | None = None
     hydrate: bool = False
     types: GlobSet | None = None
+    delta: bool = False
+    """Full upserts of keys the client holds may come as deltas (docs/streaming.md), where the namespace allows."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,15 +92,20 @@ def _epoch(value: Any, code: str | int) -> str | None:
     return value
 
 
-def _hydrate(value: Any, code: str | int) -> bool:
+def _flag(value: Any, code: str | int, name: str = "hydrate") -> bool:
     if value in (None, False, "0", "false", 0):
         return False
     if value in (True, "1", "true", 1):
         return True
-    raise ProtocolError(code, "hydrate must be 1 or 0")
+    raise ProtocolError(code, f"{name} must be 1 or 0")
 
 
-def _subscribe(conv_id: Any, since: Any, epoch: Any, hydrate: Any, types: Any, code: str | int) -> SubscribeRequest:
+def _hydrate(value: Any, code: str | int) -> bool:
+    return _flag(value, code)
+
+
+def _subscribe(conv_id: Any, since: Any, epoch: Any, hydrate: Any, types: Any, code: str | int,
+               delta: Any = None) -> SubscribeRequest:
     if not is_valid_name(conv_id):
         raise ProtocolError(code, "conv_id must be 1-128 characters of [A-Za-z0-9._:-]")
     if types is not None and not isinstance(types, (str, list)):
@@ -107,10 +114,11 @@ def _subscribe(conv_id: Any, since: Any, epoch: Any, hydrate: Any, types: Any, c
         type_filter = parse_type_filter(types) if types is not None else None
     except ValidationError as exc:
         raise ProtocolError(code, exc.message) from None
-    return SubscribeRequest(conv_id, _since(since, code), _epoch(epoch, code), _hydrate(hydrate, code), type_filter)
+    return SubscribeRequest(conv_id, _since(since, code), _epoch(epoch, code), _hydrate(hydrate, code), type_filter,
+                            _flag(delta, code, "delta"))
 
 
-CONNECT_PARAMETERS = ("conv_id", "profile", "since", "epoch", "hydrate", "types", "token")
+CONNECT_PARAMETERS = ("conv_id", "profile", "since", "epoch", "hydrate", "types", "token", "delta")
 """Query parameters ``/ws`` knows. Any other is refused (4400), except names starting with ``_``."""
 IGNORED_PARAMETER_PREFIX = "_"
 """Query parameters whose name starts with this are the client's own (cache-busters like ``_=1712...``)."""
@@ -144,9 +152,9 @@ def parse_connect_query(query: Mapping[str, str]) -> ConnectRequest:
     subscribe = None
     if conv_id is not None:
         subscribe = _subscribe(conv_id, query.get("since"), query.get("epoch"), query.get("hydrate"),
-                               query.get("types"), CLOSE_BAD_REQUEST)
-    elif any(k in query for k in ("since", "epoch", "hydrate", "types")):
-        raise ProtocolError(CLOSE_BAD_REQUEST, "since, epoch, hydrate and types need conv_id")
+                               query.get("types"), CLOSE_BAD_REQUEST, query.get("delta"))
+    elif any(k in query for k in ("since", "epoch", "hydrate", "types", "delta")):
+        raise ProtocolError(CLOSE_BAD_REQUEST, "since, epoch, hydrate, types and delta need conv_id")
     return ConnectRequest(profile, subscribe, query.get("token") or None)
 
 
@@ -165,7 +173,7 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         return Ping()
     if kind == "ws.subscribe":
         return _subscribe(message.get("conv_id"), message.get("since"), message.get("epoch"),
-                          message.get("hydrate"), message.get("types"), "bad_subscribe")
+                          message.get("hydrate"), message.get("types"), "bad_subscribe", message.get("delta"))
     if kind == "ws.unsubscribe":
         conv_id = message.get("conv_id")
         if not is_valid_name(conv_id):

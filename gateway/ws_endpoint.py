@@ -87,8 +87,9 @@ class Session:
             conn.close(CLOSE_TOO_MANY, f"more than {gw.settings.max_subscriptions} subscriptions")
             return
         try:
+            delta = request.delta and gw.policies.resolve(request.conv_id).delta  # allowed per namespace
             await gw.hub.subscribe(conn, request.conv_id, self.profile, types=request.types,
-                                   since=request.since, epoch=request.epoch, hydrate=request.hydrate)
+                                   since=request.since, epoch=request.epoch, hydrate=request.hydrate, delta=delta)
         except BackendUnavailable as exc:
             log.warning("subscribe %s failed: %s", request.conv_id, exc)
             self._subscribe_failed(request.conv_id, initial)

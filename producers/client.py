@@ -195,7 +195,9 @@ class BroadcasterClient:
     ``backoff_max``: seconds; the n-th consecutive failed attempt waits a random time
     in ``[0, min(backoff_max, backoff_initial * 2**n)]``. ``on_entity(conv_id, key,
     entity)``: called, in stream order, with each entity whole after every change to it
-    (``None``: deleted); see :meth:`entities`.
+    (``None``: deleted); see :meth:`entities`. ``delta``: ask for delta upserts (where the
+    conversation's namespace allows them, docs/streaming.md): the entity map applies them, and
+    the :class:`Event` items of those are the deltas themselves (``op == "delta"``).
     """
 
     def __init__(
@@ -215,6 +217,7 @@ class BroadcasterClient:
         ping_timeout: float | None = 20.0,
         max_queue: int = 10_000,
         on_entity: Callable[[str, str, Entity | None], None] | None = None,
+        delta: bool = False,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
@@ -250,6 +253,7 @@ class BroadcasterClient:
         self._changed = asyncio.Event()
         self._entities: dict[str, EntityMap] = {}
         self.on_entity = on_entity
+        self.delta = delta
         for conv in conversations:
             self._add(conv, since=None, epoch=None, types=None, hydrate=None)
 
@@ -488,6 +492,8 @@ class BroadcasterClient:
             message["hydrate"] = True
         if conv.types is not None:
             message["types"] = list(conv.types)
+        if self.delta:
+            message["delta"] = True
         conv.subscribed = False
         self._awaiting.append(conv.conv_id)
         with contextlib.suppress(ConnectionClosed):  # the session loop sees the close

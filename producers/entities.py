@@ -9,6 +9,8 @@ each key's whole entity, so application code sees whole messages, never chunks:
 * an event with ``"op": "append"``: merges its chunk into the entity (each string field
   extends the entity's, any other field replaces it; an entity not held starts empty),
   taking the event's seq, id, type and ts - exactly what the server's state does;
+* an event with ``"op": "delta"``: patches the entity it was sent against (``base``: the seq
+  of that version; :func:`broadcaster.delta.apply_patch`), taking the event's seq and fields;
 * ``ws.reset``: the map is emptied (what it held may have missed events); subscribe with
   ``hydrate`` to get it back whole from the next ``ws.state``.
 
@@ -17,8 +19,13 @@ each key's whole entity, so application code sees whole messages, never chunks:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
+
+from broadcaster.delta import apply_patch
+
+log = logging.getLogger("producers.entities")
 
 APPEND = "append"
 
@@ -81,7 +88,16 @@ class EntityMap:
         if not isinstance(kind, str) or kind.startswith("ws.") or not isinstance(obj.get("key"), str):
             return []
         key = obj["key"]
-        if obj.get("op") == APPEND:
+        if obj.get("op") == "delta":
+            held = self._entities.get(key)
+            if held is None or held.get("seq") != obj.get("base"):  # the server never sends this
+                log.warning("delta for %r against seq %s, but the entity held is %s: dropped", key,
+                            obj.get("base"), None if held is None else held.get("seq"))
+                return [(key, None)] if self._entities.pop(key, None) is not None else []
+            entity = {k: v for k, v in obj.items() if k not in ("op", "base")}
+            patch = obj.get("data")
+            entity["data"] = apply_patch(held.get("data"), patch if isinstance(patch, dict) else {})
+        elif obj.get("op") == APPEND:
             held = self._entities.get(key)
             chunk = obj.get("data")
             entity = {k: v for k, v in obj.items() if k != "op"}

@@ -14,10 +14,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from broadcaster.backend import Backend, BackendSettings
+from broadcaster.backends.memory import MemoryBackend
 from broadcaster.envelope import PublishRequest, apply_append
+from broadcaster.namespaces import parse_namespaces
 from broadcaster.profiles import ProfileRegistry
 from gateway.settings import Settings
-from producers.client import BroadcasterClient
+from producers.client import BroadcasterClient, Event
 from tests.conftest import REDIS_URL
 from tests.support.gateway import InProcessGateway
 from tests.support.policy import drop_library
@@ -27,21 +29,32 @@ pytestmark = pytest.mark.timeout(120)
 
 PROFILES = ProfileRegistry.from_mapping(
     {"profiles": {"lean": {"include": ["llm.*", "tool.*"], "drop_fields": ["raw"]}}})
+DELTA_NAMESPACES = tuple(parse_namespaces({"namespaces": {"*": {"delta": True}}}))
+DELTAS_SEEN = [0]  # deltas the clients received, over all examples: the property must exercise them
 KEY_TYPES = {"k0": "llm.message", "k1": "llm.message", "k2": "tool.call", "k3": "debug.trace"}
 ALLOWED = {"default": lambda t: not t.startswith("debug."), "lean": lambda t: t.startswith(("llm.", "tool."))}
 
+BODY = "x" * 200  # a large unchanging field: a delta is smaller than the whole upsert
 text = st.text(alphabet="ab é€\n\"", max_size=4)
 chunk_text = st.text(alphabet="ab é€\n\"", min_size=1, max_size=4)
 keys = st.sampled_from(["k0", "k0", "k0", "k1", "k2", "k3"])  # one key often: long messages
 value = st.one_of(text, st.integers(-3, 3), st.none(), st.lists(st.integers(0, 2), max_size=2))
 fields = st.sampled_from(["text", "n", "raw", "extra"])
-upsert = st.tuples(st.just("upsert"), keys, st.dictionaries(fields, value, max_size=3))
+# a large unchanging field makes a delta smaller than the whole upsert, so deltas are sent
+upsert = st.tuples(st.just("upsert"), keys, st.builds(lambda d, big: {**d, **({"body": BODY} if big else {})},
+                                                      st.dictionaries(fields, value, max_size=3), st.booleans()))
 append = st.tuples(st.just("append"), keys,
                    st.dictionaries(fields, st.one_of(chunk_text, chunk_text, st.integers(0, 5)),
                                    min_size=1, max_size=2))
 delete = st.tuples(st.just("delete"), keys, st.none())
 plain = st.tuples(st.just("plain"), st.just(""), st.none())
-ops = st.lists(st.one_of(append, append, append, upsert, delete, plain), min_size=1, max_size=30)
+ops = st.lists(st.one_of(append, append, upsert, upsert, delete, plain), min_size=1, max_size=30)
+DELTA_EXAMPLE = [("upsert", "k0", {"n": 0, "body": BODY}), ("upsert", "k0", {"n": 1, "body": BODY}),
+                 ("upsert", "k2", {"text": "a", "body": BODY}), ("upsert", "k0", {"n": 2, "body": BODY}),
+                 ("upsert", "k2", {"text": "b", "body": BODY}), ("append", "k0", {"text": "t"}),
+                 ("upsert", "k0", {"text": "tt", "body": BODY}),
+                 ("upsert", "k0", {"text": "ttt", "raw": "r", "body": BODY}),
+                 ("delete", "k2", None), ("upsert", "k2", {"body": BODY}), ("upsert", "k2", {"body": BODY, "z": 1})]
 
 Model = dict[str, tuple[Any, int]]  # key -> (data, seq of its last change)
 
@@ -81,19 +94,23 @@ def shaped(model: Model, profile: str, types: tuple[str, ...] | None) -> dict[st
     return out
 
 
-CLIENTS = [  # profile, types, how it joins
-    ("default", None, "hydrate"),
-    ("lean", None, "hydrate"),
-    ("default", ("llm.*",), "hydrate"),
-    ("lean", None, "resume"),
-    ("default", ("tool.*", "llm.*"), "reset"),
-    ("lean", ("llm.*",), "resume"),
+CLIENTS = [  # profile, types, how it joins, delta upserts
+    ("default", None, "hydrate", False),
+    ("lean", None, "hydrate", False),
+    ("default", ("llm.*",), "hydrate", False),
+    ("lean", None, "resume", False),
+    ("default", ("tool.*", "llm.*"), "reset", False),
+    ("lean", ("llm.*",), "resume", False),
+    ("default", None, "hydrate", True),
+    ("lean", None, "resume", True),
+    ("default", ("tool.*", "llm.*"), "reset", True),
+    ("lean", ("llm.*",), "hydrate", True),
 ]
 
 
 async def check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, backend_kind: str) -> None:
     if backend_kind != "redis":
-        await _check(ops_, split, resume_at, None)
+        await _check(ops_, split, resume_at, MemoryBackend(BackendSettings(namespaces=DELTA_NAMESPACES)))
         return
     import redis
 
@@ -101,7 +118,8 @@ async def check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, ba
 
     prefix = "tp" + secrets.token_hex(5)
     try:
-        await _check(ops_, split, resume_at, RedisBackend(REDIS_URL, key_prefix=prefix, settings=BackendSettings()))
+        await _check(ops_, split, resume_at, RedisBackend(REDIS_URL, key_prefix=prefix,
+                                                                settings=BackendSettings(namespaces=DELTA_NAMESPACES)))
     finally:  # the Redis is shared: leave nothing behind
         drop_library(REDIS_URL, prefix)
         client = redis.Redis.from_url(REDIS_URL)
@@ -111,7 +129,7 @@ async def check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, ba
         client.close()
 
 
-async def _check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, backend: Backend | None) -> None:
+async def _check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, backend: Backend) -> None:
     async with InProcessGateway(Settings(), backend=backend, profiles=PROFILES) as gw:
         b = gw.gateway.backend
         conv = "prop"
@@ -120,9 +138,9 @@ async def _check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, b
         first = await b.publish_many([to_request(conv, op) for op in ops_[:split]]) if split else []
         epoch = first[0].epoch if first else (await b.head(conv)).epoch
         clients = []
-        for profile, types, how in CLIENTS:
+        for profile, types, how, delta in CLIENTS:
             c = BroadcasterClient(gw.http_url, profile=profile, types=list(types) if types else None,
-                                  hydrate=how != "resume", backoff_initial=0.01)
+                                  hydrate=how != "resume", backoff_initial=0.01, delta=delta)
             if how == "resume":  # it held the entities as of resume_at, and resumes from there
                 seeded = shaped(run_model(ops_, resume_at), profile, types)
                 c.entities(conv).apply({"type": "ws.state", "entities": {
@@ -143,7 +161,9 @@ async def _check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, b
 
             async def drain(c: BroadcasterClient) -> None:
                 while True:  # consume items so the client's queue never fills
-                    await c.get()
+                    item = await c.get()
+                    if isinstance(item, Event) and item.op == "delta":
+                        DELTAS_SEEN[0] += 1
 
             drains = [asyncio.create_task(drain(c)) for c in clients]
             await async_wait_until(lambda: all(c.position(conv)[1] == end.seq for c in clients), 15.0,
@@ -151,9 +171,10 @@ async def _check(ops_: list[tuple[str, str, Any]], split: int, resume_at: int, b
             for d in drains:
                 d.cancel()
             expected_all = run_model(ops_, len(ops_))
-            for c, (profile, types, how) in zip(clients, CLIENTS, strict=True):
+            for c, (profile, types, how, delta) in zip(clients, CLIENTS, strict=True):
                 got = {k: (e.get("data"), e["seq"]) for k, e in c.entities(conv).snapshot().items()}
-                assert got == shaped(expected_all, profile, types), (profile, types, how)
+                assert got == shaped(expected_all, profile, types), (profile, types, how, delta)
+
         finally:
             for c in clients:
                 await c.close()
@@ -163,10 +184,16 @@ PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@PROPERTY
-@given(ops_=ops, split=st.integers(0, 30), resume_at=st.integers(0, 30))
-def test_entity_maps_equal_full_upserts_memory(ops_: list[tuple[str, str, Any]], split: int, resume_at: int) -> None:
-    asyncio.run(check(ops_, split, resume_at, "memory"))
+def test_entity_maps_equal_full_upserts_memory() -> None:
+    @PROPERTY
+    @given(ops_=ops, split=st.integers(0, 30), resume_at=st.integers(0, 30))
+    @example(ops_=DELTA_EXAMPLE, split=1, resume_at=1)
+    def run(ops_: list[tuple[str, str, Any]], split: int, resume_at: int) -> None:
+        asyncio.run(check(ops_, split, resume_at, "memory"))
+
+    DELTAS_SEEN[0] = 0
+    run()
+    assert DELTAS_SEEN[0] > 0, "no example sent a delta: the strategy no longer exercises them"
 
 
 @settings(PROPERTY, max_examples=15)

@@ -12,8 +12,10 @@ export interface BroadcastEvent<T = unknown> {
   data: T;
   /** Present on state upserts; `data === null` with a key removes the entry. */
   key?: string;
-  /** "append": `data` is a chunk merged into the entity `key` (whole: `client.entity(convId, key)`). */
-  op?: "append";
+  /** "append": `data` is a chunk merged into the entity `key` (whole: `client.entity(convId, key)`);
+   * "delta": `data` is a patch against the version of seq `base` (docs/streaming.md). */
+  op?: "append" | "delta";
+  base?: number;
   [field: string]: unknown;
 }
 
@@ -174,6 +176,8 @@ export interface SubscribeOptions {
   since?: number | null;
   /** The epoch `since` belongs to. */
   epoch?: string | null;
+  /** Ask for delta upserts (where the namespace allows them); the entity map applies them. */
+  delta?: boolean;
 }
 
 export interface Position {
@@ -249,6 +253,9 @@ export declare function parseFrame(text: string): {
   messages: Array<{ [field: string]: unknown }>;
   errors: Array<{ line: string; error: unknown }>;
 };
+
+/** An entity's data after a delta's patch (merge patch with `$append` and `$set`). */
+export declare function applyPatch(target: unknown, patch: unknown): Record<string, unknown>;
 
 /** An entity's data after an append chunk: string fields extend, others replace. */
 export declare function mergeAppend(data: unknown, chunk: unknown): Record<string, unknown>;

@@ -105,6 +105,7 @@ const DetailEvent =
  * @property {boolean} needsState       next (re)subscribe must ask for hydrate
  * @property {number | null} seq        last position delivered (event seq, or state/reset seq)
  * @property {string | null} epoch
+ * @property {boolean} delta            asks for delta upserts (applied to the entity map)
  */
 
 export class BroadcasterClient extends EventTarget {
@@ -262,7 +263,9 @@ export class BroadcasterClient extends EventTarget {
    * options and resumes from the current position.
    *
    * @param {string} convId
-   * @param {{types?: string | string[] | null, hydrate?: boolean, since?: number | null, epoch?: string | null}} [options]
+   * @param {{types?: string | string[] | null, hydrate?: boolean, since?: number | null, epoch?: string | null, delta?: boolean}} [options]
+   *   delta: full upserts of keys this client holds may come as deltas (where the conversation's namespace
+   *   allows them); the client applies them to its entities, and the "event" it emits is the delta object
    */
   subscribe(convId, options = {}) {
     if (typeof convId !== "string" || !CONV_ID_RE.test(convId)) {
@@ -283,6 +286,7 @@ export class BroadcasterClient extends EventTarget {
       needsState: hydrate && since === null,
       seq: since ?? previous?.seq ?? null,
       epoch: options.epoch ?? previous?.epoch ?? null,
+      delta: Boolean(options.delta),
     };
     this._subs.set(convId, sub);
     if (this._isOpen()) this._sendSubscribe(sub);
@@ -513,6 +517,7 @@ export class BroadcasterClient extends EventTarget {
     /** @type {Record<string, unknown>} */
     const msg = { type: "ws.subscribe", conv_id: sub.convId };
     if (sub.types) msg.types = sub.types;
+    if (sub.delta) msg.delta = true;
     if (sub.needsState) {
       msg.hydrate = true;
     } else if (sub.seq !== null) {
@@ -637,6 +642,34 @@ export class BroadcasterClient extends EventTarget {
 // ---- helpers ----------------------------------------------------------------------------------
 
 /**
+ * An entity's data after a delta's patch (docs/streaming.md "Delta upserts"): JSON merge patch
+ * (null removes), `{"$append": s}` extends a string, `{"$set": v}` sets a value verbatim.
+ * @param {any} target
+ * @param {any} patch
+ * @returns {Record<string, any>}
+ */
+export function applyPatch(target, patch) {
+  const out = target !== null && typeof target === "object" && !Array.isArray(target) ? { ...target } : {};
+  for (const [name, value] of Object.entries(patch ?? {})) {
+    if (value === null) {
+      delete out[name];
+    } else if (typeof value === "object" && !Array.isArray(value)) {
+      const keys = Object.keys(value);
+      if (keys.length === 1 && typeof value.$append === "string") {
+        out[name] = (typeof out[name] === "string" ? out[name] : "") + value.$append;
+      } else if (keys.length === 1 && keys[0] === "$set") {
+        out[name] = value.$set;
+      } else {
+        out[name] = applyPatch(out[name], value);
+      }
+    } else {
+      out[name] = value;
+    }
+  }
+  return out;
+}
+
+/**
  * The data of an entity after the append `chunk` (the server's rule, docs/streaming.md): each
  * string field extends the entity's string at the same field, any other field replaces it.
  * @param {any} data
@@ -655,7 +688,8 @@ export function mergeAppend(data, chunk) {
 /**
  * Apply one object of a conversation's stream to its entity map (`Map` key -> entity); returns
  * the changes as [key, entity | null] pairs. ws.state replaces the map, ws.reset empties it, an
- * event with a key upserts (data null: deletes), one with `"op": "append"` merges its chunk.
+ * event with a key upserts (data null: deletes), one with `"op": "append"` merges its chunk, one
+ * with `"op": "delta"` patches the version it was sent (`base`: that version's seq).
  * @param {Map<string, any>} map
  * @param {any} msg
  * @returns {Array<[string, any]>}
@@ -682,6 +716,17 @@ export function applyToEntities(map, msg) {
   if (msg.op === "append") {
     const { op: _op, ...entity } = msg;
     entity.data = mergeAppend(map.get(msg.key)?.data, msg.data);
+    map.set(msg.key, entity);
+    changes.push([msg.key, entity]);
+  } else if (msg.op === "delta") {
+    // The server sends a delta only against the version this client was sent: `base` is its seq.
+    const held = map.get(msg.key);
+    const { op: _op, base: _base, ...entity } = msg;
+    if (!held || held.seq !== msg.base) {
+      if (map.delete(msg.key)) changes.push([msg.key, null]); // cannot happen with a conforming server
+      return changes;
+    }
+    entity.data = applyPatch(held.data, msg.data);
     map.set(msg.key, entity);
     changes.push([msg.key, entity]);
   } else if (msg.data === null || msg.data === undefined) {

@@ -3,7 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { applyToEntities, mergeAppend } from "../broadcaster-client.js";
+import { applyPatch, applyToEntities, mergeAppend } from "../broadcaster-client.js";
 
 const ev = (seq, key, data, op) => ({ type: "llm.message", conv_id: "c", seq, id: `e${seq}`, ts: seq, data, key, ...(op ? { op } : {}) });
 
@@ -26,4 +26,23 @@ test("applyToEntities keeps whole entities", () => {
   assert.deepEqual([...map.keys()], ["a"]);
   assert.deepEqual(applyToEntities(map, { type: "ws.reset", conv_id: "c", seq: 9 }), [["a", null]]);
   assert.equal(map.size, 0);
+});
+
+test("applyPatch: merge patch with $append and $set", () => {
+  assert.deepEqual(applyPatch({ text: "Hel", n: 1, gone: 2, m: { a: 1 } }, { text: { $append: "lo" }, n: { $set: null }, gone: null, m: { b: { $set: { c: 1 } } }, l: [1] }), {
+    text: "Hello",
+    n: null,
+    m: { a: 1, b: { c: 1 } },
+    l: [1],
+  });
+  assert.deepEqual(applyPatch("not an object", { a: 1 }), { a: 1 });
+});
+
+test("applyToEntities applies a delta only against the version it was sent", () => {
+  const map = new Map();
+  applyToEntities(map, ev(1, "a", { text: "He", body: "x" }));
+  const [[, entity]] = applyToEntities(map, { ...ev(2, "a", { text: { $append: "llo" } }), op: "delta", base: 1 });
+  assert.deepEqual(entity, ev(2, "a", { text: "Hello", body: "x" }));
+  assert.equal("base" in entity || "op" in entity, false);
+  assert.deepEqual(applyToEntities(map, { ...ev(4, "a", { text: { $append: "!" } }), op: "delta", base: 3 }), [["a", null]]);
 });
