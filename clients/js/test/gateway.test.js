@@ -6,6 +6,9 @@
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import WebSocket from "ws";
 
 import { BroadcasterClient } from "../broadcaster-client.js";
@@ -45,7 +48,10 @@ describe("against a real gateway", { timeout: 120_000 }, () => {
   let gw;
 
   before(async () => {
-    gw = await Gateway.start({ args: ["--drain-seconds", "1"] });
+    // conversations jsdelta-* may get delta upserts (docs/streaming.md)
+    const namespaces = join(tmpdir(), `broadcaster-js-test-${process.pid}.toml`);
+    writeFileSync(namespaces, '[namespaces."jsdelta-*"]\ndelta = true\n');
+    gw = await Gateway.start({ args: ["--drain-seconds", "1", "--namespaces", namespaces] });
   });
 
   after(async () => {
@@ -99,6 +105,27 @@ describe("against a real gateway", { timeout: 120_000 }, () => {
     await waitFor(() => changes.length === 4);
     assert.deepEqual(changes.map((c) => c.entity?.data.text ?? null), ["The quick ", "The quick brown ", "The quick brown fox", null]);
     assert.equal(client.entities(conv).size, 0);
+  });
+
+  test("delta upserts: the entity map applies them and ends equal to the whole upserts (#17)", async () => {
+    const conv = `jsdelta-${newConv()}`;
+    const long = "x".repeat(300);
+    await gw.publish(conv, "llm.message", { text: long, n: 0 }, { key: "a" });
+    const client = makeClient(gw.ws);
+    const events = record(client, "event");
+    const subscribedMsg = nextEmit(client, "subscribed", (m) => m.conv_id === conv, 10_000);
+    await subscribed(client, conv, { hydrate: true, delta: true });
+    assert.equal((await subscribedMsg).delta, true);
+    let text = long;
+    for (let i = 1; i <= 5; i++) {
+      text += ` t${i}`;
+      await gw.publish(conv, "llm.message", { text, n: i }, { key: "a" });
+    }
+    await waitFor(() => events.length === 5);
+    assert.deepEqual(events.map((e) => e.op ?? null), [null, "delta", "delta", "delta", "delta"]);
+    assert.deepEqual(events[1].data, { text: { $append: " t2" }, n: 2 });
+    assert.deepEqual(client.entity(conv, "a").data, { text, n: 5 });
+    assert.equal(client.entity(conv, "a").seq, 6);
   });
 
   test("an idempotent publish (same id) fans out once", async () => {
