@@ -49,6 +49,8 @@ class Settings:
     presence_ttl: float = 15.0
     redis_probe_interval: float = 5.0
     redis_probe_timeout: float = 2.0
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     allowed_origins: list[str] = field(default_factory=list)
     gateway_id: str | None = None
     log_level: str = "info"
@@ -98,6 +100,9 @@ HELP: dict[str, str] = {
     "sse_retry_ms": "reconnect delay /sse suggests to EventSource clients (its 'retry:' line), milliseconds",
     "redis_probe_interval": "seconds of silence on a Redis pub/sub link before it is probed with PING",
     "redis_probe_timeout": "seconds a probe waits for PONG before the link is rebuilt",
+    "redis_wait_replicas": "publishes through this gateway (HTTP API, plugins) WAIT for this many replicas and "
+                           "fail with 503 when fewer confirm (redis://, redis+sentinel://; 0: no WAIT)",
+    "redis_wait_timeout_ms": "milliseconds a publish waits for --redis-wait-replicas replicas",
     "presence_ttl": "seconds a gateway's presence counts outlive its last heartbeat (heartbeat: a third of it)",
     "allowed_origins": "Origin values allowed for browser sockets and CORS (repeatable; empty: any)",
     "gateway_id": "name of this gateway in presence and hello (default: host-pid-random)",
@@ -163,7 +168,8 @@ def check(settings: Settings) -> None:
         raise ValueError("--log-format must be json or text")
     if settings.ws_compression not in ("deflate", "off"):
         raise ValueError("--ws-compression must be deflate or off")
-    for name in ("ping_interval", "handshake_timeout", "drain_seconds", "sse_ping_interval", "sse_retry_ms"):
+    for name in ("ping_interval", "handshake_timeout", "drain_seconds", "sse_ping_interval", "sse_retry_ms",
+                 "redis_wait_replicas", "redis_wait_timeout_ms"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
     if settings.auth_secret and settings.auth_public_key:

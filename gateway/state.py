@@ -66,7 +66,8 @@ class Gateway:
             namespaces=namespaces)
         self.backend = backend or backend_from_url(
             settings.redis_url, key_prefix=settings.key_prefix, settings=backend_settings,
-            probe_interval=settings.redis_probe_interval, probe_timeout=settings.redis_probe_timeout)
+            probe_interval=settings.redis_probe_interval, probe_timeout=settings.redis_probe_timeout,
+            wait_replicas=settings.redis_wait_replicas, wait_timeout_ms=settings.redis_wait_timeout_ms)
         self.policies = self.backend.settings.policy_table()
         """The namespaces' policy (the HTTP API sizes a publish body by its conversation's max_data_bytes)."""
         self.publisher = BackendPublisher(self.backend)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 import hiredis
 import redis
-import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
@@ -30,10 +28,11 @@ from redis.sentinel import Sentinel
 
 from broadcaster.backend import BackendStats, Presence
 from broadcaster.backends import scripts
-from broadcaster.backends.redis import RedisCommands, client_options, make_async_client, send_on_one_connection
+from broadcaster.backends.redis import RedisCommands, client_options, make_async_client
 from broadcaster.backends.redis.clients import sentinel_kwargs
+from broadcaster.backends.redis.replication import WaitingCommands, check_replicated, wait_command
 from broadcaster.envelope import PublishResult
-from broadcaster.errors import BackendUnavailable, NotReplicated, PayloadTooLarge, ValidationError
+from broadcaster.errors import BackendUnavailable, PayloadTooLarge
 from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
 from broadcaster.validation import validate_conv_id
@@ -51,27 +50,6 @@ def _explained() -> Iterator[None]:
         if isinstance(exc.__cause__, scripts.LibraryMissing):
             raise BackendUnavailable(str(exc.__cause__)) from exc.__cause__
         raise
-
-
-def _wait_command(target: scripts.RedisTarget, options: ProducerOptions) -> scripts.Command | None:
-    """``WAIT n timeout`` to send after each publish call, or None (``wait_replicas`` 0)."""
-    if options.wait_replicas <= 0:
-        return None
-    if target.is_cluster:
-        raise ValidationError("wait_replicas", "not supported on a Redis Cluster URL (use redis://, redis+sentinel://)")
-    if options.wait_timeout_ms < 0:
-        raise ValidationError("wait_timeout_ms", "must be >= 0 (0 waits for ever)")
-    return ("WAIT", options.wait_replicas, options.wait_timeout_ms)
-
-
-def _check_replicated(results: list[PublishResult], acks: list[Any], wanted: int, timeout_ms: int) -> None:
-    """Raise NotReplicated unless the last WAIT of the call counted ``wanted`` replicas."""
-    acked = acks[-1] if acks and isinstance(acks[-1], int) else 0
-    if acked < wanted:
-        seqs = ", ".join(f"{r.conv_id}#{r.seq}" for r in results[:5])
-        raise NotReplicated(f"published ({seqs}) but {acked} of the {wanted} replica(s) asked for confirmed within "
-                            f"{timeout_ms} ms: not acknowledged; publish again with the same id(s) to be sure",
-                            list(results), acked)
 
 
 def _retry_policy(options: ProducerOptions) -> RetryPolicy:
@@ -102,7 +80,7 @@ class SyncRedisTransport:
     """Blocking publish and presence over redis-py (standalone or cluster)."""
 
     def __init__(self, target: scripts.RedisTarget, key_prefix: str, options: ProducerOptions) -> None:
-        self.wait = _wait_command(target, options)  # refused before any connection opens
+        self.wait = wait_command(target, options.wait_replicas, options.wait_timeout_ms)  # before any connection
         # Any: redis-py's blocking cluster client is untyped; both kinds share the calls used here.
         self.client: Any = make_sync_client(target)
         self.layout = KeyLayout(key_prefix)
@@ -137,7 +115,7 @@ class SyncRedisTransport:
         except scripts.DataTooLarge as exc:
             raise PayloadTooLarge("data", str(exc)) from None
         if self.wait is not None:
-            _check_replicated(results, acks, self.options.wait_replicas, self.options.wait_timeout_ms)
+            check_replicated(results, acks, self.options.wait_replicas, self.options.wait_timeout_ms)
         return results
 
     def presence(self, conv: str) -> Presence:
@@ -205,51 +183,19 @@ def _send_on_one_connection(pool: redis.ConnectionPool, commands: Sequence[scrip
         pool.release(connection)
 
 
-_ACKS: ContextVar[list[Any] | None] = ContextVar("broadcaster_wait_acks", default=None)
-"""The WAIT replies of the publish call running in this task (``wait_replicas``)."""
-
-
-class _WaitingCommands(RedisCommands):
-    """:class:`RedisCommands` that sends ``WAIT`` after each publish round, on the same connection."""
-
-    def __init__(self, client: Any, wait: scripts.Command, **options: Any) -> None:
-        super().__init__(client, **options)
-        self.wait = wait
-
-    async def _send(self, commands: Sequence[scripts.Command]) -> list[Any]:
-        acks = _ACKS.get()
-        if acks is None or not isinstance(self.client, redis.asyncio.Redis):
-            return await super()._send(commands)
-        replies = await send_on_one_connection(self.client.connection_pool, [*commands, self.wait])
-        acks.append(replies.pop())
-        return replies
-
-
 class AsyncRedisTransport:
     """Asyncio publish and presence: the gateway's own :class:`RedisCommands` (plus WAIT, if asked)."""
 
     def __init__(self, target: scripts.RedisTarget, key_prefix: str, options: ProducerOptions) -> None:
-        self.options = options
-        self.wait = _wait_command(target, options)
+        wait = wait_command(target, options.wait_replicas, options.wait_timeout_ms)
         common: dict[str, Any] = {"layout": KeyLayout(key_prefix), "settings": options.settings(),
                                   "stats": BackendStats(), "retry": _retry_policy(options)}
         client = make_async_client(target)
-        self.commands = (RedisCommands(client, **common) if self.wait is None
-                         else _WaitingCommands(client, self.wait, **common))
+        self.commands = RedisCommands(client, **common) if wait is None else WaitingCommands(client, wait, **common)
 
     async def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
-        if self.wait is None:
-            with _explained():
-                return await self.commands.publish_many(prepared_only(batch))
-        acks: list[Any] = []
-        token = _ACKS.set(acks)
-        try:
-            with _explained():
-                results = await self.commands.publish_many(prepared_only(batch))
-        finally:
-            _ACKS.reset(token)
-        _check_replicated(results, acks, self.options.wait_replicas, self.options.wait_timeout_ms)
-        return results
+        with _explained():
+            return await self.commands.publish_many(prepared_only(batch))
 
     async def presence(self, conv: str) -> Presence:
         return await self.commands.presence(conv)

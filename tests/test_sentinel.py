@@ -395,3 +395,20 @@ async def _true(value: bool) -> bool:
 def ours(client: redis.Redis) -> list[dict[str, str]]:
     """The pub/sub connections on a server other than the sentinels' own (named ``sentinel-...``)."""
     return [c for c in client.client_list(_type="pubsub") if not c.get("name", "").startswith("sentinel")]
+
+
+def test_gateway_publishes_wait_for_replicas(sentinels: SentinelSetup, key_prefix: str) -> None:
+    """``--redis-wait-replicas``: an HTTP publish the replicas did not confirm is a 503, never a 200."""
+    from tests.support.gateway import GatewayProcess
+
+    for wanted, status in ((2, 200), (3, 503)):
+        gw = GatewayProcess("--redis-url", sentinels.url, "--key-prefix", key_prefix, "--redis-wait-replicas",
+                            str(wanted), "--redis-wait-timeout-ms", "200", "--log-level", "warning").start()
+        try:
+            reply = httpx.post(f"{gw.http_url}/v1/conversations/w{wanted}/events",
+                               json={"type": "chat.msg", "data": {"n": 1}}, timeout=10)
+            assert reply.status_code == status, reply.text
+            if status == 503:
+                assert f"of the {wanted} replica(s)" in reply.json()["message"]
+        finally:
+            gw.stop()

@@ -26,6 +26,7 @@ from broadcaster.backends import scripts
 from broadcaster.backends.base import ChannelRegistry, new_epoch, prepare_publish
 from broadcaster.backends.redis.clients import AsyncClient, make_async_client
 from broadcaster.backends.redis.commands import RedisCommands
+from broadcaster.backends.redis.replication import WaitingCommands, wait_command
 from broadcaster.backends.redis.subscriber import Subscriber
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 from broadcaster.keys import KeyLayout
@@ -55,7 +56,9 @@ class RedisBackend(Backend):
     ``probe_interval`` / ``probe_timeout``: seconds of pub/sub silence before a
     PING, and seconds to wait for its PONG. ``retry_budget``: seconds transient
     errors are retried before :class:`BackendUnavailable` (also the time ``start``
-    and a subscription wait for Redis).
+    and a subscription wait for Redis). ``wait_replicas`` / ``wait_timeout_ms``: ``WAIT``
+    for that many replicas after each publish, else :class:`NotReplicated` (see
+    :mod:`broadcaster.backends.redis.replication`).
 
     ``client`` (keyword, optional): a redis-py asyncio client (``Redis`` or
     ``RedisCluster``) to use instead of one built from ``url`` — e.g. a fakeredis
@@ -72,6 +75,8 @@ class RedisBackend(Backend):
         probe_interval: float = 5.0,
         probe_timeout: float = 2.0,
         retry_budget: float = 10.0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
         client: AsyncClient | None = None,
     ) -> None:
         self.settings = settings or BackendSettings()
@@ -80,12 +85,17 @@ class RedisBackend(Backend):
         self.layout = KeyLayout(key_prefix)
         self._retry_budget = retry_budget
         self._probe_timeout = probe_timeout
+        target = scripts.parse_redis_url(url) if client is None else None
+        wait = wait_command(target, wait_replicas, wait_timeout_ms)
         if client is None:
-            client = make_async_client(scripts.parse_redis_url(url))
+            assert target is not None
+            client = make_async_client(target)
         self.policies = self.settings.policy_table()
         self.library = scripts.build_library(key_prefix, self.policies)
-        self.commands = RedisCommands(client, layout=self.layout, settings=self.settings, stats=self.stats,
-                                      retry=RetryPolicy(budget=retry_budget), library=self.library)
+        common: dict[str, Any] = {"layout": self.layout, "settings": self.settings, "stats": self.stats,
+                                  "retry": RetryPolicy(budget=retry_budget), "library": self.library}
+        self.commands = (RedisCommands(client, **common) if wait is None
+                         else WaitingCommands(client, wait, **common))
         self._policy_task: asyncio.Task[None] | None = None
         self._callbacks: list[ReconnectCallback] = []
         self._resubscribe_callbacks: list[ResubscribeCallback] = []
