@@ -1,5 +1,6 @@
-"""The Redis backend: standalone Redis (``redis://``, ``rediss://``) or Redis Cluster
-(``redis+cluster://``, ``rediss+cluster://`` for TLS).
+"""The Redis backend: standalone Redis (``redis://``, ``rediss://``), Redis Cluster
+(``redis+cluster://``, ``rediss+cluster://`` for TLS) or a master found through Redis
+Sentinel (``redis+sentinel://``, ``rediss+sentinel://``).
 
 One job per module:
 
@@ -26,8 +27,15 @@ One job per module:
   own: only its channels are subscribed again and only their conversations go to
   the resubscribe callbacks (the hub repairs those from history); a channel whose
   cluster slot moved is subscribed again on its new owner alone.
+* ``replication`` — ``wait_replicas``: ``WAIT`` after each publish, :class:`NotReplicated`
+  when fewer replicas confirm (gateway and SDKs).
 * ``backend`` — :class:`RedisBackend` joins the two halves with the shared
   :class:`ChannelRegistry`.
+
+Sentinel: the clients come from redis-py's ``SentinelConnectionPool`` (every new
+connection asks the sentinels for the master; ``READONLY`` drops a connection to a
+demoted one); a pub/sub link checks ``ROLE`` before it subscribes and asks the sentinels
+every second whether the master moved, and is rebuilt on the new master if so.
 """
 
 from __future__ import annotations
