@@ -265,3 +265,29 @@ def test_batch_call_marks_appends_with_code_8() -> None:
               prepare_publish(PublishRequest("c", "t.x", {"t": "a"}, "chosen", "k", "append"), 600)]
     command = scripts.publish_batch_call(KeyLayout("bc"), "b1", events, BackendSettings(), "e", False, False)
     assert b"JK" in command
+
+
+def test_an_append_never_runs_on_a_library_from_before_appends(redis_url: str, key_prefix: str) -> None:
+    """A library without the append function (version 1, loaded by an older gateway): the SDK's append
+    fails as a missing library (retried, then BackendUnavailable) instead of running as a delete."""
+    import redis as sync_redis
+
+    from broadcaster.errors import BackendUnavailable
+
+    library = scripts.build_library(key_prefix, BackendSettings().policy_table())
+    old = "\n".join(line for line in library.code.splitlines() if "_publish_append'" not in line)
+    with sync_redis.Redis.from_url(redis_url) as client:
+        has_sha1 = bool(client.execute_command(*scripts.SCRIPTS_HAVE_SHA1))
+        client.function_load(scripts.library_code(scripts.FunctionLibrary(
+            key_prefix, library.name, old, library.fingerprint, library.description), has_sha1), replace=True)
+    with Producer.from_url(redis_url, key_prefix=key_prefix, retry_budget=0.3) as p:
+        p.publish("o", "llm.message", {"text": "kept"}, key="m")
+        with pytest.raises(BackendUnavailable):
+            p.publish("o", "llm.message", {"text": "!"}, key="m", op="append")
+    load_library(redis_url, key_prefix)  # a current gateway loads its library: appends work
+    with Producer.from_url(redis_url, key_prefix=key_prefix) as p:
+        p.publish("o", "llm.message", {"text": "!"}, key="m", op="append")
+        assert p.publish("o", "llm.message", {"text": "?"}, key="m", op="append").seq == 3
+    with sync_redis.Redis.from_url(redis_url) as client:
+        entry = decode_envelope(client.hget(KeyLayout(key_prefix).state("o"), "m"))
+    assert entry.data == {"text": "kept!?"}

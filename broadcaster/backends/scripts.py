@@ -151,6 +151,11 @@ class FunctionLibrary:
         return f"{self.name}_publish"
 
     @property
+    def append_function(self) -> str:
+        """The publish function under the name a call carrying appends uses (see build_library)."""
+        return f"{self.name}_publish_append"
+
+    @property
     def policy_function(self) -> str:
         return f"{self.name}_policy"
 
@@ -199,7 +204,7 @@ local function publish_script(KEYS, ARGV, POLICY)
 {body}
 end
 
-redis.register_function('{name}_publish', function(keys, args)
+local function publish(keys, args)
   local conv = string.match(keys[1] or '', META)
   if not conv then
     return redis.error_reply('ERR KEYS[1] is not the meta key of a conversation of key prefix ' .. PREFIX)
@@ -210,7 +215,13 @@ redis.register_function('{name}_publish', function(keys, args)
     _, policy = resolve(conv)
   end
   return publish_script(keys, args, policy)
-end)
+end
+redis.register_function('{name}_publish', publish)
+-- The same function under the name calls with appends use: a library from before appends
+-- (version 1) has no such function, so they fail as "function not found" (the caller waits
+-- for a current gateway to load its library) instead of running where an append's event
+-- code would read as a delete.
+redis.register_function('{name}_publish_append', publish)
 
 redis.register_function{{function_name = '{name}_policy', flags = {{'no-writes'}}, callback = function(keys, args)
   local conv = args[1] or ''
@@ -328,6 +339,8 @@ def publish_batch_call(
         codes.append(code)
         fields.append(envelope_fields(head, event.id, event.data, event.key, event.op))
     if function is not None:
+        if any(event.op is not None for event in events):
+            function += "_append"  # FunctionLibrary.append_function: absent from libraries that cannot append
         return ("FCALL", function, len(keys), *keys, *args, bytes(codes), *fields, *state_keys)
     return PUBLISH.command(keys, [*args, bytes(codes), *fields, *state_keys])
 
