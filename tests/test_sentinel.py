@@ -92,6 +92,7 @@ def test_publish_history_and_wait_through_sentinel(sentinels: SentinelSetup, key
     from tests.support.policy import load_library
 
     master = sentinels.master()
+    sentinels.wait_replicas_online(2, 30.0, master)
     load_library(master.url, key_prefix)
     with Producer.from_url(sentinels.url, key_prefix=key_prefix, wait_replicas=2, wait_timeout_ms=2000) as p:
         first = p.publish("s1", "chat.msg", {"n": 1})
@@ -401,6 +402,7 @@ def test_gateway_publishes_wait_for_replicas(sentinels: SentinelSetup, key_prefi
     """``--redis-wait-replicas``: an HTTP publish the replicas did not confirm is a 503, never a 200."""
     from tests.support.gateway import GatewayProcess
 
+    sentinels.wait_replicas_online(2, 30.0, sentinels.master())  # after a failover, the old master resyncs
     for wanted, status in ((2, 200), (3, 503)):
         gw = GatewayProcess("--redis-url", sentinels.url, "--key-prefix", key_prefix, "--redis-wait-replicas",
                             str(wanted), "--redis-wait-timeout-ms", "200", "--log-level", "warning").start()
