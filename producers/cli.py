@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="append: JSON (an object) is appended to the --key entry: its string values "
                              "extend the entry's, other values replace them (docs/streaming.md)")
     parser.add_argument("--url", default=os.environ.get(URL_ENV) or DEFAULT_URL,
-                        help="http(s):// of a gateway, or redis://, rediss://, redis+cluster:// to publish "
-                             f"straight to Redis (env {URL_ENV}, as for the gateway; default {DEFAULT_URL})")
+                        help="http(s):// of a gateway, or redis://, rediss://, redis+cluster://, "
+                             "redis+sentinel:// to publish straight to Redis "
+                             f"(env {URL_ENV}, as for the gateway; default {DEFAULT_URL})")
     parser.add_argument("--key-prefix", default=os.environ.get("BROADCASTER_KEY_PREFIX", "bc"),
                         help="Redis only: key prefix, the gateways' --key-prefix (env BROADCASTER_KEY_PREFIX; "
                              "default bc)")
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--publish-key", default=env_keys[0] if env_keys else None,
                         help="HTTP only: the gateway's publish key, sent as Authorization: Bearer "
                              "(env BROADCASTER_PUBLISH_KEY)")
+    parser.add_argument("--wait-replicas", type=int, default=0, metavar="N",
+                        help="Redis only: acknowledge only once N replicas have the event (WAIT; "
+                             "docs/operations.md); fewer within 1 s exits 1 (default 0: no wait)")
     parser.add_argument("--retry-budget", type=float, default=10.0,
                         help="seconds to retry while the gateway or Redis is unreachable (default 10)")
     return parser
@@ -81,9 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.retry_budget < 0:
         print("broadcaster-publish: --retry-budget must be 0 or more", file=sys.stderr)
         return 2
+    if args.wait_replicas < 0:
+        print("broadcaster-publish: --wait-replicas must be 0 or more", file=sys.stderr)
+        return 2
+    if args.wait_replicas and args.url.partition("://")[0].lower() in ("http", "https"):
+        print("broadcaster-publish: --wait-replicas needs a Redis --url; over HTTP the gateway's "
+              "--redis-wait-replicas applies", file=sys.stderr)
+        return 2
+    options: dict[str, object] = {"wait_replicas": args.wait_replicas} if args.wait_replicas else {}
     try:
         with Producer.from_url(args.url, key_prefix=args.key_prefix, publish_key=args.publish_key,
-                               retry_budget=args.retry_budget) as producer:
+                               retry_budget=args.retry_budget, **options) as producer:
             result = producer.publish(args.conv, args.type, data, id=args.id, key=args.key, op=args.op)
     except ValidationError as exc:
         print(f"broadcaster-publish: invalid {exc.field}: {exc.message}", file=sys.stderr)
