@@ -176,15 +176,15 @@ class Backend(abc.ABC):
     async def ping(self) -> bool:
         """True if the backend answers right now (readiness)."""
 
-    @abc.abstractmethod
     async def publish(
         self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None
     ) -> PublishResult:
-        """Number, store and fan out one event atomically.
+        """Number, store and fan out one event atomically (:meth:`publish_many` of one).
 
         Raises :class:`ValidationError` before touching storage when an argument
         breaks the contract. ``id`` defaults to a fresh random id.
         """
+        return (await self.publish_many([PublishRequest(conv, type, data, id, key)]))[0]
 
     @abc.abstractmethod
     async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:

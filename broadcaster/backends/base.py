@@ -7,7 +7,7 @@ import base64
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
 from broadcaster.backend import DEFAULT_IDEMPOTENCY_TTL_AUTO, BackendStats, Listener
@@ -15,6 +15,7 @@ from broadcaster.codec import APPEND, DEFAULT_MAX_DATA_BYTES, encode_data
 from broadcaster.envelope import Envelope, PublishRequest
 from broadcaster.errors import ValidationError
 from broadcaster.locks import KeyedLock
+from broadcaster.namespaces import PolicyTable
 from broadcaster.validation import validate_conv_id, validate_event_id, validate_event_type, validate_state_key
 
 log = logging.getLogger("broadcaster.backend")
@@ -71,6 +72,15 @@ class PreparedPublish(NamedTuple):
     chosen_id: bool
     op: str | None = None
     """``"append"``: append ``data`` (an object) to the state entry ``key``."""
+
+
+def prepare_all(requests: Sequence[PublishRequest], policies: PolicyTable) -> list[PreparedPublish]:
+    """Validate and encode every request under its conversation's namespace policy, before any is sent."""
+    prepared = []
+    for r in requests:
+        policy = policies.resolve(r.conv).policy if isinstance(r.conv, str) else policies.default
+        prepared.append(prepare_publish(r, policy.history_ttl, policy.max_data_bytes))
+    return prepared
 
 
 def prepare_publish(

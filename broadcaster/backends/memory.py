@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import msgpack
 
@@ -47,7 +47,7 @@ from broadcaster.backend import (
     ReconnectCallback,
     StateSnapshot,
 )
-from broadcaster.backends.base import ChannelRegistry, PreparedPublish, prepare_publish
+from broadcaster.backends.base import ChannelRegistry, PreparedPublish, prepare_all
 from broadcaster.codec import encode_envelope
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult, apply_append
 
@@ -271,16 +271,8 @@ class MemoryBackend(Backend):
         if env is not None:
             asyncio.get_running_loop().call_soon(self._registry.dispatch, env)
 
-    async def publish(
-        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None
-    ) -> PublishResult:
-        return (await self.publish_many([PublishRequest(conv, type, data, id, key)]))[0]
-
     async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
-        prepared = []
-        for r in requests:
-            policy = self.policies.resolve(r.conv).policy if isinstance(r.conv, str) else self.policies.default
-            prepared.append(prepare_publish(r, policy.history_ttl, policy.max_data_bytes))
+        prepared = prepare_all(requests, self.policies)
         results = []
         for item in prepared:
             result, env = self._apply(item)

@@ -23,7 +23,7 @@ from broadcaster.backend import (
     StateSnapshot,
 )
 from broadcaster.backends import scripts
-from broadcaster.backends.base import ChannelRegistry, new_epoch, prepare_publish
+from broadcaster.backends.base import ChannelRegistry, new_epoch, prepare_all
 from broadcaster.backends.redis.clients import AsyncClient, make_async_client
 from broadcaster.backends.redis.commands import RedisCommands
 from broadcaster.backends.redis.replication import WaitingCommands, wait_command
@@ -169,16 +169,8 @@ class RedisBackend(Backend):
     async def ping(self) -> bool:
         return await self.commands.ping(self._probe_timeout)
 
-    async def publish(
-        self, conv: str, type: str, data: Any = None, *, id: str | None = None, key: str | None = None
-    ) -> PublishResult:
-        return (await self.publish_many([PublishRequest(conv, type, data, id, key)]))[0]
-
     async def publish_many(self, requests: Sequence[PublishRequest]) -> list[PublishResult]:
-        prepared = []
-        for r in requests:
-            policy = self.policies.resolve(r.conv).policy if isinstance(r.conv, str) else self.policies.default
-            prepared.append(prepare_publish(r, policy.history_ttl, policy.max_data_bytes))
+        prepared = prepare_all(requests, self.policies)
         return await self.commands.publish_many(prepared)
 
     async def policy(self, conv: str) -> PolicyInfo:
