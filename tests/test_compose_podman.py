@@ -34,17 +34,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import websockets
 import yaml
 
 from devtools import base_images
 from devtools.procs import free_port
+from tests.support.proxied import ResumingClient, publish
 from tests.support.wsclient import WsClient
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(600)]
@@ -304,23 +304,6 @@ def stack(image: str) -> Iterator[Stack]:
     assert leftover == [], f"containers left running: {leftover}"
 
 
-async def publish(http: httpx.AsyncClient, conv: str, i: int, deadline: float) -> dict[str, Any]:
-    """Publish event ``i`` (id ``e{i}``) through nginx; retried until it lands (the id makes a retry idempotent)."""
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            r = await http.post(f"/v1/conversations/{conv}/events",
-                                json={"type": "chat.msg", "data": {"i": i}, "id": f"e{i}"})
-            if r.status_code == 200:
-                body: dict[str, Any] = r.json()
-                return body
-            last = (r.status_code, r.text[:200])
-        except httpx.HTTPError as exc:
-            last = exc
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"publish {i} never succeeded: {last!r}")
-
-
 def new_conv() -> str:
     return f"compose-{random.getrandbits(40):x}"
 
@@ -377,65 +360,9 @@ async def test_clients_spread_over_the_three_gateways(stack: Stack) -> None:
             await c.close()
 
 
-@dataclass
-class ResumingClient:
-    """Follows one conversation through nginx: after any close it reconnects with since/epoch."""
-
-    stack: Stack
-    conv: str
-    seqs: list[int] = field(default_factory=list)
-    gateway_ids: list[str] = field(default_factory=list)
-    closes: list[int | None] = field(default_factory=list)
-    resets: list[dict[str, Any]] = field(default_factory=list)
-    epoch: str | None = None
-    connected: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def url(self) -> str:
-        query = f"conv_id={self.conv}"
-        if self.seqs:
-            query += f"&since={self.seqs[-1]}"
-        if self.epoch is not None:
-            query += f"&epoch={self.epoch}"
-        return self.stack.ws_url(query)
-
-    async def run(self, until_seq: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not (self.seqs and self.seqs[-1] >= until_seq):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"client stuck at seq {self.seqs[-1:]} (closes {self.closes})")
-            try:
-                client = await WsClient.connect(self.url())
-            except (OSError, websockets.InvalidHandshake, TimeoutError):
-                await asyncio.sleep(random.uniform(0.05, 0.2))
-                continue
-            try:
-                while not (self.seqs and self.seqs[-1] >= until_seq):
-                    self.on(await client.next(timeout=max(0.1, deadline - time.monotonic())))
-                await client.close()
-            except websockets.ConnectionClosed:
-                rcvd = client.ws.protocol.close_rcvd
-                self.closes.append(rcvd.code if rcvd is not None else None)
-                await asyncio.sleep(random.uniform(0.05, 0.3))
-
-    def on(self, obj: dict[str, Any]) -> None:
-        kind = obj["type"]
-        if kind == "ws.hello":
-            self.gateway_ids.append(obj["gateway_id"])
-        elif kind == "ws.subscribed":
-            assert self.epoch in (None, obj["epoch"]), obj
-            self.epoch = obj["epoch"]
-            self.connected.set()
-        elif kind == "ws.reset":
-            self.resets.append(obj)
-        elif not kind.startswith("ws."):
-            expected = self.seqs[-1] + 1 if self.seqs else 1
-            assert obj["seq"] == expected, f"got seq {obj['seq']}, expected {expected} (closes {self.closes})"
-            self.seqs.append(obj["seq"])
-
-
 async def test_killed_gateway_container_clients_resume_through_nginx(stack: Stack) -> None:
     conv, events = new_conv(), 40
-    followers = [ResumingClient(stack, conv) for _ in range(9)]
+    followers = [ResumingClient(stack.ws_url, conv) for _ in range(9)]
     tasks = [asyncio.create_task(f.run(events, timeout=60)) for f in followers]
     try:
         await asyncio.wait_for(asyncio.gather(*(f.connected.wait() for f in followers)), 20)
