@@ -54,6 +54,10 @@ class Grant:
     subject: str | None
     convs: GlobSet | None
     profiles: frozenset[str] | None
+    expires: float | None = None
+    """The token's ``exp`` (seconds since the epoch); None with auth off."""
+    info: Any = None
+    """The token's ``info`` claim (any JSON value; shown in presence and ws.join), if it has one."""
 
     def check_conv(self, conv: str) -> None:
         if self.convs is not None and not self.convs.matches(conv):
@@ -145,8 +149,9 @@ class Authenticator:
             conv_globs = GlobSet(convs)
         except ValueError as exc:
             raise AuthError(401, f"claim 'convs': {exc}") from None
-        subject = claims.get("sub")
-        return Grant(subject if isinstance(subject, str) else None, conv_globs, frozenset(profiles))
+        subject, expires = claims.get("sub"), claims.get("exp")
+        return Grant(subject if isinstance(subject, str) else None, conv_globs, frozenset(profiles),
+                     float(expires) if isinstance(expires, (int, float)) else None, claims.get("info"))
 
     def _decode(self, token: str) -> dict[str, Any]:
         try:

@@ -88,10 +88,12 @@ class Connection:
         "_wake",
         "connection_id",
         "convs",
+        "info",
         "max_queue_bytes",
         "observe_wait",
         "pool",
         "profile",
+        "user",
         "writer",
     )
 
@@ -102,6 +104,10 @@ class Connection:
         self.pool = pool
         self.max_queue_bytes = max_queue_bytes
         self.convs: set[str] = set()
+        self.user: str | None = None
+        """The token's ``sub`` (None with auth off, or a token without one): revocation, presence users."""
+        self.info: Any = None
+        """The token's ``info`` claim, if any."""
         self.observe_wait = observe_wait
         self._send = send
         self._direct = direct_send_of(send)

@@ -406,6 +406,7 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
                        gw.metrics.queue_wait.observe, request=request, ping_interval=gw.settings.sse_ping_interval,
                        stats=transport.stats, abort=_transport_abort(send))
     stream._task = asyncio.current_task()
+    stream.user, stream.info = grant.subject, grant.info
     stream.send_raw(retry)
     gw.pool.add(stream)
     stats = transport.stats

@@ -174,6 +174,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     conn = Connection(websocket.send, secrets.token_hex(8), profile.name, gw.pool, gw.settings.max_queue_bytes,
                       gw.metrics.queue_wait.observe)
+    conn.user, conn.info = grant.subject, grant.info
     gw.pool.add(conn)
     session = Session(gw, conn, grant, profile)
     conn.send(dumps({"type": "ws.hello", "connection_id": conn.connection_id, "gateway_id": gw.gateway_id,
