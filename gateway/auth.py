@@ -18,7 +18,7 @@ import hmac
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,8 @@ class Authenticator:
             self._key, self._algorithms = load_public_key(public_key)
         self._audience = audience or None
         self._issuer = issuer or None
+        self.refuse_subject: Callable[[str], str | None] | None = None
+        """Set by the gateway (revocation): given a token's ``sub``, a reason to refuse it (403), or None."""
 
     @property
     def enabled(self) -> bool:
@@ -150,6 +152,10 @@ class Authenticator:
         except ValueError as exc:
             raise AuthError(401, f"claim 'convs': {exc}") from None
         subject, expires = claims.get("sub"), claims.get("exp")
+        if isinstance(subject, str) and self.refuse_subject is not None:
+            refusal = self.refuse_subject(subject)
+            if refusal is not None:
+                raise AuthError(403, refusal)
         return Grant(subject if isinstance(subject, str) else None, conv_globs, frozenset(profiles),
                      float(expires) if isinstance(expires, (int, float)) else None, claims.get("info"))
 
