@@ -42,6 +42,8 @@ Listener = Callable[[Envelope], None]
 ReconnectCallback = Callable[[], Awaitable[None]]
 ResubscribeCallback = Callable[[Collection[str] | None], Awaitable[None]]
 """Called with the conversations to repair from history, or None for every conversation."""
+ControlListener = Callable[[dict[str, Any]], None]
+"""Called on the event loop with each control message (see :meth:`Backend.add_control_listener`)."""
 
 DEFAULT_HISTORY_SIZE = 1000
 DEFAULT_HISTORY_TTL = 86400
@@ -267,3 +269,35 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def presence(self, conv: str) -> Presence:
         """Connections watching ``conv`` over every gateway whose report has not expired."""
+
+    # ---- control channel and deny list (revocation; see broadcaster.control) ----------
+
+    async def publish_control(self, message: Mapping[str, Any]) -> None:
+        """Send ``message`` (a small JSON object) to every process sharing this backend, this one included.
+
+        At most once, to the processes connected at the time (nothing is stored); raises
+        ValidationError for a message that is not a JSON object or is over
+        ``broadcaster.control.MAX_CONTROL_BYTES``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no control channel")
+
+    def add_control_listener(self, listener: ControlListener) -> None:
+        """Call ``listener(message)`` on the event loop with every control message received.
+
+        Every listener gets every message, whatever its ``kind`` (a listener ignores the
+        kinds it does not know); it must not block, and the dict is shared: read it only.
+        Messages sent while this process was disconnected are lost: the reconnect
+        callbacks tell when to reload what :meth:`revocations` keeps.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no control channel")
+
+    async def revoke(self, sub: str, until_ms: int) -> None:
+        """Deny subject ``sub`` until ``until_ms`` (ms since the epoch), replacing any earlier entry.
+
+        An ``until_ms`` in the past removes the entry (lifts the revocation).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no deny list")
+
+    async def revocations(self) -> dict[str, int]:
+        """The deny list ``sub -> until (ms since the epoch)``, shared by every process; expired entries pruned."""
+        raise NotImplementedError(f"{type(self).__name__} has no deny list")

@@ -58,3 +58,15 @@ class KeyLayout:
         if channel.startswith(head) and channel.endswith("}:live"):
             return channel[len(head) : -len("}:live")]
         return None
+
+    def control(self) -> str:
+        """Pub/sub channel of the control messages (``broadcaster.control``): every process of the prefix.
+
+        No hash tag: it is no conversation's (a conversation's keys all hold ``{``); on a
+        cluster it is a sharded channel of its own slot.
+        """
+        return f"{self.prefix}:control"
+
+    def revoked(self) -> str:
+        """Hash of the deny list: subject (``sub``) -> until (ms since the epoch); pruned on read."""
+        return f"{self.prefix}:revoked"

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -39,6 +39,7 @@ from broadcaster.backend import (
     Backend,
     BackendSettings,
     BackendStats,
+    ControlListener,
     Head,
     HistoryPage,
     Listener,
@@ -49,6 +50,7 @@ from broadcaster.backend import (
 )
 from broadcaster.backends.base import ChannelRegistry, PreparedPublish, prepare_all
 from broadcaster.codec import encode_envelope
+from broadcaster.control import ControlListeners, encode_control, now_ms, validate_subject
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult, apply_append
 
 EPOCH_PERIOD = 86400
@@ -102,6 +104,8 @@ class MemoryBackend(Backend):
         self._registry = ChannelRegistry(self._noop, self._noop, self.stats, self.settings.unsubscribe_delay)
         self._started = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._control = ControlListeners(self.stats)
+        self._denied: dict[str, int] = {}  # the deny list: sub -> until (ms since the epoch)
 
     @staticmethod
     async def _noop(conv: str) -> None:
@@ -335,6 +339,27 @@ class MemoryBackend(Backend):
                     entries.pop(field_name, None)
             if not entries:
                 del self._presence[conv]
+
+    async def publish_control(self, message: Mapping[str, Any]) -> None:
+        """Hand ``message`` to the control listeners soon (``call_soon``: a listener is never re-entered)."""
+        payload = encode_control(message)  # the same round trip as over Redis: listeners get a fresh dict
+        asyncio.get_running_loop().call_soon(self._control.dispatch, payload)
+
+    def add_control_listener(self, listener: ControlListener) -> None:
+        self._control.add(listener)
+
+    async def revoke(self, sub: str, until_ms: int) -> None:
+        sub = validate_subject(sub)
+        if until_ms > now_ms():
+            self._denied[sub] = int(until_ms)
+        else:
+            self._denied.pop(sub, None)
+
+    async def revocations(self) -> dict[str, int]:
+        now = now_ms()
+        for sub in [sub for sub, until in self._denied.items() if until <= now]:
+            del self._denied[sub]
+        return dict(self._denied)
 
     async def presence(self, conv: str) -> Presence:
         now = self._clock()

@@ -12,6 +12,7 @@ from broadcaster.backend import (
     Backend,
     BackendSettings,
     BackendStats,
+    ControlListener,
     Head,
     HistoryPage,
     HistoryRead,
@@ -28,6 +29,7 @@ from broadcaster.backends.redis.clients import AsyncClient, make_async_client
 from broadcaster.backends.redis.commands import RedisCommands
 from broadcaster.backends.redis.replication import WaitingCommands, wait_command
 from broadcaster.backends.redis.subscriber import Subscriber
+from broadcaster.control import ControlListeners, encode_control, now_ms, validate_subject
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
@@ -43,6 +45,23 @@ end
 return epoch or ''
 """
 """Compare-and-set of a conversation's epoch (meta hash field ``epoch``): the first caller changes it."""
+
+PRUNE_REVOKED = """
+local now = tonumber(ARGV[1])
+local all = redis.call('HGETALL', KEYS[1])
+local kept = {}
+for i = 1, #all, 2 do
+  local expires = tonumber(all[i + 1])
+  if expires and expires > now then
+    kept[#kept + 1] = all[i]
+    kept[#kept + 1] = all[i + 1]
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return kept
+"""
+"""The deny list (hash sub -> until ms) without its expired entries, which it deletes (atomic: no lost update)."""
 
 POLICY_CHECK_INTERVAL = 3.0
 """Seconds between two checks that Redis still has this gateway's function library, with its policy."""
@@ -99,11 +118,13 @@ class RedisBackend(Backend):
         self._policy_task: asyncio.Task[None] | None = None
         self._callbacks: list[ReconnectCallback] = []
         self._resubscribe_callbacks: list[ResubscribeCallback] = []
+        self._control = ControlListeners(self.stats)
         self._subscriber = Subscriber(
             client, layout=self.layout, stats=self.stats, dispatch=self._dispatch,
             has_listeners=self._has_listeners, callbacks=self._callbacks,
             resubscribe_callbacks=self._resubscribe_callbacks, probe_interval=probe_interval,
             probe_timeout=probe_timeout, subscribe_timeout=max(retry_budget, 1.0),
+            control=self._control.dispatch,
         )
         self._registry = ChannelRegistry(self._subscriber.subscribe, self._subscriber.unsubscribe, self.stats,
                                          self.settings.unsubscribe_delay)
@@ -230,3 +251,45 @@ class RedisBackend(Backend):
 
     async def presence(self, conv: str) -> Presence:
         return await self.commands.presence(conv)
+
+    async def publish_control(self, message: Mapping[str, Any]) -> None:
+        """PUBLISH (SPUBLISH on a cluster) ``message`` on the control channel, retried like a publish."""
+        payload, channel = encode_control(message), self.layout.control()
+        client = self.commands.client
+
+        async def attempt() -> Any:
+            if self.commands.sharded:
+                return await client.spublish(channel, payload)
+            return await client.publish(channel, payload)
+
+        await self.commands.retry.acall(attempt)
+
+    def add_control_listener(self, listener: ControlListener) -> None:
+        """Call ``listener`` with every message of the control channel (subscribed at start, and again after
+        every reconnect, like a conversation's channel)."""
+        self._control.add(listener)
+
+    async def revoke(self, sub: str, until_ms: int) -> None:
+        """HSET (or HDEL, for an ``until_ms`` in the past) ``sub`` in the deny-list hash."""
+        sub, key, client = validate_subject(sub), self.layout.revoked(), self.commands.client
+        until = int(until_ms)
+
+        async def attempt() -> Any:
+            if until > now_ms():
+                return await client.hset(key, sub, str(until))
+            return await client.hdel(key, sub)
+
+        await self.commands.retry.acall(attempt)
+
+    async def revocations(self) -> dict[str, int]:
+        key, client = self.layout.revoked(), self.commands.client
+
+        async def attempt() -> Any:
+            return await client.eval(PRUNE_REVOKED, 1, key, str(now_ms()))
+
+        reply = await self.commands.retry.acall(attempt)
+        found: dict[str, int] = {}
+        for i in range(0, len(reply) - 1, 2):
+            sub, until = reply[i], reply[i + 1]
+            found[sub.decode() if isinstance(sub, bytes) else str(sub)] = int(until)
+        return found

@@ -63,6 +63,11 @@ class Subscriber:
     cluster, one shard down pauses the live events of that shard's conversations only
     (see ``down_nodes``), and must not make every gateway unready at once. On a single
     server it is simply that server's link.
+
+    The control channel (``layout.control()``, when ``control`` is given) is wanted from
+    ``start`` on like a conversation's channel, under the conversation ``""``: placed,
+    resubscribed and moved the same way, never reported to the resubscribe callbacks;
+    its payloads go to ``control`` undecoded.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class Subscriber:
         dispatch: Callable[[Envelope], None], has_listeners: Callable[[str], bool],
         callbacks: list[ReconnectCallback], resubscribe_callbacks: list[ResubscribeCallback],
         probe_interval: float, probe_timeout: float, subscribe_timeout: float,
+        control: Callable[[bytes], None] | None = None,
     ) -> None:
         self._topology = Topology(client)
         self._sharded = isinstance(client, RedisCluster)
@@ -98,6 +104,8 @@ class Subscriber:
         self._notify_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._control = control
+        self._control_channel = layout.control().encode()
 
     @property
     def up(self) -> bool:
@@ -115,6 +123,10 @@ class Subscriber:
         """
         if self._task is not None:
             return
+        if self._control is not None:
+            # Wanted from the start like a conversation's channel (placed, resubscribed, moved the same
+            # way), with no conversation: "" is never one. Its messages go to ``control``.
+            self._wanted[self._control_channel] = ""
         self._task = asyncio.create_task(self._supervise(), name="broadcaster-redis-pubsub")
         try:
             async with asyncio.timeout(timeout):
@@ -491,7 +503,8 @@ class Subscriber:
         self._live.add(channel)
         if channel in self._gapped:
             self._gapped.discard(channel)
-            self._report(self._wanted[channel])
+            if channel != self._control_channel:
+                self._report(self._wanted[channel])
 
     def _on_unsubscribed(self, link: Link, event: Unsubscribed) -> None:
         channel = event.channel
@@ -534,7 +547,11 @@ class Subscriber:
 
     def _on_message(self, channel: bytes, payload: bytes) -> None:
         conv = self._wanted.get(channel)
-        if conv is None or not self._has_listeners(conv):
+        if not conv:  # not ours, or "": the control channel
+            if conv is not None and self._control is not None:
+                self._control(payload)
+            return
+        if not self._has_listeners(conv):
             return
         try:
             env = decode_envelope(payload)
