@@ -34,10 +34,24 @@ def is_valid_name(value: object) -> TypeGuard[str]:
     return True
 
 
+CONV_ID_RULE = "must be 1-128 characters of [A-Za-z0-9._:-], not only dots"
+"""What :func:`validate_conv_id` says of a refused id (the gateway's errors say the same)."""
+
+
+def is_valid_conv_id(value: object) -> TypeGuard[str]:
+    """True when ``value`` is a valid name (:func:`is_valid_name`) made of something else than dots.
+
+    ``.``, ``..``, ``...`` are refused: in a URL path a client or proxy may resolve them as
+    path segments (``/v1/conversations/../events``), so the id a request names would not be
+    the id it reaches.
+    """
+    return is_valid_name(value) and value.strip(".") != ""
+
+
 def validate_conv_id(value: object) -> str:
-    """Return ``value`` if it is a valid conversation id, else raise ``ValidationError``."""
-    if not is_valid_name(value):
-        raise ValidationError("conv_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
+    """Return ``value`` if it is a valid conversation id (:func:`is_valid_conv_id`), else raise ``ValidationError``."""
+    if not is_valid_conv_id(value):
+        raise ValidationError("conv_id", CONV_ID_RULE)
     return value
 
 

@@ -121,6 +121,18 @@ def _json_error(body: bytes, exc: orjson.JSONDecodeError) -> str:
     return f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {pos}), near {near!r}"
 
 
+def _require_json(request: Request) -> None:
+    """415 unless the request declares ``Content-Type: application/json`` (parameters such as charset allowed).
+
+    A cross-site page can send a "simple" POST (text/plain, form types) with no CORS preflight;
+    requiring the JSON type makes every browser POST from another origin preflighted first.
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "publish bodies must be sent with "
+                       f"Content-Type: application/json (got {media_type[:64] or 'none'!r})", "content-type")
+
+
 @router.post("/v1/conversations/{conv_id}/events")
 async def publish(conv_id: str, request: Request) -> Response:
     gw = _gateway(request)
@@ -128,6 +140,7 @@ async def publish(conv_id: str, request: Request) -> Response:
         gw.publish_keys.check(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
+    _require_json(request)
     conv = _conv(conv_id)
     declared = request.headers.get("content-length")
     limit = gw.policies.resolve(conv).policy.max_data_bytes + JSON_OVERHEAD

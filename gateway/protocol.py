@@ -1,7 +1,8 @@
 """Client side of the websocket protocol, without I/O: query and message parsing (CONTRACT §3).
 
 Parsers return plain dataclasses or raise :class:`ProtocolError` carrying the
-``ws.error`` code (for messages) or the close code (for the connect query).
+``ws.error`` code (for messages) or the close code (for the connect query), and the
+``conv_id`` the bad message was about when it names one (per-subscription errors).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import orjson
 
 from broadcaster.errors import ValidationError
 from broadcaster.profiles import GlobSet, parse_type_filter
-from broadcaster.validation import is_valid_name
+from broadcaster.validation import is_valid_conv_id, is_valid_name
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
@@ -25,15 +26,23 @@ CLOSE_TOO_MANY = 4429
 CLOSE_TOO_BIG = 1009
 CLOSE_DRAINING = 1012
 MAX_EPOCH_LENGTH = 64
+MAX_ECHOED_CONV_ID = 128
+"""A refused ``conv_id`` is echoed in its ws.error only up to this length (a valid one is never longer)."""
+CONV_ID_MESSAGE = "conv_id must be 1-128 characters of [A-Za-z0-9._:-], not only dots"
 
 
 class ProtocolError(Exception):
-    """Bad client input: ``code`` is a ws.error code string or an int close code."""
+    """Bad client input: ``code`` is a ws.error code string or an int close code.
 
-    def __init__(self, code: str | int, message: str) -> None:
+    ``conv_id`` is the conversation the message named (a string of at most
+    :data:`MAX_ECHOED_CONV_ID` characters, valid or not), else None.
+    """
+
+    def __init__(self, code: str | int, message: str, conv_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.conv_id = conv_id
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,7 +75,19 @@ class Unsubscribe:
     conv_id: str
 
 
-ClientMessage = Ping | SubscribeRequest | Unsubscribe
+@dataclass(slots=True, frozen=True)
+class Refresh:
+    """``{"type":"ws.refresh","token":T}``: replace the connection's token without reconnecting."""
+
+    token: str
+
+
+ClientMessage = Ping | SubscribeRequest | Unsubscribe | Refresh
+
+
+def _echoed(conv_id: Any) -> str | None:
+    """The conv_id a refused message named, if it is a string short enough to echo."""
+    return conv_id if isinstance(conv_id, str) and 0 < len(conv_id) <= MAX_ECHOED_CONV_ID else None
 
 
 def _since(value: Any, code: str | int) -> int | None:
@@ -106,16 +127,21 @@ def _hydrate(value: Any, code: str | int) -> bool:
 
 def _subscribe(conv_id: Any, since: Any, epoch: Any, hydrate: Any, types: Any, code: str | int,
                delta: Any = None) -> SubscribeRequest:
-    if not is_valid_name(conv_id):
-        raise ProtocolError(code, "conv_id must be 1-128 characters of [A-Za-z0-9._:-]")
-    if types is not None and not isinstance(types, (str, list)):
-        raise ProtocolError(code, "types must be a comma-separated string or a list of patterns")
+    """A subscription request; a ProtocolError raised for it names its conv_id (when echoable)."""
     try:
-        type_filter = parse_type_filter(types) if types is not None else None
-    except ValidationError as exc:
-        raise ProtocolError(code, exc.message) from None
-    return SubscribeRequest(conv_id, _since(since, code), _epoch(epoch, code), _hydrate(hydrate, code), type_filter,
-                            _flag(delta, code, "delta"))
+        if not is_valid_conv_id(conv_id):
+            raise ProtocolError(code, CONV_ID_MESSAGE)
+        if types is not None and not isinstance(types, (str, list)):
+            raise ProtocolError(code, "types must be a comma-separated string or a list of patterns")
+        try:
+            type_filter = parse_type_filter(types) if types is not None else None
+        except ValidationError as exc:
+            raise ProtocolError(code, exc.message) from None
+        return SubscribeRequest(conv_id, _since(since, code), _epoch(epoch, code), _hydrate(hydrate, code),
+                                type_filter, _flag(delta, code, "delta"))
+    except ProtocolError as exc:
+        exc.conv_id = _echoed(conv_id)
+        raise
 
 
 CONNECT_PARAMETERS = ("conv_id", "profile", "since", "epoch", "hydrate", "types", "token", "delta")
@@ -176,9 +202,14 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
                           message.get("hydrate"), message.get("types"), "bad_subscribe", message.get("delta"))
     if kind == "ws.unsubscribe":
         conv_id = message.get("conv_id")
-        if not is_valid_name(conv_id):
-            raise ProtocolError("bad_unsubscribe", "conv_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        if not is_valid_conv_id(conv_id):
+            raise ProtocolError("bad_unsubscribe", CONV_ID_MESSAGE, _echoed(conv_id))
         return Unsubscribe(conv_id)
+    if kind == "ws.refresh":
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("bad_refresh", "ws.refresh needs a non-empty string 'token'")
+        return Refresh(token)
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "message needs a string 'type'")
     raise ProtocolError("unknown_type", f"unknown message type {kind[:64]!r}")

@@ -36,6 +36,11 @@ ends the stream, and a new stream on a draining gateway ends at once, so that
 (1013) ends the stream the same way. 4429 and 1009 have no counterpart: one
 conversation per stream, no client messages.
 
+Expiry. A stream is bound by its token like a websocket: one event-loop timer per
+stream ends it at the token's ``exp`` (4401 on ``/ws``). SSE has no refresh: the
+client opens a new stream with a new token (``since``/``epoch`` from the last id;
+``EventSource``'s own reconnect would resend the expired token and get 401).
+
 Transport: an :class:`SseStream` is a :class:`~gateway.connection.Connection` (same
 bounded queue, pool, drain, presence and counters). Like a websocket it has two ways
 to the socket, one order: while uvicorn's transport takes writes (not paused), what was
@@ -73,7 +78,7 @@ from broadcaster.codec import dumps
 from broadcaster.errors import BackendUnavailable
 from broadcaster.hub import server_time_ms
 from gateway import compat
-from gateway.auth import AuthError, bearer
+from gateway.auth import AuthError, Grant, bearer
 from gateway.connection import CLOSE_TOO_SLOW, Connection, ConnectionPool
 from gateway.metrics import TransportCollector, TransportSources
 from gateway.protocol import (
@@ -409,6 +414,7 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     stream.user, stream.info = grant.subject, grant.info
     stream.send_raw(retry)
     gw.pool.add(stream)
+    expiry = _arm_expiry(stream, grant)
     stats = transport.stats
     stats.open += 1
     stats.opened += 1
@@ -423,6 +429,8 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
             raise
         task.uncancel()  # our own abort (no transport to reset): the server closes the connection
     finally:
+        if expiry is not None:
+            expiry.cancel()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
@@ -430,6 +438,14 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         stream.convs.clear()
         stats.open -= 1
         await gw.pool.remove(stream)
+
+
+def _arm_expiry(stream: SseStream, grant: Grant) -> asyncio.TimerHandle | None:
+    """The timer that ends ``stream`` at its token's ``exp`` (None with auth off)."""
+    if grant.expires is None:
+        return None
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), stream.close,
+                                                 CLOSE_UNAUTHORIZED, "token expired")
 
 
 async def _subscribe_and_watch(gw: Gateway, stream: SseStream, request: SubscribeRequest, profile: Any,

@@ -2,10 +2,17 @@
 
 Custom close codes need the socket accepted first (a close before accept becomes
 an HTTP 403 in uvicorn), so refusals accept and then close with their code.
+
+The token binds the connection for its whole life (docs/protocol.md, "Tokens on an
+open connection"): one event-loop timer per connection (no task) closes it 4401 at
+the token's ``exp``; ``ws.refresh`` replaces the token (same ``sub``), re-arms the
+timer and ends the subscriptions the new scope no longer allows. Errors about one
+subscription are ``ws.error`` objects naming its ``conv_id``; the socket stays.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -27,6 +34,7 @@ from gateway.protocol import (
     CLOSE_UNKNOWN_PROFILE,
     Ping,
     ProtocolError,
+    Refresh,
     SubscribeRequest,
     Unsubscribe,
     parse_client_message,
@@ -61,8 +69,17 @@ MAX_ERROR_MESSAGE = 200
 """ws.error messages are cut to this length: a hostile message is not echoed back at full size."""
 
 
-def _error(code: str, message: str) -> bytes:
-    return dumps({"type": "ws.error", "code": code, "message": message[:MAX_ERROR_MESSAGE]})
+def _error(code: str, message: str, conv_id: str | None = None) -> bytes:
+    """A ``ws.error``; ``conv_id`` names the subscription it is about, when there is one."""
+    error = {"type": "ws.error", "code": code, "message": message[:MAX_ERROR_MESSAGE]}
+    if conv_id is not None:
+        error["conv_id"] = conv_id
+    return dumps(error)
+
+
+def _close_code(exc: AuthError) -> int:
+    """4403 for a valid token that is not allowed (a refused subject), 4401 for a missing or bad one."""
+    return CLOSE_FORBIDDEN if exc.status == 403 else CLOSE_UNAUTHORIZED
 
 
 async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
@@ -71,20 +88,82 @@ async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 class Session:
-    """One accepted connection's protocol state: its grant, profile and subscriptions."""
+    """One accepted connection's protocol state: its grant, profile, subscriptions and expiry timer."""
+
+    __slots__ = ("_expiry", "conn", "gateway", "grant", "profile")
 
     def __init__(self, gateway: Gateway, conn: Connection, grant: Grant, profile: Profile) -> None:
         self.gateway, self.conn, self.grant, self.profile = gateway, conn, grant, profile
+        self._expiry: asyncio.TimerHandle | None = None
 
-    async def subscribe(self, request: SubscribeRequest, *, initial: bool = False) -> None:
+    # ---- the token's life ------------------------------------------------------------------
+
+    def arm_expiry(self) -> None:
+        """(Re)arm the one timer that closes the connection 4401 at the grant's ``exp`` (none with auth off)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        expires = self.grant.expires
+        if expires is not None:
+            self._expiry = asyncio.get_running_loop().call_later(max(0.0, expires - time.time()), self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.conn.close(CLOSE_UNAUTHORIZED, "token expired")
+
+    def expired(self) -> bool:
+        """True once the grant's ``exp`` has passed (the timer may not have fired yet)."""
+        return self.grant.expires is not None and time.time() >= self.grant.expires
+
+    async def refresh(self, token: str) -> None:
+        """Replace the grant with ``token``'s (same ``sub``); a refused token leaves the old one in force."""
         conn, gw = self.conn, self.gateway
+        if not gw.auth.enabled:
+            conn.send(_error("bad_refresh", "auth is off on this gateway: there is no token to refresh"))
+            return
         try:
-            self.grant.check_conv(request.conv_id)
+            grant = gw.auth.verify(token)
+        except AuthError as exc:
+            conn.send(_error("bad_refresh", f"refresh refused ({exc.status}): {exc.message}; the current token "
+                                            "stays in force until its exp"))
+            return
+        if grant.subject != self.grant.subject:
+            conn.send(_error("bad_refresh", "refresh refused: the token is for another sub; the current token "
+                                            "stays in force until its exp"))
+            return
+        self.grant = grant
+        conn.info = grant.info
+        self.arm_expiry()
+        try:
+            grant.check_profile(self.profile.name)
         except AuthError as exc:
             conn.close(CLOSE_FORBIDDEN, exc.message)
             return
+        for conv_id in sorted(conn.convs):
+            try:
+                grant.check_conv(conv_id)
+            except AuthError:
+                await gw.hub.unsubscribe(conn, conv_id)
+                conn.convs.discard(conv_id)
+                conn.send(dumps({"type": "ws.unsubscribed", "conv_id": conv_id, "reason": "forbidden"}))
+        assert grant.expires is not None  # verify requires exp
+        conn.send(dumps({"type": "ws.refreshed", "exp": int(grant.expires)}))
+
+    # ---- subscriptions ---------------------------------------------------------------------
+
+    async def subscribe(self, request: SubscribeRequest, *, initial: bool = False) -> None:
+        conn, gw = self.conn, self.gateway
+        if self.expired():
+            conn.close(CLOSE_UNAUTHORIZED, "token expired")
+            return
+        try:
+            self.grant.check_conv(request.conv_id)
+        except AuthError as exc:
+            conn.send(_error("forbidden", exc.message, request.conv_id))
+            return
         if request.conv_id not in conn.convs and len(conn.convs) >= gw.settings.max_subscriptions:
-            conn.close(CLOSE_TOO_MANY, f"more than {gw.settings.max_subscriptions} subscriptions")
+            conn.send(_error("too_many_subscriptions", f"at most {gw.settings.max_subscriptions} subscriptions "
+                                                       "per connection; unsubscribe one first", request.conv_id))
             return
         try:
             delta = request.delta and gw.policies.resolve(request.conv_id).delta  # allowed per namespace
@@ -106,7 +185,7 @@ class Session:
         if initial:
             self.conn.close(CLOSE_TRY_AGAIN_LATER, "backend unavailable")
         else:
-            self.conn.send(_error("unavailable", f"cannot subscribe to {conv_id} right now"))
+            self.conn.send(_error("unavailable", f"cannot subscribe to {conv_id} right now", conv_id))
 
     async def unsubscribe(self, conv_id: str) -> None:
         await self.gateway.hub.unsubscribe(self.conn, conv_id)
@@ -117,7 +196,7 @@ class Session:
         try:
             message = parse_client_message(text)
         except ProtocolError as exc:
-            self.conn.send(_error(str(exc.code), exc.message))
+            self.conn.send(_error(str(exc.code), exc.message, exc.conv_id))
             return
         if isinstance(message, Ping):
             self.conn.send(dumps({"type": "ws.pong", "server_time": server_time_ms()}))
@@ -125,8 +204,13 @@ class Session:
             await self.subscribe(message)
         elif isinstance(message, Unsubscribe):
             await self.unsubscribe(message.conv_id)
+        elif isinstance(message, Refresh):
+            await self.refresh(message.token)
 
     async def end(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         await self.gateway.hub.unsubscribe_all(self.conn, self.conn.convs)
         self.conn.convs.clear()
 
@@ -157,7 +241,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         grant = gw.auth.verify(request.token or bearer(websocket.headers.get("authorization")))
     except AuthError as exc:
-        await _refuse(websocket, CLOSE_UNAUTHORIZED, exc.message)
+        await _refuse(websocket, _close_code(exc), exc.message)
         return
     profile = gw.profiles.get(request.profile)
     if profile is None:
@@ -177,6 +261,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     conn.user, conn.info = grant.subject, grant.info
     gw.pool.add(conn)
     session = Session(gw, conn, grant, profile)
+    session.arm_expiry()
     conn.send(dumps({"type": "ws.hello", "connection_id": conn.connection_id, "gateway_id": gw.gateway_id,
                      "profile": profile.name, "server_time": server_time_ms()}))
     limiter = RateLimiter(gw.settings.client_messages_per_second, 4 * gw.settings.client_messages_per_second)

@@ -256,11 +256,12 @@ def test_a_profile_error_names_its_file_once(tmp_path: Path) -> None:
 
 async def test_malformed_json_gets_a_422_with_its_position() -> None:
     async with InProcessGateway() as gw, httpx.AsyncClient(base_url=gw.http_url) as http:
-        answer = await http.post("/v1/conversations/c/events", content=b'{"type": "chat.x",\n "data": }')
+        answer = await http.post("/v1/conversations/c/events", content=b'{"type": "chat.x",\n "data": }',
+                                 headers={"content-type": "application/json"})
         assert answer.status_code == 422
         message = answer.json()["message"]
         assert "line 2 column 10" in message and "char 28" in message, message
-        empty = await http.post("/v1/conversations/c/events", content=b"")
+        empty = await http.post("/v1/conversations/c/events", content=b"", headers={"content-type": "application/json"})
         assert empty.status_code == 422 and "empty" in empty.json()["message"]
 
 
