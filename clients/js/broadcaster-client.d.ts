@@ -45,6 +45,18 @@ export interface SubscribedMessage {
 export interface UnsubscribedMessage {
   type: "ws.unsubscribed";
   conv_id: string;
+  /** Present when the server ended the subscription ("forbidden": the token no longer allows it,
+   * after a refresh or a refused ws.subscribe); the client dropped it and will not resubscribe. */
+  reason?: string;
+  /** The gateway's explanation, when it gave one. */
+  message?: string;
+}
+
+/** The gateway accepted a ws.refresh: the socket now lives until `exp`. */
+export interface RefreshedMessage {
+  type: "ws.refreshed";
+  /** The new token's exp, seconds since the epoch. */
+  exp: number;
 }
 
 export interface StateMessage {
@@ -72,11 +84,14 @@ export interface PongMessage {
   server_time: number;
 }
 
-/** A ws.error from the server, or a client-side problem ("bad_frame", "token", "connect"). */
+/** A ws.error from the server (e.g. "forbidden" with a conv_id, "bad_refresh"), or a client-side
+ * problem ("bad_frame", "token", "connect", "refresh_timeout"). */
 export interface ErrorDetail {
   type?: "ws.error";
   code: string;
   message: string;
+  /** The conversation a subscription-caused ws.error is about. */
+  conv_id?: string;
   /** The unparsable line, for code "bad_frame". */
   line?: string;
   error?: unknown;
@@ -99,6 +114,8 @@ export interface StatusDetail {
   delayMs?: number;
   /** "failed" after maxAttempts. */
   attempts?: number;
+  /** "closed" by 4401 "token expired": the client reconnects at once with a fresh token. */
+  tokenExpired?: boolean;
 }
 
 export interface BroadcasterEventMap {
@@ -106,7 +123,10 @@ export interface BroadcasterEventMap {
   state: StateMessage;
   reset: ResetMessage;
   subscribed: SubscribedMessage;
+  /** The answer to unsubscribe(), or (with `reason`) a subscription the server ended. */
   unsubscribed: UnsubscribedMessage;
+  /** The open socket's token was refreshed (getToken). */
+  refreshed: RefreshedMessage;
   status: StatusDetail;
   error: ErrorDetail;
   hello: HelloMessage;
@@ -144,8 +164,12 @@ export interface BroadcasterClientOptions {
   url?: string;
   /** Profile name. Default "default". */
   profile?: string;
-  /** Auth token (query parameter `token`); a function is called before every connect. */
+  /** Auth token (query parameter `token`); a function is called before every connect (and after a
+   * 4401 "token expired"), never to refresh an open socket. Give `token` or `getToken`, not both. */
   token?: TokenSource;
+  /** A fresh token, called before every connect and ahead of each token's `exp` (read from the JWT,
+   * unverified) to refresh the open websocket with ws.refresh. */
+  getToken?: () => string | Promise<string>;
   /** WebSocket constructor; default globalThis.WebSocket (browsers, Node 22+). On Node 20 pass the `ws` package's. */
   WebSocket?: unknown;
   backoff?: BackoffOptions;
@@ -194,8 +218,10 @@ export declare class BroadcasterClient extends EventTarget {
 
   /** The profile sent on every connect. */
   profile: string;
-  /** Counters: sockets opened, duplicate events dropped, unparsable lines. */
-  readonly stats: { connects: number; duplicatesDropped: number; badLines: number };
+  /** Counters: sockets opened, duplicate events dropped, unparsable lines, tokens refreshed on open
+   * sockets, refresh attempts that failed (bad_refresh, getToken throwing, no answer). */
+  readonly stats: { connects: number; duplicatesDropped: number; badLines: number; refreshes: number;
+                    refreshFailures: number };
   readonly status: ConnectionStatus;
   /** Transport of the current (or next) connection. */
   readonly transport: "websocket" | "sse";
@@ -240,6 +266,14 @@ export declare class SseSocket {
 export declare const FATAL_CLOSE_CODES: readonly number[];
 /** 1012: the gateway is draining; the client reconnects at once to the next URL. */
 export declare const CLOSE_DRAINING: 1012;
+/** "token expired": the reason of the 4401 after which the client reconnects with a fresh token. */
+export declare const TOKEN_EXPIRED_REASON: "token expired";
+
+/** A JWT's `exp` (seconds since the epoch), read without verification; null when unreadable. */
+export declare function tokenExpiry(token: unknown): number | null;
+
+/** Milliseconds to wait before refreshing a token with `remainingMs` left (80-90 % of it, jittered, with a lead kept). */
+export declare function refreshDelay(remainingMs: number, random?: () => number): number;
 
 /** Reconnect delay for a 0-based attempt number. */
 export declare function backoffDelay(

@@ -19,6 +19,14 @@
  * `Authorization` header, and every event type is seen, named or not); an SseSocket stands in
  * for the websocket, so resume, dedup, hydrate and reconnect work exactly as over /ws. "auto":
  * the websocket first; when it cannot open (a proxy refuses the upgrade), SSE from then on.
+ *
+ * Tokens. `getToken()` is called before every connect and, on an open websocket, ahead of the
+ * token's `exp` (read from the JWT payload, never verified here): the client sends
+ * `ws.refresh` with a fresh token and the socket lives on. When a socket is closed anyway
+ * with 4401 "token expired" (no refresh in time, an SSE stream ended at exp), the client
+ * reconnects with a fresh token and resumes; a 4401 on that new connection is fatal.
+ * Per-subscription refusals (`ws.error` forbidden with a conv_id, `ws.unsubscribed` reason
+ * forbidden) drop that one subscription and emit "unsubscribed" with the reason.
  */
 
 /** Close codes after which reconnecting cannot help: the request itself is refused. */
@@ -29,6 +37,25 @@ export const CLOSE_DRAINING = 1012;
 
 /** HTTP statuses of a refused /sse stream, as the close codes /ws would use (all of them fatal). */
 const SSE_STATUS_CLOSE = Object.freeze({ 400: 4400, 401: 4401, 403: 4403, 404: 4404 });
+
+/** Close reason of a socket whose token reached its exp: reconnect with a fresh token (other 4401s are fatal). */
+export const TOKEN_EXPIRED_REASON = "token expired";
+
+/** Refresh ahead of exp: never later than this long before it (less for tokens living under 3x this). */
+const REFRESH_LEAD_MAX_MS = 5_000;
+/** Failed refreshes (bad_refresh, getToken throwing, no answer) retried before the token's exp. */
+const REFRESH_RETRIES = 3;
+/** A refresh unanswered this long (or a third of the token's remaining life) counts as failed. */
+const REFRESH_ANSWER_TIMEOUT_MS = 10_000;
+
+/** The longest delay setTimeout honours. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** ws.error codes naming a conv_id that end that one subscription (the socket and the others stay). */
+const SUBSCRIPTION_ENDING_ERRORS = Object.freeze(["forbidden", "too_many_subscriptions"]);
+
+/** An /sse stream that ends this close to its token's exp (or after) ended because the token expired. */
+const SSE_EXPIRY_SLACK_MS = 2_000;
 
 /** Syntax of a conversation id (the server enforces the same). */
 const CONV_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -57,6 +84,44 @@ export function backoffDelay(attempt, backoff, random = Math.random) {
   const base = Math.min(backoff.maxMs, backoff.initialMs * Math.pow(backoff.factor, attempt));
   const jitter = Math.min(1, Math.max(0, backoff.jitter));
   return Math.round(base * (1 - jitter * random()));
+}
+
+/**
+ * The `exp` claim of a JWT (seconds since the epoch), read from its base64url payload without
+ * verifying anything; null when the token is not a JWT or has no numeric exp.
+ *
+ * @param {unknown} token
+ * @returns {number | null}
+ */
+export function tokenExpiry(token) {
+  if (typeof token !== "string") return null;
+  const parts = token.split(".");
+  if (parts.length !== 3 || !/^[A-Za-z0-9_-]+$/.test(parts[1])) return null;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const binary = atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4));
+    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
+    const payload = JSON.parse(new TextDecoder().decode(bytes));
+    const exp = payload?.exp;
+    return typeof exp === "number" && Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * How long to wait before refreshing a token with `remainingMs` left: 80-90 % (jittered, so a
+ * fleet spreads its refreshes) of the life left once a lead of min(5 s, a third of it) is kept
+ * for the round trip and retries. 0 when the token is (nearly) spent.
+ *
+ * @param {number} remainingMs
+ * @param {() => number} [random]
+ * @returns {number}
+ */
+export function refreshDelay(remainingMs, random = Math.random) {
+  if (!(remainingMs > 0)) return 0;
+  const usable = remainingMs - Math.min(REFRESH_LEAD_MAX_MS, remainingMs / 3);
+  return Math.round(usable * (0.8 + 0.1 * random()));
 }
 
 /**
@@ -115,7 +180,10 @@ export class BroadcasterClient extends EventTarget {
    * @param {string} [options.url]              a single URL (same as urls: [url])
    * @param {string} [options.profile]          profile name, default "default"
    * @param {string | (() => string | null | undefined | Promise<string | null | undefined>) | null} [options.token]
-   *   auth token sent as the `token` query parameter; a function is called before every connect
+   *   auth token sent as the `token` query parameter; a function is called before every connect (and
+   *   after a 4401 "token expired"), but never to refresh an open socket: use getToken for that
+   * @param {() => string | Promise<string>} [options.getToken] a fresh token: called before every connect
+   *   and ahead of each token's exp to refresh the open websocket (ws.refresh); give token or getToken
    * @param {any} [options.WebSocket]           WebSocket constructor (default: globalThis.WebSocket)
    * @param {Partial<typeof DEFAULT_BACKOFF>} [options.backoff]
    * @param {number} [options.pingIntervalMs]   send ws.ping this often while open (0: never), default 25000
@@ -155,7 +223,27 @@ export class BroadcasterClient extends EventTarget {
       );
     }
     this.profile = options.profile ?? "default";
+    if (options.getToken !== undefined && options.getToken !== null) {
+      if (typeof options.getToken !== "function") throw new TypeError("BroadcasterClient: getToken must be a function");
+      if (options.token !== undefined && options.token !== null) {
+        throw new TypeError("BroadcasterClient: give token or getToken, not both");
+      }
+    }
     this._token = options.token ?? null;
+    /** @type {(() => string | Promise<string>) | null} */
+    this._getToken = options.getToken ?? null;
+    /** The token the current socket authenticated with (or last refreshed to). */
+    this._connToken = /** @type {string | null} */ (null);
+    /** Its exp (seconds since the epoch; ws.refreshed's once refreshed), null when unreadable. */
+    this._connExp = /** @type {number | null} */ (null);
+    /** server_time of the last ws.hello minus the local clock: token exps are the server's clock. */
+    this._clockSkewMs = 0;
+    /** A "token expired" close led to a reconnect with a fresh token; a 4401 before the next hello is fatal. */
+    this._renewingToken = false;
+    /** @type {{token: string, failures: number, timer: any} | null} the ws.refresh awaiting its answer */
+    this._refreshPending = null;
+    /** The gateway answered ws.refresh with unknown_type (an older gateway): no more refreshes on this socket. */
+    this._refreshUnsupported = false;
     this._params = { ...(options.params ?? {}) };
     this._backoff = { ...DEFAULT_BACKOFF, ...(options.backoff ?? {}) };
     this._pingIntervalMs = options.pingIntervalMs ?? 25_000;
@@ -175,11 +263,11 @@ export class BroadcasterClient extends EventTarget {
     /** @type {"idle" | "connecting" | "open" | "closed" | "failed"} */
     this._status = "idle";
     this._running = false;
-    /** @type {Record<"reconnect" | "ping" | "pong" | "connect" | "stable", any>} */
-    this._timers = { reconnect: null, ping: null, pong: null, connect: null, stable: null };
+    /** @type {Record<"reconnect" | "ping" | "pong" | "connect" | "stable" | "refresh", any>} */
+    this._timers = { reconnect: null, ping: null, pong: null, connect: null, stable: null, refresh: null };
     /** @type {Map<string, Map<Function, EventListener>>} */
     this._wrapped = new Map();
-    this.stats = { connects: 0, duplicatesDropped: 0, badLines: 0 };
+    this.stats = { connects: 0, duplicatesDropped: 0, badLines: 0, refreshes: 0, refreshFailures: 0 };
     /** @type {Map<string, Map<string, any>>} each conversation's entities, whole (see entities()) */
     this._entities = new Map();
   }
@@ -254,6 +342,7 @@ export class BroadcasterClient extends EventTarget {
     if (this._running) return this;
     this._running = true;
     this._attempt = 0;
+    this._renewingToken = false;
     this._open();
     return this;
   }
@@ -378,8 +467,11 @@ export class BroadcasterClient extends EventTarget {
     this._setStatus("connecting", { url: base, attempt: this._attempt });
     let url;
     try {
-      const token = typeof this._token === "function" ? await this._token() : this._token;
+      const source = this._getToken ?? this._token;
+      const token = typeof source === "function" ? await source() : source;
       if (!this._running || generation !== this._generation) return;
+      this._connToken = typeof token === "string" && token ? token : null;
+      this._connExp = tokenExpiry(this._connToken);
       url = buildUrl(base, { ...this._params, profile: this.profile, ...(token ? { token } : {}) });
     } catch (error) {
       if (!this._running || generation !== this._generation) return;
@@ -396,6 +488,7 @@ export class BroadcasterClient extends EventTarget {
       return;
     }
     this._socket = socket;
+    this._refreshUnsupported = false;
     this.stats.connects += 1;
     try {
       socket.binaryType = "arraybuffer";
@@ -458,7 +551,16 @@ export class BroadcasterClient extends EventTarget {
   _onClose(/** @type {number} */ code, /** @type {string} */ reason) {
     this._socket = null;
     this._clearTimers();
+    this._refreshPending = null;
     if (!this._running) return;
+    // The token ran out on a socket that was accepted: get a fresh one and resume. Once only: a
+    // 4401 before the next ws.hello means the fresh token is refused too (fatal, like any other 4401).
+    const source = this._getToken ?? this._token;
+    if (code === 4401 && reason === TOKEN_EXPIRED_REASON && !this._renewingToken && typeof source === "function") {
+      this._renewingToken = true;
+      this._scheduleReconnect({ code, reason, tokenExpired: true });
+      return;
+    }
     if (FATAL_CLOSE_CODES.includes(code)) {
       this._running = false;
       this._setStatus("failed", { code, reason, willReconnect: false });
@@ -467,7 +569,7 @@ export class BroadcasterClient extends EventTarget {
     this._scheduleReconnect({ code, reason });
   }
 
-  _scheduleReconnect(/** @type {{code: number, reason: string}} */ info) {
+  _scheduleReconnect(/** @type {{code: number, reason: string, tokenExpired?: boolean}} */ info) {
     if (!this._running) return;
     if (this._attempt >= this._maxAttempts) {
       this._running = false;
@@ -476,9 +578,10 @@ export class BroadcasterClient extends EventTarget {
     }
     // A draining gateway (1012) asks to go elsewhere now: the next URL, without waiting,
     // unless the previous attempt already failed (then back off like any other failure).
-    const immediate = info.code === CLOSE_DRAINING && this._attempt === 0;
+    // An expired token is no failure of the gateway: reconnect now, without counting an attempt.
+    const immediate = info.tokenExpired || (info.code === CLOSE_DRAINING && this._attempt === 0);
     const delayMs = immediate ? 0 : backoffDelay(this._attempt, this._backoff);
-    this._attempt += 1;
+    if (!info.tokenExpired) this._attempt += 1;
     this._setStatus("closed", { ...info, willReconnect: true, delayMs });
     this._timers.reconnect = setTimeout(() => {
       this._timers.reconnect = null;
@@ -498,6 +601,104 @@ export class BroadcasterClient extends EventTarget {
       this._timers.pong = null;
       if (socket === this._socket) this._drop(socket, "ping timeout");
     }, this._pongTimeoutMs);
+  }
+
+  /** Milliseconds the current token has left by the server's clock (0 when its exp is unknown). */
+  _tokenRemainingMs() {
+    return this._connExp === null ? 0 : this._connExp * 1000 - (Date.now() + this._clockSkewMs);
+  }
+
+  /** Arm the refresh of the open websocket's token ahead of its exp (getToken, a readable exp, not SSE). */
+  _scheduleRefresh() {
+    clearTimer(this._timers, "refresh");
+    const socket = this._socket;
+    if (!this._getToken || !socket || socket instanceof SseSocket || this._refreshUnsupported) return;
+    if (this._connExp === null) return; // no readable exp: nothing to refresh ahead of
+    const delayMs = refreshDelay(this._tokenRemainingMs());
+    // setTimeout fires at once past 2^31-1 ms (24.8 days): a longer wait re-plans when that much has passed
+    if (delayMs > MAX_TIMER_MS) {
+      this._timers.refresh = setTimeout(() => this._scheduleRefresh(), MAX_TIMER_MS);
+      return;
+    }
+    this._timers.refresh = setTimeout(() => {
+      this._timers.refresh = null;
+      this._refresh(socket, 0);
+    }, delayMs);
+  }
+
+  async _refresh(/** @type {any} */ socket, /** @type {number} */ failures) {
+    if (socket !== this._socket || !this._isOpen() || !this._getToken) return;
+    let token;
+    try {
+      token = await this._getToken();
+      if (typeof token !== "string" || !token) throw new TypeError("getToken returned no token");
+    } catch (error) {
+      if (socket !== this._socket) return;
+      this._emit("error", { code: "token", message: `getToken failed: ${errorMessage(error)}`, error });
+      this._refreshFailed(socket, failures);
+      return;
+    }
+    if (socket !== this._socket || !this._isOpen()) return;
+    const pending = { token, failures };
+    this._refreshPending = pending;
+    this._send({ type: "ws.refresh", token });
+    const answerMs = Math.max(200, Math.min(REFRESH_ANSWER_TIMEOUT_MS, this._tokenRemainingMs() / 3));
+    this._timers.refresh = setTimeout(() => {
+      this._timers.refresh = null;
+      if (socket !== this._socket || this._refreshPending !== pending) return;
+      this._refreshPending = null;
+      this._emit("error", { code: "refresh_timeout", message: `no answer to ws.refresh within ${answerMs} ms` });
+      this._refreshFailed(socket, failures);
+    }, answerMs);
+  }
+
+  /** Retry a failed refresh a few times, spread over the token's remaining life; after that the
+   * gateway closes at exp (4401 "token expired") and the client reconnects with a fresh token. */
+  _refreshFailed(/** @type {any} */ socket, /** @type {number} */ failures) {
+    this.stats.refreshFailures += 1;
+    const remaining = this._tokenRemainingMs();
+    if (failures >= REFRESH_RETRIES || !(remaining > 300)) return;
+    clearTimer(this._timers, "refresh");
+    this._timers.refresh = setTimeout(() => {
+      this._timers.refresh = null;
+      this._refresh(socket, failures + 1);
+    }, remaining / 3);
+  }
+
+  _onRefreshed(/** @type {any} */ msg) {
+    const pending = this._refreshPending;
+    if (!pending) return; // not an answer to this client's ws.refresh
+    this._refreshPending = null;
+    clearTimer(this._timers, "refresh");
+    this._connToken = pending.token;
+    this._connExp = typeof msg.exp === "number" ? msg.exp : tokenExpiry(pending.token);
+    this.stats.refreshes += 1;
+    this._emit("refreshed", msg);
+    this._scheduleRefresh();
+  }
+
+  _onError(/** @type {any} */ msg) {
+    if (typeof msg.conv_id === "string") {
+      // Every subscription-caused ws.error names its conversation; forbidden (or too many subscriptions)
+      // ends that one only, and a reconnect does not ask for it again.
+      if (SUBSCRIPTION_ENDING_ERRORS.includes(msg.code) && this._subs.delete(msg.conv_id)) {
+        this._emit("unsubscribed", { type: "ws.unsubscribed", conv_id: msg.conv_id, reason: msg.code,
+                                     message: msg.message });
+      }
+      return;
+    }
+    const pending = this._refreshPending;
+    if (!pending) return;
+    if (msg.code === "bad_refresh") {
+      this._refreshPending = null;
+      clearTimer(this._timers, "refresh");
+      this._refreshFailed(this._socket, pending.failures);
+    } else if (msg.code === "unknown_type") {
+      // A gateway from before ws.refresh: the socket lives until exp, then the reconnect renews the token.
+      this._refreshPending = null;
+      clearTimer(this._timers, "refresh");
+      this._refreshUnsupported = true;
+    }
   }
 
   _clearTimers() {
@@ -561,6 +762,9 @@ export class BroadcasterClient extends EventTarget {
     }
     switch (type) {
       case "ws.hello":
+        this._renewingToken = false; // the token was accepted
+        if (typeof msg.server_time === "number") this._clockSkewMs = msg.server_time - Date.now();
+        this._scheduleRefresh();
         this._emit("hello", msg);
         return;
       case "ws.pong":
@@ -568,11 +772,18 @@ export class BroadcasterClient extends EventTarget {
         return;
       case "ws.error":
         this._emit("error", msg);
+        this._onError(msg);
+        return;
+      case "ws.refreshed":
+        this._onRefreshed(msg);
         return;
       case "ws.subscribed":
         this._onSubscribed(msg);
         return;
       case "ws.unsubscribed":
+        // With a reason, the server ended the subscription (e.g. "forbidden" after a token refresh):
+        // drop it, so that no reconnect subscribes it again.
+        if (typeof msg.reason === "string" && msg.reason) this._subs.delete(msg.conv_id);
         this._emit("unsubscribed", msg);
         return;
       case "ws.state":
@@ -743,7 +954,9 @@ export function applyToEntities(map, msg) {
  * ws.unsubscribe, ws.ping) becomes one `GET /sse` per conversation, read with fetch; each SSE
  * event's data (the JSON object /ws would send) is handed on as a message. A stream that ends or
  * fails closes the whole stand-in (the client then reconnects and resumes every subscription);
- * a refused stream closes it with the close code /ws would have used (400 -> 4400, ...).
+ * a refused stream closes it with the close code /ws would have used (400 -> 4400, ...), and a stream
+ * the gateway ended at the token's exp closes it with 4401 "token expired", as /ws does (the client
+ * then reconnects with a fresh token, where it has a token function).
  */
 export class SseSocket {
   /**
@@ -757,6 +970,7 @@ export class SseSocket {
       : url.pathname.replace(/\/?$/, "/sse");
     this._token = url.searchParams.get("token");
     url.searchParams.delete("token"); // sent as Authorization: Bearer, not in URLs and logs
+    this._exp = tokenExpiry(this._token);
     this._base = url;
     this._fetch = fetchFn;
     /** @type {Map<string, AbortController>} */
@@ -866,8 +1080,12 @@ export class SseSocket {
       if (controller.signal.aborted) return;
     }
     if (!controller.signal.aborted && this._streams.get(msg.conv_id) === controller) {
-      // the gateway ended the stream (drain, slow reader) or the connection died: reconnect, resume
-      this._end(1012, "sse stream ended", true);
+      // the gateway ended the stream (token expired, drain, slow reader) or the connection died:
+      // reconnect, resume. SSE has no close code: an end within a few seconds of exp is the expiry
+      // (the slack covers a client clock behind the gateway's).
+      const expired = this._exp !== null && Date.now() >= this._exp * 1000 - SSE_EXPIRY_SLACK_MS;
+      if (expired) this._end(4401, TOKEN_EXPIRED_REASON, true);
+      else this._end(1012, "sse stream ended", true);
     }
   }
 }

@@ -49,6 +49,10 @@ export class FakeServer {
    * @param {object} [options]
    * @param {boolean} [options.answerPings] reply ws.pong to ws.ping (default true)
    * @param {(conv: string) => {epoch: string, seq: number}} [options.head] what ws.subscribed reports
+   * @param {(conn: FakeConnection, msg: object) => boolean} [options.onMessage] sees every client message
+   *   first; returning true means it answered (the default reply is skipped)
+   * @param {(conn: FakeConnection, index: number) => [number, string] | null} [options.refuse] close a new
+   *   connection at once with [code, reason], before any ws.hello (a refused handshake), or null to accept it
    */
   static async start(options = {}) {
     const server = new FakeServer(options);
@@ -56,9 +60,11 @@ export class FakeServer {
     return server;
   }
 
-  constructor({ answerPings = true, head = () => ({ epoch: "E1", seq: 0 }) } = {}) {
+  constructor({ answerPings = true, head = () => ({ epoch: "E1", seq: 0 }), onMessage = null, refuse = null } = {}) {
     this.answerPings = answerPings;
     this.head = head;
+    this.onMessage = onMessage;
+    this.refuse = refuse;
     /** @type {FakeConnection[]} */
     this.connections = [];
     this.wss = new WebSocketServer({ host: "127.0.0.1", port: 0, path: "/ws" });
@@ -68,8 +74,14 @@ export class FakeServer {
       socket.on("message", (data) => {
         const msg = JSON.parse(String(data));
         conn.received.push(msg);
+        if (this.onMessage?.(conn, msg)) return;
         this.#reply(conn, msg);
       });
+      const refusal = this.refuse?.(conn, this.connections.length - 1);
+      if (refusal) {
+        conn.close(...refusal);
+        return;
+      }
       conn.send({ type: "ws.hello", connection_id: `c${this.connections.length}`, gateway_id: "fake", profile: conn.url.searchParams.get("profile"), server_time: Date.now() });
     });
   }
