@@ -155,6 +155,61 @@ class Presence:
     by_profile: dict[str, int] = field(default_factory=dict)
 
 
+MAX_REPORTED_USERS = 1000
+"""Users one gateway reports per conversation at most (those with the most connections)."""
+MAX_USER_FIELDS = 10_000
+"""Fields (gateway, user) one conversation's users hash holds at most: new ones past it are not stored."""
+MAX_INFO_BYTES = 1024
+"""A user's ``info`` claim, JSON-encoded, is stored only up to this size (a larger one is left out)."""
+MAX_TRANSITIONS = 500
+"""Joins and leaves one user report returns at most; the others are found by the next report, soon after."""
+
+
+@dataclass(slots=True, frozen=True)
+class UserPresence:
+    """One user watching a conversation: its connections summed over every gateway, its ``info`` claim if any."""
+
+    user: str
+    connections: int
+    info: Any = None
+
+
+@dataclass(slots=True, frozen=True)
+class PresenceUsers:
+    """The users watching a conversation, most connections first: ``users`` holds at most the limit asked,
+    ``total`` counts them all (``truncated``: some were left out)."""
+
+    users: list[UserPresence]
+    total: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.users)
+
+
+@dataclass(slots=True, frozen=True)
+class PresenceTransition:
+    """A user's first connection to a conversation (``join``, with its info) or its last one gone (``leave``)."""
+
+    kind: str
+    conv: str
+    user: str
+    info: Any = None
+
+
+@dataclass(slots=True, frozen=True)
+class UserReport:
+    """What one conversation's user report found: the transitions to announce, and in how many seconds a
+    leave still debounced is due (None: none pending); report again then to announce it."""
+
+    transitions: list[PresenceTransition] = field(default_factory=list)
+    next_check: float | None = None
+
+
+UserCounts = Mapping[str, tuple[int, Any]]
+"""``{user: (connections, info)}`` of one conversation in one gateway."""
+
+
 class Backend(abc.ABC):
     """Publish, subscribe and read conversations. See the module docstring."""
 
@@ -259,6 +314,31 @@ class Backend(abc.ABC):
         Counts expire ``ttl`` seconds after the last report, so a dead gateway's
         counts vanish by themselves. A zero count removes the entry.
         """
+
+    async def report_presence_users(
+        self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, *, leave_delay: float,
+        announce: Collection[str] = (),
+    ) -> dict[str, UserReport]:
+        """Replace this gateway's user counts of those conversations; for those in ``announce``, find joins and leaves.
+
+        ``reports``: ``{conv: {user: (connections, info)}}``, a zero count removing the user (the
+        caller sends zeros for users gone since its last report, and at most
+        ``MAX_REPORTED_USERS`` per conversation). Counts expire ``ttl`` seconds after the last
+        report, as :meth:`report_presence`'s do. For a conversation in ``announce`` the report
+        also compares the users present now (every gateway, expired reports dropped) with
+        the users announced so far, atomically: a present user never announced is a
+        ``join``; an announced user absent for ``leave_delay`` seconds is a ``leave`` (one
+        back within that delay is neither). Each transition is returned to exactly one
+        caller, whichever gateway's report found it. This default keeps nothing.
+        """
+        return {conv: UserReport() for conv in reports}
+
+    async def presence_users(self, conv: str, limit: int = 100) -> PresenceUsers:
+        """The users watching ``conv`` over every gateway whose report has not expired (at most ``limit``).
+
+        This default knows none.
+        """
+        return PresenceUsers([], 0)
 
     async def policy(self, conv: str) -> PolicyInfo:
         """The policy publishes to ``conv`` get (this default: the settings' own table)."""

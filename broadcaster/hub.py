@@ -117,6 +117,8 @@ class _Member:
     pending: list[_Pending] | None = field(default_factory=list)
     send_event: EventSend | None = None
     """The subscriber's ``send_event`` (:class:`EventSubscriber`), else None: events go through ``send``."""
+    user: str | None = None
+    """The subscriber's ``user`` (read once, at join): counted in its feed's ``users``."""
     held: dict[str, tuple[str, int]] | None = None
     """Delta subscribers only: key -> (epoch, seq) of the version of that key it was sent live (whole or as a
     delta), so it certainly holds it; a delta goes to it only against that version (docs/streaming.md)."""
@@ -151,7 +153,13 @@ class _Feed:
     """The backend resubscribed: check the history still holds what was delivered before repairing."""
     again: bool = False
     """A reconnect happened while a repair was running: its history read may predate the outage."""
+    users: dict[str, list[Any]] = field(default_factory=dict)
+    """user -> [subscriptions, info] of the members with a ``user``, kept as they join and leave."""
     listener: Listener = field(init=False)
+
+
+CONTROL_QUEUED = -1
+"""The seq of a control object (``ws.join``, ``ws.leave``) queued in a member's ``pending``: sent in its turn."""
 
 
 class Hub:
@@ -245,6 +253,45 @@ class Hub:
                 counts[name] = counts.get(name, 0) + len(group.members)
         return counts
 
+    def presence_users(self, conv: str) -> dict[str, tuple[int, Any]]:
+        """Subscribers of ``conv`` in this process by user: ``{user: (subscriptions, info)}``.
+
+        A subscriber's ``user`` and ``info`` attributes are read once, when it subscribes;
+        one without ``user`` (or with None) is not counted. ``info``: the first non-None one
+        seen among the user's subscriptions.
+        """
+        feed = self._feeds.get(conv)
+        if feed is None:
+            return {}
+        return {user: (entry[0], entry[1]) for user, entry in feed.users.items()}
+
+    def broadcast_control(self, conv: str, kind: str, **fields: Any) -> int:
+        """Send ``{"type": kind, "conv_id": conv, **fields}`` to this process's subscribers of ``conv``.
+
+        For presence announcements (``ws.join``, ``ws.leave``): a subscription gets it when
+        its profile allows ``kind`` and its ``types`` (if any) match it, as for an event type;
+        the profile's drop_fields and enrich hooks do not apply. Encoded once. A member
+        still sending its subscription preamble (history replay) gets it queued, in order
+        with the events, once live. Returns the number of subscriptions it went to.
+        """
+        feed = self._feeds.get(conv)
+        if feed is None:
+            return 0
+        payload: bytes | None = None
+        sent = 0
+        for group in feed.groups.values():
+            if not (group.profile.allows(kind) and group.wants(kind)):
+                continue
+            if payload is None:
+                payload = self._control(kind, conv, **fields)
+            for member in group.members.values():
+                if member.pending is not None:
+                    member.pending.append((CONTROL_QUEUED, payload, False, member.epoch, kind))
+                else:
+                    member.sub.send(payload)
+                sent += 1
+        return sent
+
     def take_dirty(self) -> set[str]:
         """Conversations whose subscriber counts changed since the last call."""
         dirty, self._dirty = self._dirty, set()
@@ -271,6 +318,16 @@ class Hub:
             if group is None:
                 group = feed.groups[key] = _Group(profile, types)
             member = _Member(sub, group, send_event=getattr(sub, "send_event", None), held={} if delta else None)
+            user = getattr(sub, "user", None)
+            if isinstance(user, str):
+                member.user = user
+                entry = feed.users.get(user)
+                if entry is None:
+                    feed.users[user] = [1, getattr(sub, "info", None)]
+                else:
+                    entry[0] += 1
+                    if entry[1] is None:
+                        entry[1] = getattr(sub, "info", None)
             if delta:
                 group.delta_members += 1
             group.members[sub] = member
@@ -285,6 +342,12 @@ class Hub:
                 return
             group = member.group
             group.members.pop(sub, None)
+            if member.user is not None:
+                entry = feed.users.get(member.user)
+                if entry is not None:
+                    entry[0] -= 1
+                    if entry[0] <= 0:
+                        del feed.users[member.user]
             if member.held is not None:
                 group.delta_members -= 1
                 if not group.delta_members:
@@ -389,6 +452,8 @@ class Hub:
             if is_reset:
                 send(payload)
                 position, epoch = seq, item_epoch
+            elif seq == CONTROL_QUEUED:
+                send(payload)
             elif seq > position and item_epoch == epoch:
                 if send_event is None:
                     send(payload)

@@ -52,6 +52,14 @@ class KeyLayout:
         """Hash ``<gateway>|<profile>`` -> ``<count>|<expires at ms>``."""
         return f"{self.prefix}:{{{conv}}}:presence"
 
+    def presence_users(self, conv: str) -> str:
+        """Hash ``<gateway>|<user>`` -> ``<count>|<expires at ms>|<info JSON or empty>`` (presence_users_report.lua)."""
+        return f"{self.prefix}:{{{conv}}}:presence_users"
+
+    def presence_announced(self, conv: str) -> str:
+        """Hash user -> ``0`` (its join was announced, it is present) or the ms it has been absent since."""
+        return f"{self.prefix}:{{{conv}}}:presence_announced"
+
     def conv_of_channel(self, channel: str) -> str | None:
         """The conversation id of a live channel name, or None if it is not one of ours."""
         head = f"{self.prefix}:{{"

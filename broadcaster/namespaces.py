@@ -20,6 +20,10 @@ namespace*), takes the gateway's own option (``--history-size`` and friends).
 so it is not part of the function library or its fingerprint. ``[namespaces."*"]``
 (last) with ``delta = true`` allows them everywhere else.
 
+``presence_users = true`` (the presence read lists the users watching, from their tokens'
+``sub``) and ``join_leave = true`` (subscribers get ``ws.join`` / ``ws.leave``) are
+gateway delivery too, outside the library and its fingerprint (docs/namespaces.md).
+
 Globs: ``*`` (any run of characters), ``?`` (one), ``[abc]``, ``[a-z]``, ``[!abc]``, and
 literal characters of conversation ids (``[A-Za-z0-9._:-]``). Each glob is compiled
 twice from one parse: to an anchored Lua pattern (the publish function of
@@ -39,6 +43,9 @@ from typing import Any
 
 POLICY_FIELDS = ("history_size", "history_ttl", "state_max_entries", "state_max_bytes", "max_data_bytes")
 """The fields a namespace table may set (each a positive integer)."""
+
+DELIVERY_FIELDS = ("delta", "presence_users", "join_leave")
+"""Boolean fields of a namespace table: how the gateways deliver, not the storage policy (not fingerprinted)."""
 
 DEFAULT_NAMESPACE = ""
 """The name of the default namespace (conversations no table matches)."""
@@ -75,12 +82,17 @@ class Namespace:
     regex: re.Pattern[str]
     delta: bool = False
     """Its subscribers may ask for delta upserts (docs/streaming.md)."""
+    presence_users: bool = False
+    """Its presence read lists the users watching (docs/namespaces.md)."""
+    join_leave: bool = False
+    """Its subscribers are told ``ws.join`` / ``ws.leave`` (docs/namespaces.md)."""
 
     @classmethod
-    def build(cls, glob: str, overrides: Mapping[str, int], delta: bool = False) -> Namespace:
+    def build(cls, glob: str, overrides: Mapping[str, int], delta: bool = False, *,
+              presence_users: bool = False, join_leave: bool = False) -> Namespace:
         lua, regex = compile_glob(glob)
         ordered = tuple((name, overrides[name]) for name in POLICY_FIELDS if name in overrides)
-        return cls(glob, ordered, lua, re.compile(regex), delta)
+        return cls(glob, ordered, lua, re.compile(regex), delta, presence_users, join_leave)
 
 
 class GlobError(ValueError):
@@ -167,6 +179,10 @@ class Resolved:
     policy: Policy
     delta: bool = False
     """The namespace allows delta upserts."""
+    presence_users: bool = False
+    """The presence read lists the users watching."""
+    join_leave: bool = False
+    """Subscribers are told ``ws.join`` / ``ws.leave``."""
 
 
 class PolicyTable:
@@ -188,7 +204,7 @@ class PolicyTable:
         found = self._default
         for ns, policy in zip(self.namespaces, self.policies, strict=True):
             if ns.regex.match(conv):
-                found = Resolved(ns.glob, policy, ns.delta)
+                found = Resolved(ns.glob, policy, ns.delta, ns.presence_users, ns.join_leave)
                 break
         if len(self._cache) >= 4096:
             self._cache.clear()
@@ -259,20 +275,23 @@ def parse_namespaces(doc: Mapping[str, Any], where: str = "<namespaces>") -> lis
         label = f'{where}: [namespaces."{glob}"]'
         if not isinstance(table, dict):
             raise ValueError(f"{label} must be a table of fields ({', '.join(POLICY_FIELDS)})")
-        extra = sorted(set(table) - set(POLICY_FIELDS) - {"delta"})
+        extra = sorted(set(table) - set(POLICY_FIELDS) - set(DELIVERY_FIELDS))
         if extra:
-            raise ValueError(f"{label}: unknown field {extra[0]!r}; known: {', '.join(POLICY_FIELDS)}, delta")
+            raise ValueError(f"{label}: unknown field {extra[0]!r}; known: {', '.join(POLICY_FIELDS)}, "
+                             f"{', '.join(DELIVERY_FIELDS)}")
         table = dict(table)
-        delta = table.pop("delta", False)
-        if not isinstance(delta, bool):
-            raise ValueError(f"{label}: delta must be true or false, not {delta!r}")
+        flags = {name: table.pop(name, False) for name in DELIVERY_FIELDS}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise ValueError(f"{label}: {name} must be true or false, not {flag!r}")
         for name, value in table.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{label}: {name} must be a positive integer, not {value!r}")
             if value >= 2**53:
                 raise ValueError(f"{label}: {name} is too large ({value})")
         try:
-            out.append(Namespace.build(glob, table, delta))
+            out.append(Namespace.build(glob, table, flags["delta"], presence_users=flags["presence_users"],
+                                       join_leave=flags["join_leave"]))
         except GlobError as exc:
             raise ValueError(f"{label}: bad glob: {exc}") from None
     return out

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
-from broadcaster.backend import Backend
+from broadcaster.backend import MAX_REPORTED_USERS, Backend, PresenceTransition
 from broadcaster.hub import Hub
+from broadcaster.namespaces import PolicyTable
+
+TransitionSink = Callable[[list[PresenceTransition]], Awaitable[None]]
 
 log = logging.getLogger("broadcaster.presence")
 
@@ -17,15 +23,27 @@ class PresenceReporter:
     Changes are flushed every ``flush_interval`` seconds; everything is refreshed
     every ``heartbeat`` seconds with a TTL of ``ttl``, so the counts of a gateway
     that dies expire by themselves.
+
+    Users: for a conversation whose namespace (``policies``) has ``presence_users`` or
+    ``join_leave``, the same reports (same slices, same TTL) also carry this gateway's
+    ``{user: (subscriptions, info)}`` (the ``MAX_REPORTED_USERS`` most connected; zero for
+    a user gone), and with ``join_leave`` the report sweeps: the joins and leaves it finds
+    (``leave_delay``: seconds a user must stay away before its leave) go to
+    ``on_transitions``. A report that says a debounced leave is due later brings that
+    conversation's next report forward to then.
     """
 
     def __init__(
         self, hub: Hub, backend: Backend, gateway_id: str, *, heartbeat: float = 5.0, ttl: float = 15.0,
-        flush_interval: float = 0.2,
+        flush_interval: float = 0.2, policies: PolicyTable | None = None, leave_delay: float = 2.0,
+        on_transitions: TransitionSink | None = None,
     ) -> None:
         self._hub, self._backend, self._gateway_id = hub, backend, gateway_id
         self._heartbeat, self._ttl, self._flush_interval = heartbeat, ttl, flush_interval
+        self._policies, self._leave_delay, self._on_transitions = policies, leave_delay, on_transitions
         self._reported: dict[str, set[str]] = {}  # conv -> profiles with a non-zero report
+        self._reported_users: dict[str, set[str]] = {}  # conv -> users with a non-zero report
+        self._due: dict[str, float] = {}  # conv -> monotonic time a debounced leave is due
         self._slice = 1
 
     def _counts(self, convs: set[str]) -> dict[str, dict[str, int]]:
@@ -38,18 +56,64 @@ class PresenceReporter:
                 counts[conv] = now
         return counts
 
-    async def report(self, convs: set[str]) -> None:
-        """Report the current counts of ``convs`` (zero for profiles no longer watched)."""
-        counts = self._counts(convs)
-        if not counts:
+    def _users(self, convs: Iterable[str], withdraw: bool = False
+               ) -> tuple[dict[str, dict[str, tuple[int, Any]]], set[str]]:
+        """The user reports of ``convs`` (all zero when ``withdraw``), and those to sweep for joins and leaves."""
+        reports: dict[str, dict[str, tuple[int, Any]]] = {}
+        announce: set[str] = set()
+        if self._policies is None:
+            return reports, announce
+        for conv in convs:
+            found = self._policies.resolve(conv)
+            if not (found.presence_users or found.join_leave):
+                continue
+            now = {} if withdraw else self._hub.presence_users(conv)
+            if len(now) > MAX_REPORTED_USERS:
+                now = dict(sorted(now.items(), key=lambda item: -item[1][0])[:MAX_REPORTED_USERS])
+            for gone in self._reported_users.get(conv, set()) - set(now):
+                now[gone] = (0, None)
+            if found.join_leave:
+                announce.add(conv)
+                reports[conv] = now
+            elif now:
+                reports[conv] = now
+        return reports, announce
+
+    async def _report_users(self, convs: Iterable[str], withdraw: bool = False) -> None:
+        reports, announce = self._users(convs, withdraw)
+        if not reports:
             return
-        await self._backend.report_presence(self._gateway_id, counts, self._ttl)
-        for conv, by_profile in counts.items():
-            live = {p for p, n in by_profile.items() if n > 0}
+        found = await self._backend.report_presence_users(self._gateway_id, reports, self._ttl,
+                                                          leave_delay=self._leave_delay, announce=announce)
+        for conv, users in reports.items():
+            live = {u for u, (n, _) in users.items() if n > 0}
             if live:
-                self._reported[conv] = live
+                self._reported_users[conv] = live
             else:
-                self._reported.pop(conv, None)
+                self._reported_users.pop(conv, None)
+        transitions: list[PresenceTransition] = []
+        clock = time.monotonic()
+        for conv, result in found.items():
+            if result.next_check is None or withdraw:
+                self._due.pop(conv, None)
+            else:
+                self._due[conv] = clock + result.next_check
+            transitions += result.transitions
+        if transitions and self._on_transitions is not None:
+            await self._on_transitions(transitions)
+
+    async def report(self, convs: set[str]) -> None:
+        """Report the current counts of ``convs`` (zero for profiles and users no longer watched)."""
+        counts = self._counts(convs)
+        if counts:
+            await self._backend.report_presence(self._gateway_id, counts, self._ttl)
+            for conv, by_profile in counts.items():
+                live = {p for p, n in by_profile.items() if n > 0}
+                if live:
+                    self._reported[conv] = live
+                else:
+                    self._reported.pop(conv, None)
+        await self._report_users(convs)
 
     async def run(self) -> None:
         """Flush changes and heartbeats until cancelled; backend errors are logged and retried.
@@ -63,8 +127,13 @@ class PresenceReporter:
         rotation: list[str] = []
         while True:
             pending |= self._hub.take_dirty()
+            if self._due:
+                clock = time.monotonic()
+                for conv in [c for c, at in self._due.items() if at <= clock]:
+                    del self._due[conv]
+                    pending.add(conv)
             if not rotation:
-                rotation = list(set(self._hub.conversations()) | set(self._reported))
+                rotation = list(set(self._hub.conversations()) | set(self._reported) | set(self._reported_users))
                 ticks = max(1, int(self._heartbeat / self._flush_interval))
                 self._slice = max(1, -(-len(rotation) // ticks))  # ceil: one pass per heartbeat
             pending.update(rotation[-self._slice:])
@@ -78,8 +147,68 @@ class PresenceReporter:
             await asyncio.sleep(self._flush_interval)
 
     async def withdraw(self) -> None:
-        """Report zero for everything this gateway reported (on shutdown)."""
+        """Report zero for everything this gateway reported (on shutdown).
+
+        Its users' leaves are then announced by the gateways still watching, after the delay.
+        """
         counts = {conv: dict.fromkeys(profiles, 0) for conv, profiles in self._reported.items()}
         if counts:
             await self._backend.report_presence(self._gateway_id, counts, self._ttl)
         self._reported.clear()
+        await self._report_users(list(self._reported_users), withdraw=True)
+        self._reported_users.clear()
+        self._due.clear()
+
+
+class JoinLeave:
+    """Joins and leaves across gateways: published on the backend's control channel, sent to local subscribers.
+
+    A presence report that finds transitions hands them to :meth:`announce`, which
+    publishes one control message each (``{"kind": "join"|"leave", "conv_id", "user",
+    "info"?}``) to every gateway, this one included; :meth:`on_control` turns each into
+    ``ws.join`` / ``ws.leave`` for this gateway's subscribers of the conversation
+    (:meth:`Hub.broadcast_control`), where its namespace has ``join_leave``. Delivery is
+    at most once, as the control channel's.
+    """
+
+    KINDS = ("join", "leave")
+
+    def __init__(self, backend: Backend, hub: Hub, policies: PolicyTable) -> None:
+        self._backend, self._hub, self._policies = backend, hub, policies
+        self.announced = 0
+        self.delivered = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Some namespace has ``join_leave``."""
+        return any(ns.join_leave for ns in self._policies.namespaces)
+
+    def listen(self) -> None:
+        """Register :meth:`on_control` with the backend, if some namespace has ``join_leave``."""
+        if self.enabled:
+            self._backend.add_control_listener(self.on_control)
+
+    async def announce(self, transitions: list[PresenceTransition]) -> None:
+        """Publish each transition to every gateway; one that fails is logged and dropped."""
+        for transition in transitions:
+            message: dict[str, Any] = {"kind": transition.kind, "conv_id": transition.conv, "user": transition.user}
+            if transition.kind == "join" and transition.info is not None:
+                message["info"] = transition.info
+            try:
+                await self._backend.publish_control(message)
+                self.announced += 1
+            except Exception as exc:
+                log.warning("could not announce %s of %r in %s: %s", transition.kind, transition.user,
+                            transition.conv, exc)
+
+    def on_control(self, message: dict[str, Any]) -> None:
+        """A control message: send a join or leave to the local subscribers; ignore every other kind."""
+        kind, conv, user = message.get("kind"), message.get("conv_id"), message.get("user")
+        if kind not in self.KINDS or not isinstance(conv, str) or not isinstance(user, str):
+            return
+        if not self._policies.resolve(conv).join_leave:
+            return
+        fields: dict[str, Any] = {"user": user}
+        if kind == "join" and message.get("info") is not None:
+            fields["info"] = message["info"]
+        self.delivered += self._hub.broadcast_control(conv, f"ws.{kind}", **fields)

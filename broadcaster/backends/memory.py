@@ -29,13 +29,17 @@ import hashlib
 import os
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
 
 from broadcaster.backend import (
+    MAX_INFO_BYTES,
+    MAX_REPORTED_USERS,
+    MAX_TRANSITIONS,
+    MAX_USER_FIELDS,
     Backend,
     BackendSettings,
     BackendStats,
@@ -45,11 +49,16 @@ from broadcaster.backend import (
     Listener,
     PolicyInfo,
     Presence,
+    PresenceTransition,
+    PresenceUsers,
     ReconnectCallback,
     StateSnapshot,
+    UserCounts,
+    UserPresence,
+    UserReport,
 )
 from broadcaster.backends.base import ChannelRegistry, PreparedPublish, prepare_all
-from broadcaster.codec import encode_envelope
+from broadcaster.codec import dumps, encode_envelope, loads
 from broadcaster.control import ControlListeners, encode_control, now_ms, validate_subject
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult, apply_append
 
@@ -101,6 +110,10 @@ class MemoryBackend(Backend):
         self._numbering: OrderedDict[str, _Numbering] = OrderedDict()
         self._peak_convs = self._peak_numbering = 0  # their largest sizes since they were last rebuilt
         self._presence: dict[str, dict[str, tuple[int, float]]] = {}  # conv -> "gw|profile" -> (n, expiry)
+        self._users: dict[str, dict[tuple[str, str], tuple[int, float, Any]]] = {}
+        """conv -> (gateway, user) -> (connections, expiry, info)."""
+        self._announced: dict[str, tuple[dict[str, float | None], float]] = {}
+        """conv -> ({user: None (announced, present) or absent since}, expiry)."""
         self._registry = ChannelRegistry(self._noop, self._noop, self.stats, self.settings.unsubscribe_delay)
         self._started = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -372,3 +385,100 @@ class MemoryBackend(Backend):
             profile = field_name.split("|", 1)[1]
             by_profile[profile] = by_profile.get(profile, 0) + n
         return Presence(sum(by_profile.values()), by_profile)
+
+    # ---- users in presence, joins and leaves (presence_users_report.lua, presence_users.lua) ----
+
+    async def report_presence_users(
+        self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, *, leave_delay: float,
+        announce: Collection[str] = (),
+    ) -> dict[str, UserReport]:
+        """As the Redis scripts do it, on this backend's clock (see ``Backend.report_presence_users``)."""
+        now = self._clock()
+        out: dict[str, UserReport] = {}
+        for conv, users in reports.items():
+            fields = self._users.setdefault(conv, {})
+            live = 0
+            for user, (count, info) in sorted(users.items(), key=lambda item: (item[1][0] > 0, -item[1][0])):
+                key = (gateway_id, user)
+                if count <= 0:
+                    fields.pop(key, None)
+                elif live < MAX_REPORTED_USERS:
+                    live += 1
+                    if len(fields) < MAX_USER_FIELDS or key in fields:
+                        fields[key] = (count, now + ttl, _stored_info(info))
+            out[conv] = (self._announce(conv, fields, now, ttl, leave_delay) if conv in announce
+                         else UserReport())
+            if not fields:
+                del self._users[conv]
+        return out
+
+    def _present(self, fields: dict[tuple[str, str], tuple[int, float, Any]], now: float) -> dict[str, list[Any]]:
+        """``{user: [connections, info]}`` of the unexpired fields (expired ones dropped), first info kept."""
+        present: dict[str, list[Any]] = {}
+        for key, (count, expires, info) in list(fields.items()):
+            if expires <= now:
+                del fields[key]
+                continue
+            found = present.get(key[1])
+            if found is None:
+                present[key[1]] = [count, info]
+            else:
+                found[0] += count
+                if found[1] is None:
+                    found[1] = info
+        return present
+
+    def _announce(self, conv: str, fields: dict[tuple[str, str], tuple[int, float, Any]], now: float, ttl: float,
+                  delay: float) -> UserReport:
+        present = self._present(fields, now)
+        record = self._announced.get(conv)
+        announced: dict[str, float | None] = record[0] if record is not None and record[1] > now else {}
+        transitions: list[PresenceTransition] = []
+        wait: float | None = None
+        for user, since in list(announced.items()):
+            if user in present:
+                announced[user] = None
+                continue
+            if since is None:
+                since = announced[user] = now
+            if now - since < delay:
+                wait = min(wait, since + delay - now) if wait is not None else since + delay - now
+            elif len(transitions) < MAX_TRANSITIONS:
+                del announced[user]
+                transitions.append(PresenceTransition("leave", conv, user))
+            else:
+                wait = 0.0
+        for user, (_, info) in present.items():
+            if user not in announced:
+                if len(transitions) < MAX_TRANSITIONS:
+                    announced[user] = None
+                    transitions.append(PresenceTransition("join", conv, user, info))
+                else:
+                    wait = 0.0
+        if announced:
+            self._announced[conv] = (announced, now + 2 * ttl + delay)
+        else:
+            self._announced.pop(conv, None)
+        return UserReport(transitions, wait)
+
+    async def presence_users(self, conv: str, limit: int = 100) -> PresenceUsers:
+        fields = self._users.get(conv)
+        if not fields:
+            return PresenceUsers([], 0)
+        present = self._present(fields, self._clock())
+        if not fields:
+            del self._users[conv]
+        ranked = sorted(present.items(), key=lambda item: (-item[1][0], item[0]))
+        return PresenceUsers([UserPresence(user, n, info) for user, (n, info) in ranked[:max(0, limit)]],
+                             len(ranked))
+
+
+def _stored_info(info: Any) -> Any:
+    """``info`` as the Redis backend would give it back: JSON-encodable and at most ``MAX_INFO_BYTES``, else None."""
+    if info is None:
+        return None
+    try:
+        encoded = dumps(info)
+    except TypeError:
+        return None
+    return loads(encoded) if len(encoded) <= MAX_INFO_BYTES else None

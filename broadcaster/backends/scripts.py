@@ -3,7 +3,8 @@
 Everything here is shared by the asyncio :class:`RedisBackend`, the async SDK and
 the blocking SDK: they only differ in how they send a command and await its reply.
 
-* ``PUBLISH``, ``READ``, ``PRESENCE_REPORT``, ``PRESENCE``: the ``.lua`` sources
+* ``PUBLISH``, ``READ``, ``PRESENCE_REPORT``, ``PRESENCE``, ``PRESENCE_USERS_REPORT``,
+  ``PRESENCE_USERS``: the ``.lua`` sources
   shipped as package data, with their SHA1 for ``EVALSHA``;
 * ``publish_batch_call`` / ``parse_publish_batch_reply`` and friends: build a script's
   KEYS and ARGV, and turn its reply into the core dataclasses;
@@ -22,16 +23,32 @@ import hashlib
 import importlib.resources
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from broadcaster.backend import BackendSettings, BackendStats, Head, HistoryPage, Presence, StateSnapshot
+from broadcaster.backend import (
+    MAX_INFO_BYTES,
+    MAX_REPORTED_USERS,
+    MAX_TRANSITIONS,
+    MAX_USER_FIELDS,
+    BackendSettings,
+    BackendStats,
+    Head,
+    HistoryPage,
+    Presence,
+    PresenceTransition,
+    PresenceUsers,
+    StateSnapshot,
+    UserCounts,
+    UserPresence,
+    UserReport,
+)
 from broadcaster.backends.base import PreparedPublish, generated_id_ttl, new_event_id
-from broadcaster.codec import decode_envelope, envelope_fields, envelope_fields_head
+from broadcaster.codec import decode_envelope, dumps, envelope_fields, envelope_fields_head, loads
 from broadcaster.envelope import Envelope, PublishResult
 from broadcaster.errors import PayloadDecodeError, ValidationError
 from broadcaster.keys import KeyLayout
@@ -66,7 +83,9 @@ PUBLISH = LuaScript.load("publish")
 READ = LuaScript.load("read")
 PRESENCE_REPORT = LuaScript.load("presence_report")
 PRESENCE = LuaScript.load("presence")
-SCRIPTS = (PUBLISH, READ, PRESENCE_REPORT, PRESENCE)
+PRESENCE_USERS_REPORT = LuaScript.load("presence_users_report")
+PRESENCE_USERS = LuaScript.load("presence_users")
+SCRIPTS = (PUBLISH, READ, PRESENCE_REPORT, PRESENCE, PRESENCE_USERS_REPORT, PRESENCE_USERS)
 
 
 def is_noscript(reply: object) -> bool:
@@ -521,6 +540,72 @@ def parse_presence(reply: Any) -> Presence:
     """A :class:`Presence` from ``[profile, count, ...]``."""
     by_profile = {_text(p): int(n) for p, n in zip(reply[::2], reply[1::2], strict=True)}
     return Presence(sum(by_profile.values()), by_profile)
+
+
+def encode_info(info: Any) -> str:
+    """A user's ``info`` as the users hash stores it: JSON text, '' for none or past ``MAX_INFO_BYTES``."""
+    if info is None:
+        return ""
+    try:
+        text = dumps(info).decode()
+    except TypeError:
+        return ""
+    return text if len(text) <= MAX_INFO_BYTES else ""
+
+
+def decode_info(raw: Any) -> Any:
+    """The inverse of :func:`encode_info` (None for '' or text that is not JSON)."""
+    text = _text(raw)
+    if not text:
+        return None
+    try:
+        return loads(text)
+    except ValueError:
+        return None
+
+
+def presence_users_report_calls(
+    layout: KeyLayout, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, leave_delay: float,
+    announce: Collection[str],
+) -> list[Command]:
+    """One ``presence_users_report.lua`` command per conversation of ``reports`` (at most
+    ``MAX_REPORTED_USERS`` users each, the most connected; zeros first, they free fields)."""
+    ttl_ms, delay_ms = max(1, int(ttl * 1000)), max(0, int(leave_delay * 1000))
+    commands = []
+    for conv, users in reports.items():
+        ranked = sorted(users.items(), key=lambda item: (item[1][0] > 0, -item[1][0]))
+        args: list[str | int] = [ttl_ms, gateway_id, delay_ms if conv in announce else -1, MAX_USER_FIELDS,
+                                 MAX_TRANSITIONS]
+        live = 0
+        for user, (count, info) in ranked:
+            if count > 0:
+                if live >= MAX_REPORTED_USERS:
+                    continue
+                live += 1
+            args += [user, max(0, int(count)), encode_info(info) if count > 0 else ""]
+        commands.append(PRESENCE_USERS_REPORT.command(
+            [layout.presence_users(conv), layout.presence_announced(conv)], args))
+    return commands
+
+
+def parse_user_report(conv: str, reply: Any) -> UserReport:
+    """A :class:`UserReport` from ``[wait ms, kind, user, info, ...]``."""
+    wait = int(reply[0])
+    transitions = [PresenceTransition("join" if _text(kind) == "j" else "leave", conv, _text(user),
+                                      decode_info(info))
+                   for kind, user, info in zip(reply[1::3], reply[2::3], reply[3::3], strict=True)]
+    return UserReport(transitions, None if wait < 0 else wait / 1000)
+
+
+def presence_users_call(layout: KeyLayout, conv: str, limit: int) -> Command:
+    return PRESENCE_USERS.command([layout.presence_users(conv)], [max(0, int(limit))])
+
+
+def parse_presence_users(reply: Any) -> PresenceUsers:
+    """A :class:`PresenceUsers` from ``[total, user, count, info, ...]``."""
+    users = [UserPresence(_text(user), int(n), decode_info(info))
+             for user, n, info in zip(reply[1::3], reply[2::3], reply[3::3], strict=True)]
+    return PresenceUsers(users, int(reply[0]))
 
 
 # --- URLs --------------------------------------------------------------------

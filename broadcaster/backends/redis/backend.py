@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from broadcaster.backend import (
@@ -19,9 +19,12 @@ from broadcaster.backend import (
     Listener,
     PolicyInfo,
     Presence,
+    PresenceUsers,
     ReconnectCallback,
     ResubscribeCallback,
     StateSnapshot,
+    UserCounts,
+    UserReport,
 )
 from broadcaster.backends import scripts
 from broadcaster.backends.base import ChannelRegistry, new_epoch, prepare_all
@@ -251,6 +254,16 @@ class RedisBackend(Backend):
 
     async def presence(self, conv: str) -> Presence:
         return await self.commands.presence(conv)
+
+    async def report_presence_users(
+        self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, *, leave_delay: float,
+        announce: Collection[str] = (),
+    ) -> dict[str, UserReport]:
+        """One script per conversation, one pipeline (presence_users_report.lua)."""
+        return await self.commands.report_presence_users(gateway_id, reports, ttl, leave_delay, announce)
+
+    async def presence_users(self, conv: str, limit: int = 100) -> PresenceUsers:
+        return await self.commands.presence_users(conv, limit)
 
     async def publish_control(self, message: Mapping[str, Any]) -> None:
         """PUBLISH (SPUBLISH on a cluster) ``message`` on the control channel, retried like a publish."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import hiredis
@@ -14,7 +14,18 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from broadcaster.backend import BackendSettings, BackendStats, Head, HistoryPage, PolicyInfo, Presence, StateSnapshot
+from broadcaster.backend import (
+    BackendSettings,
+    BackendStats,
+    Head,
+    HistoryPage,
+    PolicyInfo,
+    Presence,
+    PresenceUsers,
+    StateSnapshot,
+    UserCounts,
+    UserReport,
+)
 from broadcaster.backends import scripts
 from broadcaster.backends.base import PreparedPublish, new_epoch
 from broadcaster.backends.redis.clients import MAX_CONNECTIONS, AsyncClient
@@ -160,6 +171,36 @@ class RedisCommands:
 
     async def presence(self, conv: str) -> Presence:
         return scripts.parse_presence(await self._eval(scripts.presence_call(self.layout, validate_conv_id(conv))))
+
+    async def report_presence_users(self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float,
+                                    leave_delay: float, announce: Collection[str]) -> dict[str, UserReport]:
+        """One ``presence_users_report.lua`` per conversation, in one pipeline (see ``Backend``).
+
+        Not sent again after a reply was lost: a second run would not repeat the
+        transitions the first found, so the retry policy is not applied to it; the caller
+        reports again on its next tick (the report replaces itself).
+        """
+        convs = list(reports)
+        commands = scripts.presence_users_report_calls(self.layout, gateway_id, reports, ttl, leave_delay, announce)
+        if not commands:
+            return {}
+        async with self._slots:
+            replies = await self._send(commands)
+            if any(scripts.is_noscript(r) for r in replies):
+                await self.load_scripts()
+                again = [i for i, r in enumerate(replies) if scripts.is_noscript(r)]
+                for i, reply in zip(again, await self._send([commands[i] for i in again]), strict=True):
+                    replies[i] = reply
+        out = {}
+        for conv, reply in zip(convs, replies, strict=True):
+            if isinstance(reply, BaseException):
+                raise reply
+            out[conv] = scripts.parse_user_report(conv, reply)
+        return out
+
+    async def presence_users(self, conv: str, limit: int) -> PresenceUsers:
+        command = scripts.presence_users_call(self.layout, validate_conv_id(conv), limit)
+        return scripts.parse_presence_users(await self._eval(command))
 
     async def ping(self, timeout: float) -> bool:
         """True if Redis answers PING within ``timeout`` — on a cluster, if at least one primary does."""
