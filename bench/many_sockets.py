@@ -1,0 +1,297 @@
+"""Many idle websockets on one gateway process: accept rate, memory per socket, idle CPU, fan-out at that size.
+
+    python bench/many_sockets.py                       # 50,000 sockets / 5,000 convs
+    python bench/many_sockets.py --sockets 20000 --rates 1000,2000
+    python bench/many_sockets.py --smoke               # 1,000 sockets (tests/test_bench_scenarios_smoke.py)
+
+Run it with the project's python (``.venv/bin/python``); it needs redis-server on PATH.
+A private ``redis-server`` and one gateway (``python -m gateway.cli``, ``--ping-interval``,
+``--max-connections`` above the target); the open-files limit is raised to the hard limit
+here, which the gateway and the clients inherit. Loopback has one ephemeral port range per
+(source address, destination): each ``bench/wsload.py`` client process binds its sockets to
+its own source address ``127.0.0.2``, ``127.0.0.3``... (all of 127/8 is local on Linux).
+
+1. **Ramp**: sockets are opened in waves of ``--wave`` (each socket counts once it got its
+   ``ws.subscribed``): connections/s per wave, the gateway's RSS and open files after each.
+   The ramp stops at the first wave with failures (what failed is in the JSON).
+2. **Idle**: ``--idle-seconds`` with nothing published: the gateway's CPU (pings every
+   ``--ping-interval`` s, answered by the clients; presence heartbeats) and closes, if any.
+3. **Fan-out**: a paced publisher (``bench/loadpub.py``) over every conversation at each of
+   ``--rates`` events/s for ``--step-seconds``: deliveries/s, lost, p50/p99, gateway CPU. A step
+   passes with nothing lost and p99 < 100 ms; the ladder stops after two failures.
+4. **Check**: every socket ends at its conversation's last seq, no gap, no duplicate.
+
+Results: a JSON file and a markdown summary (``--json`` / ``--markdown``; printed too).
+Exit status 1 when a socket failed to connect or missed / duplicated an event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from scenario_support import (
+    BENCH,
+    ROOT,
+    Child,
+    cpu_seconds,
+    fd_count,
+    gather_calls,
+    latency,
+    log,
+    machine,
+    private_redis,
+    raise_nofile,
+    rss_bytes,
+    table,
+    write_outputs,
+)
+
+from devtools.procs import Supervised, free_port, http_status
+
+P99_LIMIT_MS = 100.0
+
+
+def open_files_limit(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+async def run(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with private_redis(logdir) as (redis_url, redis_pid):
+        port = free_port()
+        prefix = f"many{os.getpid()}"
+        argv = [sys.executable, "-m", "gateway.cli", "--host", "127.0.0.1", "--port", str(port), "--redis-url",
+                redis_url, "--key-prefix", prefix, "--log-level", "warning", "--drain-seconds", "0",
+                "--history-size", "100", "--history-ttl", "600", "--ping-interval", str(args.ping_interval),
+                "--max-connections", str(args.sockets + 1000), "--gateway-id", "many-0"]
+        gateway = Supervised("gateway", argv, logdir / "gateway.log", cwd=ROOT).start()
+        try:
+            gateway.wait_until(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 30,
+                               what="ready")
+            results["gateway_open_files_limit"] = open_files_limit(gateway.pid)
+            results.update(await _measure(args, logdir, redis_url, redis_pid, gateway, port, prefix))
+        finally:
+            gateway.stop(timeout=15)
+            results["gateway_log_tail"] = gateway.output(3000).splitlines()[-15:]
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return results
+
+
+async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis_pid: int, gateway: Supervised,
+                   port: int, prefix: str) -> dict[str, Any]:
+    py = sys.executable
+    convs = [f"m{i}" for i in range(args.convs)]
+    procs = args.client_procs or max(1, math.ceil(args.sockets / args.per_proc))
+    clients = [await Child(f"clients-{i}", [py, str(BENCH / "wsload.py")], logdir / f"clients-{i}.log").start()
+               for i in range(procs)]
+    publisher = await Child("publisher", [py, str(BENCH / "loadpub.py")], logdir / "publisher.log").start()
+    out: dict[str, Any] = {"client_procs": procs, "client_nofile": clients[0].hello.get("nofile")}
+    gpid = gateway.pid
+    try:
+        await publisher.call({"cmd": "init", "url": redis_url, "prefix": prefix, "convs": convs,
+                              "history_size": 100, "history_ttl": 600, "payload_bytes": 100, "json_copy": False})
+        rss0, fds0 = rss_bytes(gpid), fd_count(gpid)
+        out["gateway_before"] = {"rss_mb": round(rss0 / 2**20, 1), "open_files": fds0}
+        waves: list[dict[str, Any]] = []
+        connected = 0
+        next_id = 0
+        ramp_began = time.monotonic()
+        while next_id < args.sockets:
+            size = min(args.wave, args.sockets - next_id)
+            batches: list[list[tuple[int, str]]] = [[] for _ in clients]
+            for i in range(next_id, next_id + size):
+                batches[i % procs].append((i, convs[i % args.convs]))
+            next_id += size
+            cpu0, t0 = cpu_seconds(gpid), time.monotonic()
+            replies = await asyncio.gather(*(
+                c.call({"cmd": "connect", "host": "127.0.0.1", "port": port, "clients": b, "reconnect": False,
+                        "source": f"127.0.0.{2 + k}", "concurrency": args.concurrency}, timeout=600)
+                for k, (c, b) in enumerate(zip(clients, batches, strict=True)) if b))
+            seconds = time.monotonic() - t0
+            ok = sum(r["ok"] for r in replies)
+            failed = sum(r["failed"] for r in replies)
+            connected += ok
+            wave = {"sockets": connected, "ok": ok, "failed": failed, "seconds": round(seconds, 2),
+                    "per_s": round(ok / seconds) if seconds else None,
+                    "gateway_cpu_pct": round(100 * (cpu_seconds(gpid) - cpu0) / seconds, 1) if seconds else None,
+                    "rss_mb": round(rss_bytes(gpid) / 2**20, 1), "open_files": fd_count(gpid),
+                    "errors": [r["errors"] for r in replies if r["failed"]]}
+            waves.append(wave)
+            log(f"ramp: {connected:,} sockets ({ok:,} in {seconds:.1f}s, {failed} failed), "
+                f"gateway RSS {wave['rss_mb']} MiB, {wave['open_files']} files")
+            if failed:
+                break
+        ramp_s = time.monotonic() - ramp_began
+        rss1 = rss_bytes(gpid)
+        out.update(ramp=waves, connected=connected, target=args.sockets, ramp_seconds=round(ramp_s, 1),
+                   accept_per_s=round(connected / ramp_s) if ramp_s else None,
+                   gateway_after_ramp={"rss_mb": round(rss1 / 2**20, 1), "open_files": fd_count(gpid),
+                                       "kib_per_socket": round((rss1 - rss0) / 1024 / max(1, connected), 2)})
+        # idle
+        await asyncio.sleep(1.0)
+        cpu0, rcpu0, t0 = cpu_seconds(gpid), cpu_seconds(redis_pid), time.monotonic()
+        closes0 = sum(sum(s["closes"].values()) for s in await gather_calls(clients, {"cmd": "status"}))
+        await asyncio.sleep(args.idle_seconds)
+        wall = time.monotonic() - t0
+        statuses = await gather_calls(clients, {"cmd": "status"})
+        out["idle"] = {"seconds": round(wall, 1), "gateway_cpu_pct": round(100 * (cpu_seconds(gpid) - cpu0) / wall, 2),
+                       "redis_cpu_pct": round(100 * (cpu_seconds(redis_pid) - rcpu0) / wall, 2),
+                       "closes": sum(sum(s["closes"].values()) for s in statuses) - closes0,
+                       "open": sum(s["open"] for s in statuses), "rss_mb": round(rss_bytes(gpid) / 2**20, 1)}
+        log(f"idle: gateway {out['idle']['gateway_cpu_pct']}% of a core over {wall:.0f}s, "
+            f"{out['idle']['open']} open")
+        # fan-out
+        subs: dict[str, int] = {}
+        for reply in await gather_calls(clients, {"cmd": "subscribers"}):
+            for conv, n in reply.items():
+                subs[conv] = subs.get(conv, 0) + n
+        totals = [0] * len(convs)
+        steps: list[dict[str, Any]] = []
+        failures = 0
+        for index, rate in enumerate(args.rates, start=1):
+            phase = f"step{index}"
+            await gather_calls(clients, {"cmd": "phase", "name": phase})
+            cpu0, t0 = cpu_seconds(gpid), time.monotonic()
+            published = await publisher.call({"cmd": "run", "step": index, "rate": rate,
+                                              "duration": args.step_seconds}, timeout=args.step_seconds + 120)
+            expected = sum(n * subs.get(c, 0) for c, n in zip(convs, published["per_conv"], strict=True))
+            for i, n in enumerate(published["per_conv"]):
+                totals[i] += n
+            got, last, changed = 0, -1, time.monotonic()
+            deadline = time.monotonic() + 20
+            while True:
+                reports = await gather_calls(clients, {"cmd": "report"})
+                got = sum(r["counts"].get(f"{phase}/stay", 0) for r in reports)
+                now = time.monotonic()
+                if got != last:
+                    last, changed = got, now
+                if got >= expected or now - changed > 2.0 or now > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            wall = time.monotonic() - t0
+            lat = latency([r["latency"] for r in reports], f"{phase}/stay")
+            step = {"events_per_s": rate, "target_dps": round(rate * connected / args.convs),
+                    "dps": round(got / published["elapsed"]) if published["elapsed"] else None,
+                    "expected": expected, "received": got, "lost": expected - got,
+                    "gateway_cpu_pct": round(100 * (cpu_seconds(gpid) - cpu0) / wall, 1),
+                    "publisher_behind_ms": published["behind_ms"], **lat}
+            step["pass"] = step["lost"] == 0 and lat["p99_ms"] < P99_LIMIT_MS
+            steps.append(step)
+            log(f"fan-out {rate:,} events/s ({step['target_dps']:,} d/s): lost {step['lost']}, "
+                f"p99 {lat['p99_ms']} ms, gateway {step['gateway_cpu_pct']}%")
+            if not step["pass"]:
+                failures += 1
+                if failures >= 2:
+                    break
+        passing = [s for s in steps if s["pass"]]
+        out.update(fanout=steps, capacity_dps=max((s["dps"] for s in passing), default=None),
+                   capacity_events_per_s=max((s["events_per_s"] for s in passing), default=None))
+        final = {c: totals[i] for i, c in enumerate(convs)}
+        checks = await gather_calls(clients, {"cmd": "check", "final": final})
+        check = {k: sum(c[k] for c in checks) for k in ("complete", "incomplete", "gaps", "dups", "missing",
+                                                       "resets")}
+        check["examples"] = [e for c in checks for e in c["examples"]][:5]
+        out["check"] = check
+        out["ok"] = connected == args.sockets and check["incomplete"] == 0 and bool(steps)
+    finally:
+        for c in clients:
+            try:
+                await c.call({"cmd": "close"}, timeout=60)
+            except (RuntimeError, TimeoutError, OSError):
+                pass
+            await c.stop()
+        try:
+            await publisher.call({"cmd": "quit"}, timeout=30)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        await publisher.stop()
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m, la = r["machine"], r["machine"]["loadavg_start"]
+    lines = [f"Many sockets on one gateway: {m['nproc']} cores, Python {m['python']}, load average "
+             f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} at start, {r['loadavg_end'][0]:.2f} at end; open-files limit "
+             f"{m['nofile']} (gateway: {r.get('gateway_open_files_limit')}); {r['started']} - {r['finished']}.", ""]
+    after = r.get("gateway_after_ramp", {})
+    idle = r.get("idle", {})
+    lines += table([("sockets connected / target", "convs", "client procs", "accept rate (sockets/s)",
+                     "gateway RSS MiB before / after", "KiB per socket", "idle gateway CPU %", "idle closes"),
+                    (f"{r.get('connected', 0):,} / {r['args']['sockets']:,}", f"{r['args']['convs']:,}",
+                     r.get("client_procs"), r.get("accept_per_s"),
+                     f"{r.get('gateway_before', {}).get('rss_mb')} / {after.get('rss_mb')}",
+                     after.get("kib_per_socket"), idle.get("gateway_cpu_pct"), idle.get("closes"))])
+    lines += ["", f"Idle: {idle.get('seconds')} s, --ping-interval {r['args']['ping_interval']} s. Ramp waves:", ""]
+    lines += table([("sockets", "ok", "failed", "s", "sockets/s", "gateway CPU %", "RSS MiB", "open files"),
+                    *((w["sockets"], w["ok"], w["failed"], w["seconds"], w["per_s"], w["gateway_cpu_pct"],
+                       w["rss_mb"], w["open_files"]) for w in r.get("ramp", []))])
+    lines += ["", "Fan-out over every conversation (pass: nothing lost, p99 < 100 ms):", ""]
+    lines += table([("events/s", "target d/s", "achieved d/s", "lost", "p50 ms", "p99 ms", "max ms", "gateway CPU %",
+                     "pass"),
+                    *((s["events_per_s"], s["target_dps"], s["dps"], s["lost"], s["p50_ms"], s["p99_ms"], s["max_ms"],
+                       s["gateway_cpu_pct"], "yes" if s["pass"] else "NO") for s in r.get("fanout", []))])
+    check = r.get("check", {})
+    lines += ["", f"Check: {check.get('complete')} sockets complete, {check.get('incomplete')} not "
+              f"(gaps {check.get('gaps')}, duplicates {check.get('dups')}, missing {check.get('missing')}).",
+              f"Capacity: {r.get('capacity_dps')} deliveries/s ({r.get('capacity_events_per_s')} events/s)."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="1,000 sockets / 100 convs, short idle, two small steps")
+    parser.add_argument("--sockets", type=int, help="default 50,000 (smoke 1,000)")
+    parser.add_argument("--convs", type=int, help="default 5,000 (smoke 100)")
+    parser.add_argument("--client-procs", type=int, help="wsload processes (default: sockets / --per-proc)")
+    parser.add_argument("--per-proc", type=int, default=12_500, help="sockets per client process (one source address)")
+    parser.add_argument("--wave", type=int, help="sockets per ramp wave (default 5,000; smoke 500)")
+    parser.add_argument("--concurrency", type=int, default=250, help="handshakes in flight per client process")
+    parser.add_argument("--ping-interval", type=float, default=20.0)
+    parser.add_argument("--idle-seconds", type=float, help="default 30 (smoke 2)")
+    parser.add_argument("--rates", help="fan-out steps, events/s (default 500,1000,2000,4000,8000; smoke 200,500)")
+    parser.add_argument("--step-seconds", type=float, help="default 5 (smoke 2)")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    for name, full, smoke in (("sockets", 50_000, 1_000), ("convs", 5_000, 100), ("wave", 5_000, 500),
+                              ("idle_seconds", 30.0, 2.0), ("rates", "500,1000,2000,4000,8000", "200,500"),
+                              ("step_seconds", 5.0, 2.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    args.rates = [float(x) for x in str(args.rates).split(",") if x.strip()]
+    if args.client_procs and args.client_procs > 250:
+        parser.error("at most 250 client processes (source addresses 127.0.0.2-251)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    soft, hard = raise_nofile()
+    if soft < args.sockets + 1000:
+        log(f"warning: open-files limit {soft} (hard {hard}): one gateway process can hold about {soft - 100:,} "
+            f"sockets, not {args.sockets:,}")
+    logdir = Path(tempfile.mkdtemp(prefix="broadcaster-many-"))
+    log(f"logs in {logdir}")
+    results = asyncio.run(run(args, logdir))
+    write_outputs(results, markdown(results), args.json, args.markdown, logdir)
+    return 0 if results.get("ok") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
