@@ -16,6 +16,7 @@ from starlette.websockets import WebSocket
 
 from broadcaster.backend import Backend
 from broadcaster.profiles import ProfileRegistry
+from gateway.control_api import router as control_router
 from gateway.http_api import ApiError, router
 from gateway.settings import Settings
 from gateway.sse import SSE_PATH, SseTransport, sse_endpoint
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         return JSONResponse({"error": "invalid", "message": str(exc.errors()[:3])}, status_code=422)
 
     app.include_router(router)
+    app.include_router(control_router)
 
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR, follow_symlink=True), name="static")

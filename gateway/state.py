@@ -24,6 +24,7 @@ from broadcaster.profiles import ProfileRegistry
 from gateway.auth import Authenticator, PublishKeys
 from gateway.connection import ConnectionPool
 from gateway.metrics import Metrics, MetricSources
+from gateway.revocation import Revocations
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -80,6 +81,7 @@ class Gateway:
         self.auth = Authenticator(settings.auth_secret, settings.auth_public_key, audience=settings.auth_audience,
                                   issuer=settings.auth_issuer)
         self.publish_keys = PublishKeys(settings.publish_key)
+        self.revocations = Revocations(self.backend, self.pool, self.auth)
         self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,
                                          heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl)
         self._tasks: list[asyncio.Task[None]] = []
@@ -99,6 +101,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.backend.start()
+        await self.revocations.start()
+        self._tasks.append(asyncio.create_task(self.revocations.run()))
         for setup in self.plugin_setups:
             result = setup(self.plugins)
             if inspect.isawaitable(result):

@@ -1,0 +1,121 @@
+"""``POST /v1/disconnect``: close connections on every gateway, and deny a user for a while.
+
+Body (JSON object, ``Content-Type: application/json``)::
+
+    {"sub"?: str, "conv_id"?: str, "code"?: int, "reason"?: str, "until"?: str | int}
+
+At least one of ``sub`` / ``conv_id`` (both: connections matching both). ``code``: 1000,
+1008 or 4000-4999 (default 4403: our clients stop reconnecting). ``reason``: at most 120
+bytes (default ``revoked``). ``until`` (needs ``sub``): an ISO-8601 time with a UTC offset
+(``2026-12-01T19:00:00Z``) or an integer of seconds from now (1 to one year); the user's
+tokens are refused on every gateway until then. Needs the publish key, as publishing does.
+
+Answers 202 ``{"sent": <the control message>, "until": <ISO time> | null}``: the message
+went out to every gateway of the backend (each closes its own connections at once); the
+deny list was written before it. Errors: 401 / 403 (publish key), 415 (not JSON), 413,
+422 (``{"error": "invalid", "message", "field"}``), 503 (backend unreachable).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from broadcaster.control import now_ms, validate_subject
+from broadcaster.errors import ValidationError
+from broadcaster.validation import validate_conv_id
+from gateway.auth import AuthError
+from gateway.http_api import ApiError, _backend_call, _json_error, _read_body
+from gateway.revocation import DEFAULT_CODE, DEFAULT_REASON, MAX_REASON_BYTES, Disconnect, iso_ms, valid_close_code
+from gateway.state import Gateway
+
+router = APIRouter()
+
+MAX_BODY_BYTES = 8 * 1024
+MAX_UNTIL_SECONDS = 366 * 86400
+_FIELDS = {"sub", "conv_id", "code", "reason", "until"}
+
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid", message, field)
+
+
+def parse_until(value: object, now: int) -> int:
+    """``until`` of a body as ms since the epoch: an ISO-8601 time with an offset, or seconds from now."""
+    if type(value) is int:
+        if not 1 <= value <= MAX_UNTIL_SECONDS:
+            raise _invalid("until", f"seconds from now must be from 1 to {MAX_UNTIL_SECONDS}")
+        return now + value * 1000
+    if not isinstance(value, str) or len(value) > 64:
+        raise _invalid("until", "must be an ISO-8601 time with a UTC offset, or an integer of seconds from now")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise _invalid("until", f"not an ISO-8601 time: {value!r}") from None
+    if moment.tzinfo is None:
+        raise _invalid("until", "the time needs a UTC offset (e.g. Z or +02:00)")
+    until = int(moment.timestamp() * 1000)
+    if until <= now:
+        raise _invalid("until", "must be in the future")
+    if until > now + MAX_UNTIL_SECONDS * 1000:
+        raise _invalid("until", "more than a year from now")
+    return until
+
+
+def parse_disconnect(body: object, now: int) -> Disconnect:
+    """The disconnect a request body asks for; ApiError 422 naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise _invalid("body", 'body must be a JSON object with "sub" and / or "conv_id"')
+    unknown = set(body) - _FIELDS
+    if unknown:
+        raise _invalid("body", f"unknown field(s) {sorted(unknown)}")
+    sub, conv_id = body.get("sub"), body.get("conv_id")
+    if sub is None and conv_id is None:
+        raise _invalid("body", 'give "sub", "conv_id" or both')
+    try:
+        if sub is not None:
+            sub = validate_subject(sub)
+        if conv_id is not None:
+            conv_id = validate_conv_id(conv_id)
+    except ValidationError as exc:
+        raise _invalid(exc.field, exc.message) from None
+    code = body.get("code", DEFAULT_CODE)
+    if not valid_close_code(code):
+        raise _invalid("code", "must be 1000, 1008 or from 4000 to 4999")
+    reason = body.get("reason", DEFAULT_REASON)
+    if not isinstance(reason, str) or len(reason.encode()) > MAX_REASON_BYTES:
+        raise _invalid("reason", f"must be a string of at most {MAX_REASON_BYTES} bytes")
+    until = None
+    if body.get("until") is not None:
+        if sub is None:
+            raise _invalid("until", 'needs "sub": only a user can be denied for a while')
+        until = parse_until(body["until"], now)
+    return Disconnect(sub, conv_id, code, reason, until)
+
+
+@router.post("/v1/disconnect", status_code=202)
+async def disconnect(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    try:
+        gw.publish_keys.check(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
+    media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
+    body = await _read_body(request, MAX_BODY_BYTES)
+    try:
+        parsed: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid("body", _json_error(body, exc)) from None
+    wanted = parse_disconnect(parsed, now_ms())
+    if wanted.until is not None and wanted.sub is not None:
+        await _backend_call(gw.backend.revoke(wanted.sub, wanted.until))  # first: a gateway reloading sees it
+    message = wanted.message()
+    await _backend_call(gw.backend.publish_control(message))
+    return JSONResponse({"sent": message, "until": iso_ms(wanted.until) if wanted.until is not None else None},
+                        status_code=202)

@@ -1,0 +1,165 @@
+"""Revocation on this gateway: ``disconnect`` control messages close local connections, the deny list refuses.
+
+A ``{"kind": "disconnect", "sub"?, "conv_id"?, "code"?, "reason"?, "until"?}`` control
+message (:meth:`Backend.publish_control`, sent by ``POST /v1/disconnect``) reaches every
+gateway of the backend. Each closes its own connections (websocket and SSE: both are
+:class:`Connection` objects of the pool) whose user is ``sub`` and / or that subscribe
+``conv_id`` (both given: both must match), with ``code`` (default 4403, which makes our
+clients stop reconnecting) and ``reason`` (default ``revoked``).
+
+With ``until`` (ms since the epoch) and ``sub``, the subject is also denied until then:
+:meth:`Revocations.refusal` is the Authenticator's ``refuse_subject``, so its tokens are
+refused (4403 / HTTP 403) at connect and at refresh. The deny map is the backend's
+:meth:`Backend.revocations`, loaded at start, after every reconnect of the backend's
+pub/sub and every ``reload_interval`` seconds (messages sent while this gateway was cut
+from Redis are lost; the persisted list is not). A reload that finds a subject newly
+denied closes its connections too: a missed message still takes effect.
+
+Other kinds of control messages (``join``, ``leave``...) are ignored here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from broadcaster.backend import Backend
+from broadcaster.control import now_ms
+from gateway.auth import Authenticator
+from gateway.connection import ConnectionPool
+
+log = logging.getLogger("gateway.revocation")
+
+KIND = "disconnect"
+DEFAULT_CODE = 4403
+DEFAULT_REASON = "revoked"
+MAX_REASON_BYTES = 120
+"""A close frame's reason holds at most 123 bytes."""
+RELOAD_INTERVAL = 30.0
+"""Seconds between two reloads of the deny list (the backstop for a control message missed)."""
+
+
+def valid_close_code(code: object) -> bool:
+    """Close codes a disconnect may use: 1000, 1008 and the application range 4000-4999."""
+    return type(code) is int and (code in (1000, 1008) or 4000 <= code <= 4999)
+
+
+def iso_ms(ms: int) -> str:
+    """``ms`` since the epoch as an ISO-8601 UTC time (second precision)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """What a disconnect message asks: which connections to close (``sub`` and / or ``conv_id``), how, how long."""
+
+    sub: str | None = None
+    conv_id: str | None = None
+    code: int = DEFAULT_CODE
+    reason: str = DEFAULT_REASON
+    until: int | None = None
+
+    def message(self) -> dict[str, Any]:
+        """The control message (fields left out when unset)."""
+        out: dict[str, Any] = {"kind": KIND, "code": self.code, "reason": self.reason}
+        for name in ("sub", "conv_id", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Disconnect | None:
+        """The disconnect a control message asks for, or None if it is malformed (logged)."""
+        sub, conv_id = message.get("sub"), message.get("conv_id")
+        code, reason, until = message.get("code", DEFAULT_CODE), message.get("reason", DEFAULT_REASON), \
+            message.get("until")
+        if (sub is not None and not isinstance(sub, str)) or (conv_id is not None and not isinstance(conv_id, str)) \
+                or (sub is None and conv_id is None) or not valid_close_code(code) or not isinstance(reason, str) \
+                or (until is not None and (type(until) is not int or sub is None)):
+            log.warning("ignored a malformed disconnect message: %.200r", message)
+            return None
+        return cls(sub, conv_id, code, reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore"), until)
+
+
+class Revocations:
+    """This gateway's side of revocation (see the module docstring)."""
+
+    def __init__(self, backend: Backend, pool: ConnectionPool, auth: Authenticator, *,
+                 reload_interval: float = RELOAD_INTERVAL) -> None:
+        self._backend = backend
+        self._pool = pool
+        self._auth = auth
+        self._reload_interval = reload_interval
+        self._denied: dict[str, int] = {}  # sub -> until (ms since the epoch)
+        self.closed = 0
+        """Connections this gateway closed for a disconnect (a message, or a reload that found a new entry)."""
+
+    @property
+    def denied(self) -> dict[str, int]:
+        """The deny map as this gateway knows it (expired entries may linger until looked at)."""
+        return dict(self._denied)
+
+    async def start(self) -> None:
+        """Listen to control messages, load the deny list and refuse its subjects (call once the backend started)."""
+        self._backend.add_control_listener(self.on_control)
+        self._backend.add_reconnect_callback(self.reload)
+        self._auth.refuse_subject = self.refusal
+        await self.reload()
+
+    async def run(self) -> None:
+        """Reload the deny list every ``reload_interval`` seconds, forever (a task of the gateway)."""
+        while True:
+            await asyncio.sleep(self._reload_interval)
+            try:
+                await self.reload()
+            except Exception as exc:  # Redis down: the reconnect callback reloads when it is back
+                log.debug("reloading the deny list failed: %r", exc)
+
+    async def reload(self) -> None:
+        """Replace the deny map with the backend's; close the connections of subjects newly denied."""
+        found = await self._backend.revocations()
+        known, self._denied = self._denied, dict(found)
+        for sub, until in found.items():
+            if until > known.get(sub, 0):
+                self.close_matching(Disconnect(sub=sub, until=until))
+
+    def refusal(self, sub: str) -> str | None:
+        """``refuse_subject`` of the Authenticator: why ``sub``'s tokens are refused now, or None."""
+        until = self._denied.get(sub)
+        if until is None:
+            return None
+        if until <= now_ms():
+            self._denied.pop(sub, None)
+            return None
+        return f"user revoked until {iso_ms(until)}"
+
+    def on_control(self, message: dict[str, Any]) -> None:
+        """The control listener: act on ``disconnect`` messages, ignore every other kind."""
+        if message.get("kind") != KIND:
+            return
+        wanted = Disconnect.from_message(message)
+        if wanted is None:
+            return
+        if wanted.until is not None and wanted.sub is not None and wanted.until > now_ms():
+            self._denied[wanted.sub] = wanted.until  # replaces an earlier entry, as Backend.revoke does
+        closed = self.close_matching(wanted)
+        log.info("disconnect %s: closed %d connection(s) with %d", wanted.message(), closed, wanted.code)
+
+    def close_matching(self, wanted: Disconnect) -> int:
+        """Close every local connection ``wanted`` names; returns how many."""
+        closed = 0
+        for conn in list(self._pool.connections.values()):
+            if conn.closing:
+                continue
+            if wanted.sub is not None and conn.user != wanted.sub:
+                continue
+            if wanted.conv_id is not None and wanted.conv_id not in conn.convs:
+                continue
+            conn.close(wanted.code, wanted.reason)
+            closed += 1
+        self.closed += closed
+        return closed
