@@ -47,6 +47,7 @@ class Settings:
     sse_ping_interval: float = 15.0
     sse_retry_ms: int = 1000
     presence_ttl: float = 15.0
+    join_leave_delay: float = 3.0
     redis_probe_interval: float = 5.0
     redis_probe_timeout: float = 2.0
     redis_wait_replicas: int = 0
@@ -104,6 +105,9 @@ HELP: dict[str, str] = {
                            "fail with 503 when fewer confirm (redis://, redis+sentinel://; 0: no WAIT)",
     "redis_wait_timeout_ms": "milliseconds a publish waits for --redis-wait-replicas replicas",
     "presence_ttl": "seconds a gateway's presence counts outlive its last heartbeat (heartbeat: a third of it)",
+    "join_leave_delay": "seconds a user must stay away (no connection on any gateway) before ws.leave is sent, "
+                        "where namespaces have join_leave = true; back sooner: no leave, no second join "
+                        "(docs/namespaces.md)",
     "allowed_origins": "Origin values allowed for browser sockets and CORS (repeatable; empty: any)",
     "gateway_id": "name of this gateway in presence and hello (default: host-pid-random)",
     "log_level": "debug, info, warning or error",
@@ -169,7 +173,7 @@ def check(settings: Settings) -> None:
     if settings.ws_compression not in ("deflate", "off"):
         raise ValueError("--ws-compression must be deflate or off")
     for name in ("ping_interval", "handshake_timeout", "drain_seconds", "sse_ping_interval", "sse_retry_ms",
-                 "redis_wait_replicas", "redis_wait_timeout_ms"):
+                 "redis_wait_replicas", "redis_wait_timeout_ms", "join_leave_delay"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
     if settings.auth_secret and settings.auth_public_key:

@@ -19,7 +19,7 @@ from broadcaster.hooks import BackendPublisher, PluginContext
 from broadcaster.hub import Hub
 from broadcaster.importing import import_callable
 from broadcaster.namespaces import load_namespaces
-from broadcaster.presence import PresenceReporter
+from broadcaster.presence import JoinLeave, PresenceReporter
 from broadcaster.profiles import ProfileRegistry
 from gateway.auth import Authenticator, PublishKeys
 from gateway.connection import ConnectionPool
@@ -82,8 +82,12 @@ class Gateway:
                                   issuer=settings.auth_issuer)
         self.publish_keys = PublishKeys(settings.publish_key)
         self.revocations = Revocations(self.backend, self.pool, self.auth)
+        self.join_leave = JoinLeave(self.backend, self.hub, self.policies)
+        self.join_leave.listen()
         self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,
-                                         heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl)
+                                         heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl,
+                                         policies=self.policies, leave_delay=settings.join_leave_delay,
+                                         on_transitions=self.join_leave.announce)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _metric_sources(self) -> MetricSources:
