@@ -23,6 +23,7 @@ from gateway.settings import Settings
 from tests.support.gateway import GatewayProcess, InProcessGateway, start_gateways
 from tests.support.polling import async_wait_until
 from tests.support.sseclient import SseClient
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -244,3 +245,27 @@ def test_disconnect_message_parsing() -> None:
     assert Disconnect(sub="u", until=5).message() == {"kind": "disconnect", "sub": "u", "until": 5, "code": 4403,
                                                       "reason": "revoked"}
     assert callable(Revocations.refusal)
+
+
+async def test_a_gateway_cut_from_redis_catches_up_on_reconnect(redis_url: str, key_prefix: str) -> None:
+    """The disconnect message is lost for a gateway cut from Redis; the deny list reloaded on reconnect is not."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with TcpProxy(port) as proxy:
+        cut_off = InProcessGateway(Settings(redis_url=proxy.url, key_prefix=key_prefix, auth_secret=SECRET))
+        direct = InProcessGateway(Settings(redis_url=redis_url, key_prefix=key_prefix, auth_secret=SECRET))
+        async with cut_off, direct:
+            u1 = await connect(cut_off.ws_url(), "u1", "x")
+            u2 = await connect(cut_off.ws_url(), "u2", "x")
+            proxy.block()
+            await async_wait_until(lambda: not cut_off.gateway.backend.connected, timeout=10,
+                                   message="the cut-off gateway to notice")
+            r = await post(direct.http_url, {"sub": "u1", "until": 60}, headers={})
+            assert r.status_code == 202, r.text
+            assert (await refused_at_connect(direct.ws_url(), "u1"))[0] == 4403
+            assert cut_off.gateway.revocations.closed == 0 and "u1" not in cut_off.gateway.revocations.denied
+            proxy.unblock()
+            assert await closed_with(u1, timeout=20) == (4403, "revoked")
+            assert "u1" in cut_off.gateway.revocations.denied
+            assert (await refused_at_connect(cut_off.ws_url(), "u1"))[0] == 4403
+            seq = (await direct.gateway.backend.publish("x", "chat.msg", {"after": True})).seq
+            await receives(u2, seq)
