@@ -38,6 +38,7 @@ from gateway.protocol import (
     ConnectRequest,
     Ping,
     ProtocolError,
+    Refresh,
     SubscribeRequest,
     Unsubscribe,
     parse_client_message,
@@ -79,7 +80,8 @@ types_values = often(["chat.*", "a,b", "", ",", "*" * 129, ",".join(["x"] * 17),
 def structured_messages(draw: st.DrawFn) -> dict[str, Any]:
     """Messages shaped like the protocol, with each field valid, borderline or junk (valid ones often)."""
     message: dict[str, Any] = {
-        "type": draw(often(["ws.subscribe", "ws.subscribe", "ws.unsubscribe", "ws.ping", "ws.nope", "ping"],
+        "type": draw(often(["ws.subscribe", "ws.subscribe", "ws.unsubscribe", "ws.ping", "ws.nope", "ping",
+                            "ws.refresh"],
                            json_values))}
     if draw(st.integers(0, 4)):
         message["conv_id"] = draw(often(["c1", "conv-2", "a.b:c_d"], names | json_values))
@@ -503,7 +505,8 @@ def _expected_reply(raw: str | bytes) -> str:
         message = parse_client_message(raw)
     except ProtocolError:
         return "ws.error"
-    return {Ping: "ws.pong", SubscribeRequest: "ws.subscribed", Unsubscribe: "ws.unsubscribed"}[type(message)]
+    return {Ping: "ws.pong", SubscribeRequest: "ws.subscribed", Unsubscribe: "ws.unsubscribed",
+            Refresh: "ws.error"}[type(message)]  # auth is off in the harness: a refresh is bad_refresh
 
 
 class JunkHarness:
