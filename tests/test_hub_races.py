@@ -347,7 +347,7 @@ async def test_a_failed_resubscribe_leaves_the_connection_unsubscribed_and_a_lat
         backend.fail_subscribes = 1
         await client.send_json({"type": "ws.subscribe", "conv_id": "r", "since": 0})
         error = await client.expect("ws.error")
-        assert error["code"] == "unavailable"
+        assert (error["code"], error["conv_id"]) == ("unavailable", "r")  # #16: it names its subscription
         # The hub ended the old subscription before the new one failed: nothing may count it any more.
         assert subscriptions(gw) == 0
         assert gw.gateway.hub.presence_counts("r") == {}
