@@ -4,6 +4,8 @@ Exit status: 0 after a drain (SIGTERM / SIGINT); 2 bad option or configuration
 (profiles file, plugin, auth key...); 69 the backend (Redis) stayed unreachable at
 start-up, with one line on stderr naming its address (credentials redacted) and
 what to check; 3 any other start-up failure (uvicorn's own code, with a traceback).
+With ``--workers N`` the supervisor exits with a worker's start-up status, 1 when a worker
+did not exit 0 after the drain, 70 when a worker kept failing (gateway.workers).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from broadcaster.errors import BackendUnavailable
 from broadcaster.urls import redact_url, url_addresses
-from gateway.settings import HELP, LIST_OPTIONS, Settings, settings_from
+from gateway.settings import HELP, LIST_OPTIONS, Settings, settings_from, worker_count
 
 EXIT_BAD_CONFIG = 2
 EXIT_STARTUP_FAILED = 3  # uvicorn's STARTUP_FAILURE
@@ -34,7 +36,8 @@ exit status:
   0                     stopped after a drain (SIGTERM, SIGINT)
   {EXIT_BAD_CONFIG}                     bad option or configuration
   {EXIT_BACKEND_UNAVAILABLE}                    Redis unreachable at start-up (one line says where and what to check)
-  {EXIT_STARTUP_FAILED}                     any other start-up failure (with a traceback)"""
+  {EXIT_STARTUP_FAILED}                     any other start-up failure (with a traceback)
+  70                    --workers: a worker kept exiting within 30 s of its start (5 times in a row)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,17 +188,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"broadcaster-gateway: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     _import_from_cwd()
-    from gateway import logs
+    from gateway import logs, workers
+
+    logs.configure(settings.log_level, settings.log_format)
+    count = worker_count(settings.workers)
+    if count > 1:  # a supervisor of `count` workers (gateway.workers), each running this function
+        return workers.supervise(settings, argv, count)
+    slot = workers.current_slot()
+    if slot is not None:
+        workers.die_with_supervisor(slot)
     from gateway.app import create_app
     from gateway.server import serve
     from gateway.state import StartupError
 
-    logs.configure(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
     except (StartupError, ValueError) as exc:
         print(f"broadcaster-gateway: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    sockets = workers.Worker(slot, settings).prepare(app) if slot is not None else None
     watch = StartupWatch(verbose=settings.log_level.lower() == "debug")
     watch.install()
     app.router.lifespan_context = watch.watch(app.router.lifespan_context)
@@ -203,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("gateway").info("connecting to Redis at %s (%s)", url_addresses(settings.redis_url),
                                           redact_url(settings.redis_url))
     try:
-        serve(app, settings)
+        serve(app, settings, sockets=sockets)
     except SystemExit:
         if isinstance(watch.failure, BackendUnavailable):
             print(backend_unreachable_message(settings, watch.failure, watch.last_error), file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import struct
 import sys
 import weakref
@@ -195,13 +196,15 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
+def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     """Run until drained; returns normally (exit status 0) after a SIGTERM. A failed compatibility
-    check prints its message and exits 2 (a configuration to fix: versions, or ``--compat``)."""
+    check prints its message and exits 2 (a configuration to fix: versions, or ``--compat``).
+    ``sockets``: serve these (bound, not yet listening: uvicorn listens once the app started)
+    instead of binding ``settings.host``:``settings.port`` (a ``--workers`` worker, gateway.workers)."""
     try:
         config = uvicorn_config(app, settings)
     except compat.CompatError as exc:
         print(f"broadcaster-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     server = DrainingServer(config, app.state.gateway)
-    server.run()
+    server.run(sockets=sockets)

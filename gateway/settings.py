@@ -20,6 +20,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: str = "1"
     redis_url: str | None = None
     profiles: str | None = None
     namespaces: str | None = None
@@ -67,6 +68,9 @@ class Settings:
 HELP: dict[str, str] = {
     "host": "interface to listen on",
     "port": "TCP port for HTTP and websockets",
+    "workers": "gateway processes serving --port together (SO_REUSEPORT), each with its own backend "
+               "connections and gateway id, or auto (one per CPU this process may use); more than 1 needs "
+               "--redis-url (docs/operations.md, \"Workers\")",
     "redis_url": "redis://, rediss://, redis+cluster://host:port[,host:port] or "
                  "redis+sentinel://host:port[,host:port]/service[/db]; unset = embedded memory backend",
     "profiles": "TOML file with [profiles.NAME] tables",
@@ -178,6 +182,22 @@ def check(settings: Settings) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
     if settings.auth_secret and settings.auth_public_key:
         raise ValueError("give --auth-secret or --auth-public-key, not both")
+    if worker_count(settings.workers) > 1 or settings.workers.strip().lower() == "auto":
+        if not settings.redis_url:
+            raise ValueError(f"--workers {settings.workers} needs --redis-url: on the embedded memory backend each "
+                             "worker would have a memory of its own, and clients of one worker would not see "
+                             "events published through another")
+
+
+def worker_count(value: str) -> int:
+    """``--workers``: a positive integer, or ``auto`` (the CPUs this process may run on: its affinity mask,
+    not a cgroup CPU quota); ValueError otherwise."""
+    word = value.strip().lower()
+    if word == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not (word.isascii() and word.isdigit()) or int(word) < 1:
+        raise ValueError(f"--workers must be a positive integer or auto, not {value!r}")
+    return int(word)
 
 
 def option_names() -> Sequence[str]:
