@@ -22,6 +22,13 @@ websockets' sans-I/O ``ClientProtocol`` on a raw asyncio protocol (the smoke
 test runs that way, with no extra package). ``http://…/sse?…`` URLs are read as
 Server-Sent Events by :class:`SseClient` (raw asyncio protocol: chunked body, one
 ``data:`` line per object; the same per-object work as the websocket clients).
+
+``ws://…/socket.io/?EIO=4&transport=websocket&room=R`` URLs (the socket.io peers)
+speak socket.io v5 over engine.io v4 on the same transports (:class:`SioSession`):
+the engine.io open packet ``0{…}`` is answered by the namespace connect ``40``, its
+``40{…}`` by ``421["join","R"]``, and the connection counts as connected once that
+join is acked (``431[…]``); pings ``2`` get ``3``; events arrive one per frame as
+``42["event",{…}]`` whose object carries the same ``data`` as the other servers'.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import hist
 import orjson
@@ -69,7 +78,6 @@ class Stats:
         now = _time_ns() // 1000
         self.frames += 1
         lines = payload.split(b"\n") if b"\n" in payload else (payload,)
-        counts, samples = self.counts, self.samples
         for line in lines:
             if line.startswith(CONTROL_PREFIX):
                 continue
@@ -79,16 +87,32 @@ class Stats:
             except (ValueError, KeyError, TypeError):
                 self.bad += 1
                 continue
-            if not conn.got_event:
-                conn.got_event = True
-                self.ready += 1
-            if step in counts:
-                counts[step] += 1
-                samples[step].append(now - sent)
-            else:
-                counts[step] = 1
-                arr = samples[step] = hist.new_samples()
-                arr.append(now - sent)
+            self._record(conn, step, now - sent)
+
+    def on_sio_event(self, conn: Any, payload: bytes) -> None:
+        """One socket.io event packet, ``42["event",{…, "data": {…}}]``."""
+        now = _time_ns() // 1000
+        self.frames += 1
+        try:
+            data = _loads(payload[2:])[1]["data"]
+            step, sent = data["s"], data["t"]
+        except (ValueError, KeyError, TypeError, IndexError):
+            self.bad += 1
+            return
+        self._record(conn, step, now - sent)
+
+    def _record(self, conn: Any, step: int, latency_us: int) -> None:
+        if not conn.got_event:
+            conn.got_event = True
+            self.ready += 1
+        counts = self.counts
+        if step in counts:
+            counts[step] += 1
+            self.samples[step].append(latency_us)
+        else:
+            counts[step] = 1
+            arr = self.samples[step] = hist.new_samples()
+            arr.append(latency_us)
 
     def on_server_close(self, code: int | str) -> None:
         self.closed_by_server += 1
@@ -96,6 +120,45 @@ class Stats:
 
 
 STATS = Stats()
+
+
+class SioSession:
+    """The socket.io side of one connection: answers the handshake and pings, joins the room, counts events.
+
+    ``send`` writes one text frame. ``joined`` resolves once the server acked the join
+    (or fails if the server refused the namespace).
+    """
+
+    def __init__(self, room: str, send: Callable[[bytes], None], joined: asyncio.Future[None]) -> None:
+        self.join = b'421["join",' + orjson.dumps(room) + b"]"
+        self.send = send
+        self.joined = joined
+        self.got_event = False
+
+    def on_text(self, payload: bytes) -> None:
+        head = payload[:2]
+        if head == b"42":
+            STATS.on_sio_event(self, payload)
+        elif head[:1] == b"2":
+            self.send(b"3")
+        elif head[:1] == b"0":
+            self.send(b"40")
+        elif head == b"40":
+            self.send(self.join)
+        elif head == b"43":
+            if not self.joined.done():
+                self.joined.set_result(None)
+        elif head == b"44" or head == b"41" or head[:1] == b"1":
+            if not self.joined.done():
+                self.joined.set_exception(ConnectionError(f"socket.io refused: {payload[:120]!r}"))
+
+
+def sio_room(url: str) -> str | None:
+    """The room of a socket.io URL (``…/socket.io/?…&room=R``), None for other URLs."""
+    parts = urlsplit(url)
+    if not parts.path.startswith("/socket.io/"):
+        return None
+    return parse_qs(parts.query).get("room", [""])[0]
 
 
 # --- picows ----------------------------------------------------------------------------------
@@ -138,6 +201,41 @@ if picows is not None:
                                             max_frame_size=64 * 1024 * 1024)
         return client
 
+    class SioPicowsClient(PicowsClient):  # type: ignore[misc]
+        """A picows client carrying a :class:`SioSession`."""
+
+        def __init__(self, room: str, joined: asyncio.Future[None]) -> None:
+            super().__init__()
+            self.sio = SioSession(room, self._send_text, joined)
+
+        def _send_text(self, payload: bytes) -> None:
+            if not self.closing:
+                self.transport.send(picows.WSMsgType.TEXT, payload)
+
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type == picows.WSMsgType.TEXT:
+                self.sio.on_text(frame.get_payload_as_bytes())
+            else:
+                super().on_ws_frame(transport, frame)
+
+        def on_ws_disconnected(self, transport: Any) -> None:
+            super().on_ws_disconnected(transport)
+            if not self.sio.joined.done():
+                self.sio.joined.set_exception(ConnectionError("disconnected before the join was acked"))
+
+    async def connect_sio_picows(url: str) -> Any:
+        joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        room = sio_room(url) or ""
+        _, client = await picows.ws_connect(lambda: SioPicowsClient(room, joined), url,
+                                            websocket_handshake_timeout=30, max_frame_size=64 * 1024 * 1024)
+        try:
+            async with asyncio.timeout(30):
+                await joined
+        except BaseException:
+            client.close()
+            raise
+        return client
+
 
 # --- websockets sans-I/O on a raw asyncio protocol ------------------------------------------
 
@@ -154,6 +252,13 @@ class SansioClient(asyncio.Protocol):
         self.got_event = False
         self.closing = False
         self.transport: asyncio.Transport | None = None
+        room = sio_room(url)
+        self.sio = None if room is None else SioSession(room, self._send_text, opened.get_loop().create_future())
+
+    def _send_text(self, payload: bytes) -> None:
+        if not self.closing:
+            self.proto.send_text(payload)
+            self._flush()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -171,6 +276,8 @@ class SansioClient(asyncio.Protocol):
                     self.opened.set_result(None)
                 elif not self.opened.done():
                     self.opened.set_exception(ConnectionError(f"HTTP {event.status_code}"))
+            elif event.opcode is Opcode.TEXT and self.sio is not None:
+                self.sio.on_text(event.data)
             elif event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
                 STATS.on_payload(self, event.data)
             elif event.opcode is Opcode.CLOSE and not self.closing:
@@ -192,6 +299,8 @@ class SansioClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
             self.opened.set_exception(ConnectionError(f"connection lost before the handshake: {exc}"))
+        if self.sio is not None and not self.sio.joined.done():
+            self.sio.joined.set_exception(ConnectionError(f"connection lost before the join was acked: {exc}"))
         if not self.closing:
             self.closing = True
             STATS.on_server_close("eof")
@@ -215,6 +324,8 @@ async def connect_sansio(url: str) -> SansioClient:
     try:
         async with asyncio.timeout(30):
             await opened
+            if client.sio is not None:
+                await client.sio.joined
     except BaseException:
         client.close()
         raise
@@ -311,8 +422,6 @@ class SseClient(asyncio.Protocol):
 
 
 async def connect_sse(url: str) -> SseClient:
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     loop = asyncio.get_running_loop()
     opened: asyncio.Future[None] = loop.create_future()
@@ -340,6 +449,8 @@ class Driver:
         connect = connect_picows if self.impl == "picows" else connect_sansio
         if urls and urls[0].startswith("http"):
             connect = connect_sse
+        elif urls and sio_room(urls[0]) is not None and self.impl == "picows":
+            connect = connect_sio_picows
         gate = asyncio.Semaphore(max(1, concurrency))
         errors: Counter[str] = Counter()
 

@@ -1,8 +1,9 @@
-"""Benchmark harness: our gateway against encode/broadcaster + Starlette and a bare floor server.
+"""Benchmark harness: our gateway against encode/broadcaster, python-socketio, Node socket.io and a floor server.
 
-    python bench/run.py                 # every scenario, every server (~8 min on a quiet 2-core box)
-    python bench/run.py --quick         # fewer, shorter steps (~4.5 min)
+    python bench/run.py                 # every scenario, every server (~40 min on a quiet 2-core box)
+    python bench/run.py --quick         # fewer, shorter steps (~20 min)
     python bench/run.py --scenarios fanout,idle --servers ours,floor
+    python bench/run.py --quick --scenarios fanout,idle --servers ours,socketio,sionode,floor
     python bench/run.py --no-venv --scenarios smoke --servers ours   # what tests/test_bench_smoke.py runs
     python bench/run.py --scenarios fanout,broadcast,idle --servers ours,sse   # SSE against /ws
 
@@ -18,9 +19,30 @@ tools one:
   (picows on uvloop, hdrhistogram, psutil);
 * ``encode`` (``bench/requirements-encode.txt``): PyPI ``broadcaster[redis]`` + Starlette
   on uvicorn - its own venv because that distribution is also called ``broadcaster``;
-* ``floor``  (``bench/requirements-floor.txt``): the hand-written floor server.
+* ``floor``  (``bench/requirements-floor.txt``): the hand-written floor server;
+* ``socketio`` (``bench/requirements-socketio.txt``): python-socketio's ``AsyncServer`` on
+  uvicorn with ``AsyncRedisManager`` (``servers/socketio_app.py``) and its external emitter
+  (``emit_socketio.py``, a write-only ``AsyncRedisManager``).
 
-Every server consumes the same Redis publishes (see ``loadpub.py``). By default a
+Server ``sionode`` is socket.io 4.8 on Node with ``@socket.io/redis-adapter`` 8
+(``servers/socketio_node/server.js``), fed by ``@socket.io/redis-emitter``
+(``servers/socketio_node/emitter.js``); ``npm ci`` installs its pinned
+``package-lock.json`` into ``servers/socketio_node/node_modules`` (git-ignored) when
+that is missing or older than the lock file. It needs ``node`` (18+) and ``npm``.
+
+Our gateway, encode/broadcaster and the floor consume the same Redis publishes (see
+``loadpub.py``); the socket.io peers are fed by their own emitters, at the same paced
+rate, with the same ~100 B ``data`` carrying the same publish-time stamp, as each
+ships (python-socketio: one JSON message per emit on one channel every server reads;
+Node: msgpack on a channel per room). Their load clients speak socket.io over a plain
+websocket (``client.py``) and join one room (= conversation) each.
+
+Ladders: each capacity shape (fanout, chat, broadcast, profile) steps through its fixed
+rates, then keeps doubling the rate until the server has failed ``--max-failures``
+steps, the publisher can no longer keep the rate (the step is then publisher-bound and
+higher rates would measure the publisher), or ``--max-dps``. Every step is bounded
+(publishing at most 2 x its duration + 5 s, 15 s to drain), so the run stops by itself;
+the durations above are for the five default servers. By default a
 private ``redis-server`` is started on a free loopback port (no persistence) and
 killed at the end; ``--redis-url`` uses an existing one (keys go under a random
 prefix and are deleted afterwards). All traffic stays on 127.0.0.1, every step is
@@ -48,7 +70,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +96,14 @@ _PROC_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, IndexError
 if psutil is not None:
     _PROC_ERRORS += (psutil.Error,)
 
-SERVERS = ("ours", "encode", "floor")
 SSE = "sse"
 """Our gateway with its clients on /sse instead of /ws (not in the default run: ``--servers ours,sse``)."""
+SERVERS = ("ours", "encode", "socketio", "sionode", "floor")
+LABELS = {"ours": "ours", "encode": "encode/broadcaster", "socketio": "python-socketio",
+          "sionode": "socket.io (Node)", "floor": "floor", SSE: "ours on /sse"}
+SOCKETIO = ("socketio", "sionode")
+"""The socket.io peers: their clients speak socket.io, their own emitters feed them."""
+NODE_DIR = BENCH / "servers" / "socketio_node"
 OURS = ("ours", SSE)
 SCENARIOS = ("fanout", "chat", "broadcast", "idle", "together", "profile", "publish")
 P99_LIMIT_MS = 100.0
@@ -103,6 +130,25 @@ def ensure_venv(name: str, requirements: Path) -> Path:
     subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)], check=True)
     marker.write_text(digest)
     return python
+
+
+def ensure_node_modules() -> Path:
+    """``node`` (18+), with the socket.io peer's pinned packages installed by ``npm ci`` when missing or stale."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        sys.exit("server sionode needs node (18+) and npm on PATH (e.g. apt-get install nodejs npm); "
+                 "or leave it out of --servers")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+    if int(re.sub(r"^v(\d+).*", r"\1", version) or 0) < 18:
+        sys.exit(f"server sionode needs node 18 or newer (found {version})")
+    lock = NODE_DIR / "package-lock.json"
+    marker = NODE_DIR / "node_modules" / ".package-lock.sha256"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()
+    if not marker.exists() or marker.read_text() != digest:
+        log(f"npm ci in {NODE_DIR}")
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR, check=True)
+        marker.write_text(digest)
+    return Path(node)
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -266,6 +312,8 @@ class Server:
 
     def url(self, index: int, conv: str, profile: str | None) -> str:
         port = self.ports[index % len(self.ports)]
+        if self.kind in SOCKETIO:
+            return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket&room={conv}"
         query = f"conv_id={conv}" + (f"&profile={profile}" if profile else "")
         if self.kind == SSE:
             return f"http://127.0.0.1:{port}/sse?{query}"
@@ -290,6 +338,7 @@ class Context:
     project_python: str
     tools_python: str
     peer_python: dict[str, str]
+    """Interpreter of each peer: a venv's python, or ``node`` for ``sionode``."""
     redis_url: str
     redis_pid: int | None
     logdir: Path
@@ -313,6 +362,8 @@ class Shape:
     duration: float
     profile: str | None = None
     connect: str = "waves"  # "waves": one client per conversation first; "together": all at once
+    grow: bool = False
+    """After ``steps``, keep doubling the rate (see :func:`ladder`)."""
 
     @property
     def fanout(self) -> float:
@@ -324,15 +375,27 @@ def shapes(quick: bool) -> dict[str, Shape]:
     fanout_steps = (10_000, 20_000, 40_000, 60_000, 80_000) if quick else (
         10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000, 150_000)
     return {
-        "fanout": Shape("fanout", 500, 50, fanout_steps, d),
+        "fanout": Shape("fanout", 500, 50, fanout_steps, d, grow=True),
         "chat": Shape("chat", 5000, 5000, (2_500, 5_000, 10_000) if quick else
-                      (2_500, 5_000, 7_500, 10_000, 12_500, 15_000, 20_000), d),
+                      (2_500, 5_000, 7_500, 10_000, 12_500, 15_000, 20_000), d, grow=True),
         "broadcast": Shape("broadcast", 2000, 1, (20_000, 40_000, 80_000) if quick else
-                           (10_000, 20_000, 30_000, 40_000, 60_000, 80_000, 100_000, 150_000), d),
-        "profile": Shape("profile", 500, 50, fanout_steps, d, profile="bench"),
+                           (10_000, 20_000, 30_000, 40_000, 60_000, 80_000, 100_000, 150_000), d, grow=True),
+        "profile": Shape("profile", 500, 50, fanout_steps, d, profile="bench", grow=True),
         "together": Shape("together", 500, 50, (20_000,), 2.0, connect="together"),
         "smoke": Shape("smoke", 20, 4, (1_000,), 2.0),
     }
+
+
+def ladder(shape: Shape, max_dps: int) -> Iterator[int]:
+    """The shape's rates, then (if it grows) doubling from the last one up to ``max_dps``.
+
+    The caller stops early: ``--max-failures`` failed steps, or a publisher that cannot keep the rate.
+    """
+    yield from shape.steps
+    target = shape.steps[-1] * 2 if shape.grow and shape.steps else max_dps + 1
+    while target <= max_dps:
+        yield target
+        target *= 2
 
 
 def start_server(ctx: Context, kind: str, prefix: str, profile: str | None) -> Server:
@@ -351,6 +414,12 @@ def start_server(ctx: Context, kind: str, prefix: str, profile: str | None) -> S
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH / "servers"), env.get("PYTHONPATH")]))
         elif kind == "encode":
             argv = [ctx.peer_python["encode"], str(BENCH / "servers" / "encode_app.py"), "--port", str(port),
+                    "--redis-url", ctx.redis_url, "--prefix", prefix]
+        elif kind == "socketio":
+            argv = [ctx.peer_python["socketio"], str(BENCH / "servers" / "socketio_app.py"), "--port", str(port),
+                    "--redis-url", ctx.redis_url, "--prefix", prefix]
+        elif kind == "sionode":
+            argv = [ctx.peer_python["sionode"], str(NODE_DIR / "server.js"), "--port", str(port),
                     "--redis-url", ctx.redis_url, "--prefix", prefix]
         else:
             argv = [ctx.peer_python["floor"], str(BENCH / "servers" / "floor.py"), "--port", str(port),
@@ -388,8 +457,13 @@ class Load:
         impl = ["--impl", ctx.args.client_impl]
         self.clients = [Child(f"client-{shape.name}-{server.kind}-{i}",
                               [ctx.tools_python, str(BENCH / "client.py"), *impl], ctx.logdir) for i in range(procs)]
-        self.publisher = Child(f"publisher-{shape.name}-{server.kind}",
-                               [ctx.project_python, str(BENCH / "loadpub.py")], ctx.logdir)
+        if server.kind == "socketio":
+            feeder = [ctx.peer_python["socketio"], str(BENCH / "emit_socketio.py")]
+        elif server.kind == "sionode":
+            feeder = [ctx.peer_python["sionode"], str(NODE_DIR / "emitter.js")]
+        else:
+            feeder = [ctx.project_python, str(BENCH / "loadpub.py")]
+        self.publisher = Child(f"publisher-{shape.name}-{server.kind}", feeder, ctx.logdir)
         self.impl = ""
 
     async def __aenter__(self) -> Load:
@@ -498,7 +572,9 @@ class Load:
         frames0, objects0 = self.server.frames()
         before, wall0 = self.samplers(), time.monotonic()
         published = await self.publisher.call({"cmd": "run", "step": index, "rate": rate,
-                                               "duration": self.shape.duration}, timeout=self.shape.duration + 120)
+                                               "duration": self.shape.duration,
+                                               "max_seconds": 2 * self.shape.duration + 5},
+                                              timeout=3 * self.shape.duration + 120)
         after, wall = self.samplers(), time.monotonic() - wall0
         expected = sum(n * s for n, s in zip(published["per_conv"], self.subs, strict=True))
         got, last_change, last_got = 0, time.monotonic(), -1
@@ -531,6 +607,7 @@ class Load:
         lost = max(0, expected - received)
         passed = (lost == 0 and lat["p99_ms"] < P99_LIMIT_MS and not published["errors"])
         bound = "publisher" if published["behind_ms"] > 250 else ""
+        kept_rate = published["sent"] / elapsed >= 0.75 * rate
         return {
             "step": index, "target_dps": target, "events_per_s": round(published["sent"] / elapsed),
             "expected": expected, "received": received, "lost": lost,
@@ -541,7 +618,7 @@ class Load:
             "server_rss_mb": round(self.server.rss() / 2**20, 1), "closed_by_server": closed, "codes": codes,
             "objects_per_frame": round((objects1 - objects0) / (frames1 - frames0), 2) if frames1 > frames0 else None,
             "publisher_behind_ms": published["behind_ms"], "publish_errors": published["errors"],
-            "bound": bound, "pass": passed, "hist_engine": lat["engine"],
+            "bound": bound, "pass": passed, "hist_engine": lat["engine"], "publisher_kept_rate": kept_rate,
         }
 
 
@@ -561,7 +638,8 @@ async def measure_shape(ctx: Context, kind: str, shape: Shape) -> dict[str, Any]
             if shape.connect == "together":
                 return out
             failures = 0
-            for index, target in enumerate(shape.steps, start=1):
+            out["ladder_end"] = "end of ladder"
+            for index, target in enumerate(ladder(shape, ctx.args.max_dps), start=1):
                 for attempt in range(ctx.args.retries + 1):
                     quiet = await load.wait_quiet()
                     began = time.monotonic()
@@ -582,7 +660,12 @@ async def measure_shape(ctx: Context, kind: str, shape: Shape) -> dict[str, Any]
                 if not result["pass"]:
                     failures += 1
                     if failures >= ctx.args.max_failures:
+                        out["ladder_end"] = "failed"
                         break
+                if index > len(shape.steps) and not result["publisher_kept_rate"]:
+                    out["ladder_end"] = "publisher-bound"
+                    log(f"  {kind} {shape.name}: the publisher cannot keep {target:,} d/s; the ladder stops")
+                    break
     finally:
         server.stop()
     passing = [s for s in out["steps"] if s["pass"]]
@@ -706,6 +789,12 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
+def first_failure(run: dict[str, Any] | None) -> int | None:
+    """The lowest target rate (deliveries/s) of a step the server failed, None if it failed none."""
+    failed = [s["target_dps"] for s in (run or {}).get("steps", []) if not s["pass"]]
+    return min(failed, default=None)
+
+
 def step_at(run: dict[str, Any] | None, target: int) -> dict[str, Any] | None:
     if not run:
         return None
@@ -772,26 +861,33 @@ def markdown(results: dict[str, Any]) -> str:
         run: dict[str, Any] | None = shapes_.get(shape, {}).get(server)
         return run
 
-    rows: list[tuple[Any, ...]] = [("metric", "better", "ours", "encode/broadcaster", "floor", "ours ÷ encode",
-                                    "ours ÷ floor")]
+    in_run = set(a.get("servers") or SERVERS)
+    cols = ["ours", *[s for s in SERVERS[1:] if s in in_run]]
+    peers = cols[1:]
+    rows: list[tuple[Any, ...]] = [("metric", "better", *[LABELS[s] for s in cols],
+                                    *[f"ours ÷ {LABELS[p]}" for p in peers])]
 
     def add(label: str, better: str, vals: list[Any], marks: list[str] | None = None) -> None:
-        marks = marks or ["", "", ""]
+        marks = marks or [""] * len(cols)
         rows.append((label, better, *[_fmt(v) + mk for v, mk in zip(vals, marks, strict=True)],
-                     ratio(vals[0], vals[1]), ratio(vals[0], vals[2])))
+                     *[ratio(vals[0], v) for v in vals[1:]]))
 
     for shape, label in (("fanout", "capacity, 500 clients / 50 convs (deliveries/s)"),
                          ("chat", "capacity, 5,000 clients / 5,000 convs (deliveries/s)"),
                          ("broadcast", "capacity, 2,000 clients / 1 conv (deliveries/s)")):
-        runs = [run_of(shape, s) for s in SERVERS]
+        runs = [run_of(shape, s) for s in cols]
         if any(runs):
             add(label, "higher", [r["capacity_dps"] if r else None for r in runs],
                 ["*" if r and r.get("capacity_publisher_bound") else "" for r in runs])
-    for shape, target, what in (("fanout", 20_000, "p99 latency"), ("fanout", 20_000, "server CPU per delivery"),
+            add(f"first failed step, {shape} (deliveries/s)", "higher", [first_failure(r) for r in runs],
+                ["" if not r or r.get("ladder_end") == "failed" else f" ({r.get('ladder_end', '?')})"
+                 for r in runs])
+    for shape, target, what in (("fanout", 20_000, "p99 latency"), ("fanout", 40_000, "p99 latency"),
+                                ("fanout", 20_000, "server CPU per delivery"),
                                 ("fanout", 40_000, "server CPU per delivery"),
                                 ("chat", 5_000, "server CPU per delivery"),
                                 ("broadcast", 20_000, "server CPU per delivery")):
-        steps = [step_at(run_of(shape, s), target) for s in SERVERS]
+        steps = [step_at(run_of(shape, s), target) for s in cols]
         if not any(steps):
             continue
         if what == "p99 latency":
@@ -802,19 +898,23 @@ def markdown(results: dict[str, Any]) -> str:
     idle = results.get("idle", {})
     if idle:
         add(f"RSS per idle connection at {a['idle_connections']:,} (KiB)", "lower",
-            [idle.get(s, {}).get("kib_per_connection") for s in SERVERS])
+            [idle.get(s, {}).get("kib_per_connection") for s in cols])
     together = results.get("together", {})
     if together:
         frac = []
-        for s in SERVERS:
+        for s in cols:
             t = together.get(s)
             frac.append(f"{t['connect']['ready']}/{t['connect']['connected']}" if t else "-")
-        rows.append(("sockets receiving after 500 connect at once (50 convs)", "higher", *frac, "", ""))
+        rows.append(("sockets receiving after 500 connect at once (50 convs)", "higher", *frac, *[""] * len(peers)))
     lines += _table(rows)
     lines += _sse_table(results, run_of)
     lines.append("")
     lines.append("`*` the highest passing step was publisher-bound (the publisher fell behind its rate): the server's "
-                 "own limit is at least that. Capacity = the highest step with nothing lost and p99 < 100 ms.")
+                 "own limit is at least that. Capacity = the highest step with nothing lost and p99 < 100 ms. "
+                 "First failed step: the lowest rate the server failed; \"(publisher-bound)\" = the ladder stopped "
+                 "because the publisher could not keep a higher rate, \"(end of ladder)\" = it passed every step "
+                 "up to --max-dps. Ratios are ours ÷ the peer for every row (higher is better for ours where "
+                 "higher is better, lower where lower is).")
     prof = results.get("profile")
     base = run_of("fanout", "ours")
     if prof:
@@ -875,8 +975,9 @@ async def run_all(ctx: Context) -> dict[str, Any]:
                                "shapes": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     all_shapes = shapes(args.quick)
     if args.steps or args.step_seconds:
-        ladder = tuple(int(x) for x in args.steps.split(",")) if args.steps else None
-        all_shapes = {k: dataclasses.replace(v, steps=ladder or v.steps, duration=args.step_seconds or v.duration)
+        steps = tuple(int(x) for x in args.steps.split(",")) if args.steps else None
+        all_shapes = {k: dataclasses.replace(v, steps=steps or v.steps, duration=args.step_seconds or v.duration,
+                                             grow=v.grow and steps is None)
                       for k, v in all_shapes.items()}
     scenarios = args.scenarios
     servers = args.servers
@@ -919,7 +1020,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, of {', '.join((*SCENARIOS, 'smoke'))}")
     parser.add_argument("--servers", default=",".join(SERVERS),
-                        help="comma-separated, of ours, encode, floor, sse (ours on /sse)")
+                        help="comma-separated, of ours, encode, socketio (python-socketio), sionode (socket.io on "
+                             "Node), floor, sse (ours on /sse)")
     parser.add_argument("--client-procs", type=int, default=2, help="load-generator processes")
     parser.add_argument("--client-impl", choices=["auto", "picows", "sansio"], default="auto")
     parser.add_argument("--gateways", type=int, default=1, help="our gateway processes (clients spread over them)")
@@ -929,7 +1031,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--payload-bytes", type=int, default=100, help="event data size as JSON")
     parser.add_argument("--max-failures", type=int, help="failed steps before a server's ladder stops "
                         "(default 2, quick 1)")
-    parser.add_argument("--steps", help="override the ladder: comma-separated deliveries/s (e.g. 20000,40000)")
+    parser.add_argument("--steps", help="override the ladder: comma-separated deliveries/s (e.g. 20000,40000); "
+                        "no doubling after it")
+    parser.add_argument("--max-dps", type=int, default=5_120_000,
+                        help="the doubling ladders stop below this many deliveries/s")
     parser.add_argument("--step-seconds", type=float, help="override the publishing time of each step")
     parser.add_argument("--redis-url", help="use this Redis (default: start a private redis-server)")
     parser.add_argument("--no-warmup-connection", dest="warmup_connection", action="store_false",
@@ -976,6 +1081,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             peers["encode"] = str(ensure_venv("encode", BENCH / "requirements-encode.txt"))
         if "floor" in args.servers:
             peers["floor"] = str(ensure_venv("floor", BENCH / "requirements-floor.txt"))
+        if "socketio" in args.servers:
+            peers["socketio"] = str(ensure_venv("socketio", BENCH / "requirements-socketio.txt"))
+        if "sionode" in args.servers:
+            peers["sionode"] = str(ensure_node_modules())
     limit = raise_nofile()
     if "idle" in args.scenarios and limit < args.idle_connections + 1000:
         log(f"warning: open-files limit {limit} is low for {args.idle_connections} connections")
