@@ -26,8 +26,26 @@ What it does for you (docs/delivery.md has the why):
   :meth:`~BroadcasterClient.entity`, the ``on_entity`` callback): ``ws.state``, keyed
   upserts, appends (``"op": "append"`` chunks merged in) and deletes, so application
   code sees whole messages, never chunks (:mod:`producers.entities`, docs/streaming.md);
-* stops for good on what a retry cannot cure - the close codes 4400, 4401, 4403,
-  4404, and a ``ws.error`` ``bad_subscribe`` answering one of its subscriptions
+* keeps its identity alive (docs/security.md): with ``get_token`` (a function, sync or async,
+  returning a fresh JWT) the client asks for a token before every connect and, on the open
+  socket, ahead of the token's ``exp`` (read from the JWT payload, never verified here): at
+  80-90 % of the life left (jittered, so a fleet spreads out; at least min(5 s, a third of
+  it) before exp) it sends ``ws.refresh`` and, on ``ws.refreshed``, plans the next one. A
+  refused refresh (``bad_refresh``), a ``get_token`` that raises or no answer is retried a
+  few times before exp; a gateway from before ``ws.refresh`` (``unknown_type``) is not asked
+  again on that socket. A socket closed anyway with 4401 ``token expired`` reconnects at once
+  with a fresh token and resumes (no gap, no duplicate); a 4401 before the next ``ws.hello``
+  is fatal. A static ``token`` is sent as it is, never refreshed: its expiry ends the client
+  (4401). Give ``token`` or ``get_token``, not both; a token without a readable ``exp`` is
+  never refreshed ahead;
+* ends one subscription, not the client, when the gateway refuses or ends only that one: a
+  ``ws.error`` naming the conversation (``forbidden``: the token does not allow it;
+  ``too_many_subscriptions``) or a ``ws.unsubscribed`` with a reason (``forbidden`` after a
+  refresh narrowed the token) drops it - no resubscribe on reconnect - and yields an
+  :class:`Unsubscribed` item in stream order, like :class:`Reset` and :class:`State`;
+* stops for good on what a retry cannot cure - the close codes 4400, 4401 (other than the
+  ``token expired`` above), 4403 (a revoked user, a token that lost the profile), 4404, and
+  a ``ws.error`` ``bad_subscribe`` answering one of its subscriptions
   (:class:`SubscribeRefused`): the iterator raises :class:`ClientClosed` saying why;
   any other close (1006, 1012, 1013, 4408, 4429...), ``ws.error`` ``unavailable`` or
   network error means reconnect. Arguments that cannot work (a malformed conversation
@@ -41,11 +59,16 @@ from the last item it queued, so nothing is lost while memory stays bounded.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import inspect
 import logging
+import math
 import random
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NoReturn
@@ -55,7 +78,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from broadcaster.validation import is_valid_name
+from broadcaster.validation import is_valid_conv_id, is_valid_name
 from producers.entities import Entity, EntityMap
 
 MAX_EPOCH_LENGTH = 64
@@ -67,6 +90,48 @@ FATAL_CLOSE_CODES = frozenset({4400, 4401, 4403, 4404})
 """Close codes after which reconnecting cannot help: the client stops."""
 FATAL_SUBSCRIBE_ERRORS = frozenset({"bad_subscribe"})
 """``ws.error`` codes answering a ``ws.subscribe`` that every gateway would give again: the client stops."""
+SUBSCRIPTION_ENDING_ERRORS = frozenset({"forbidden", "too_many_subscriptions"})
+"""``ws.error`` codes naming a ``conv_id`` that end that one subscription (an :class:`Unsubscribed` item)."""
+TOKEN_EXPIRED_REASON = "token expired"
+"""Reason of the 4401 close at a token's ``exp``: with ``get_token``, reconnect with a fresh token."""
+REFRESH_LEAD_MAX = 5.0
+"""Seconds: a refresh goes out at least min(this, a third of the token's remaining life) before exp."""
+REFRESH_RETRIES = 3
+"""Failed refreshes retried (spread over the remaining life) before letting the token expire."""
+REFRESH_ANSWER_TIMEOUT = 10.0
+"""Seconds (at most; a third of the remaining life when less) to wait for ``ws.refreshed``."""
+
+TokenSource = Callable[[], str | Awaitable[str]]
+"""``get_token``: returns a fresh token, directly or as an awaitable."""
+
+
+def token_expiry(token: str | None) -> float | None:
+    """The ``exp`` claim of a JWT (seconds since the epoch), read without verification; None when unreadable."""
+    if not token:
+        return None
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        return None
+    return float(exp)
+
+
+def refresh_delay(remaining: float, rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before refreshing a token with ``remaining`` seconds left.
+
+    80-90 % (jittered) of the life left once a lead of min(5 s, a third of it) is kept for
+    the round trip and the retries; 0 when the token is spent.
+    """
+    if remaining <= 0:
+        return 0.0
+    usable = remaining - min(REFRESH_LEAD_MAX, remaining / 3)
+    return usable * (0.8 + 0.1 * rand())
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +184,21 @@ class State:
     entities: dict[str, Event]
 
 
-Item = Event | Reset | State
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """The gateway ended one subscription; the client dropped it and will not resubscribe it.
+
+    ``reason`` is ``forbidden`` (the token - after a refresh, or for a later subscribe - does
+    not allow the conversation) or ``too_many_subscriptions``; ``message`` is the gateway's
+    explanation, when it gave one. The other subscriptions and the connection go on.
+    """
+
+    conv_id: str
+    reason: str
+    message: str = ""
+
+
+Item = Event | Reset | State | Unsubscribed
 
 
 class ClientClosed(Exception):
@@ -162,6 +241,10 @@ class ClientStats:
     duplicates: int = 0
     """Events dropped because their seq had already been handed out."""
     resets: int = 0
+    refreshes: int = 0
+    """Tokens replaced on an open socket (``ws.refreshed``)."""
+    refresh_failures: int = 0
+    """Refresh attempts that failed: ``bad_refresh``, ``get_token`` raising, or no answer in time."""
     close_codes: list[int] = field(default_factory=list)
     """Close code of every connection that ended (1006: no close frame)."""
     gateway_ids: list[str] = field(default_factory=list)
@@ -188,7 +271,8 @@ class BroadcasterClient:
     ``urls``: gateway websocket URLs (``ws://host:port/ws``; ``ws://host:port`` and
     ``http(s)://`` are accepted too). ``conversations``: conversation ids to follow
     (more with :meth:`subscribe`). ``profile``, ``token`` (sent as
-    ``Authorization: Bearer``), ``types`` (globs narrowing the profile) and ``hydrate``
+    ``Authorization: Bearer``; or ``get_token``, called for a fresh one before every connect and
+    ahead of each token's exp - module docstring), ``types`` (globs narrowing the profile) and ``hydrate``
     (start each conversation from its state) apply to every conversation unless
     :meth:`subscribe` says otherwise. ``start_at``: index of the first URL to try
     (default: random, which spreads clients over gateways). ``backoff_initial`` /
@@ -207,6 +291,7 @@ class BroadcasterClient:
         *,
         profile: str = "default",
         token: str | None = None,
+        get_token: TokenSource | None = None,
         types: Sequence[str] | None = None,
         hydrate: bool = False,
         start_at: int | None = None,
@@ -226,7 +311,17 @@ class BroadcasterClient:
             raise ValueError(f"invalid profile name {profile!r}")
         self.urls = [_ws_url(u, profile) for u in url_list]
         self.profile = profile
+        if token is not None and get_token is not None:
+            raise ValueError("give token or get_token, not both")
+        if get_token is not None and not callable(get_token):
+            raise ValueError("get_token must be a callable returning a token (or an awaitable of one)")
         self.token = token
+        self.get_token = get_token
+        self._conn_exp: float | None = None  # exp of the current connection's token (ws.refreshed's once refreshed)
+        self._clock_skew = 0.0  # the gateway's clock (ws.hello server_time) minus ours, seconds
+        self._renewing = False  # a "token expired" close led to a fresh token; a 4401 before the next hello is fatal
+        self._reconnect_now = False
+        self._refresh_answer: asyncio.Future[str] | None = None  # "ok" / "refused" / "unsupported"
         if isinstance(types, str):
             raise ValueError("types must be a sequence of globs, e.g. ['chat.*'], not a string")
         self.types = tuple(types) if types is not None else None
@@ -367,7 +462,7 @@ class BroadcasterClient:
 
     def _add(self, conv_id: str, *, since: int | None, epoch: str | None, types: Sequence[str] | None,
              hydrate: bool | None) -> None:
-        if not is_valid_name(conv_id):
+        if not is_valid_conv_id(conv_id):
             raise ValueError(f"invalid conversation id {conv_id!r}")
         if since is not None and (isinstance(since, bool) or not isinstance(since, int)
                                   or not 0 <= since < MAX_SINCE):
@@ -409,15 +504,101 @@ class BroadcasterClient:
             else:
                 self.stats.failed_attempts += 1
                 failures += 1
+            if self._reconnect_now:  # the token expired: no failure of the gateway, no backoff
+                self._reconnect_now = False
+                continue
             ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(failures, 30))
             await asyncio.sleep(random.uniform(0, ceiling))
 
+    async def _fresh_token(self) -> str | None:
+        """The token for a connect or a refresh: ``get_token()``'s (awaited if need be), else the static one."""
+        if self.get_token is None:
+            return self.token
+        token = self.get_token()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str) or not token:
+            raise TypeError(f"get_token returned {type(token).__name__}, not a non-empty string")
+        return token
+
+    def _closed_by(self, code: int, reason: str) -> None:
+        """Decide on a close: raise what ends the client, or mark a token expiry for an immediate reconnect."""
+        if self._refused is not None:
+            raise self._refused from None
+        if code == 4401 and reason == TOKEN_EXPIRED_REASON and self.get_token is not None and not self._renewing:
+            self._renewing = True
+            self._reconnect_now = True
+            log.info("token expired; reconnecting with a fresh one")
+            return
+        if code in FATAL_CLOSE_CODES:
+            raise ClientClosed(code, reason) from None
+
+    def _token_remaining(self) -> float:
+        """Seconds the connection's token has left by the gateway's clock (0 when its exp is unknown)."""
+        return 0.0 if self._conn_exp is None else self._conn_exp - (time.time() + self._clock_skew)
+
+    async def _refresh_loop(self, ws: ClientConnection) -> None:
+        """Refresh the open socket's token ahead of each exp, retrying failures; ends when it cannot."""
+        failures = 0
+        while self._conn_exp is not None:
+            remaining = self._token_remaining()
+            await asyncio.sleep(refresh_delay(remaining) if failures == 0 else remaining / 3)
+            outcome = await self._refresh_once(ws)
+            if outcome == "ok":
+                failures = 0
+                continue
+            if outcome == "unsupported":
+                return  # a gateway from before ws.refresh: the socket lives until exp, then 4401 renews
+            self.stats.refresh_failures += 1
+            failures += 1
+            if failures > REFRESH_RETRIES or self._token_remaining() <= 0.3:
+                return  # the gateway closes at exp ("token expired"): the reconnect gets a fresh token
+
+    async def _refresh_once(self, ws: ClientConnection) -> str:
+        """One ``ws.refresh``: "ok", "failed" (refused, get_token raised, no answer) or "unsupported"."""
+        try:
+            token = await self._fresh_token()
+        except Exception as exc:
+            log.warning("get_token failed; the refresh is retried: %r", exc)
+            return "failed"
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._refresh_answer = answer
+        try:
+            await ws.send(orjson.dumps({"type": "ws.refresh", "token": token}).decode())
+            timeout = max(0.2, min(REFRESH_ANSWER_TIMEOUT, self._token_remaining() / 3))
+            try:
+                outcome = await asyncio.wait_for(answer, timeout)
+            except TimeoutError:
+                log.warning("no answer to ws.refresh within %.1fs", timeout)
+                return "failed"
+        except ConnectionClosed:
+            return "failed"  # the session loop sees the close
+        finally:
+            if self._refresh_answer is answer:
+                self._refresh_answer = None
+        if outcome == "ok" and self._conn_exp is None:
+            self._conn_exp = token_expiry(token)  # ws.refreshed without a usable exp
+        return outcome
+
+    def _refresh_answered(self, outcome: str, exp: Any = None) -> None:
+        answer = self._refresh_answer
+        if answer is None or answer.done():
+            return  # not an answer to a refresh of this client
+        self._refresh_answer = None
+        if outcome == "ok":
+            self._conn_exp = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+            self.stats.refreshes += 1
+        answer.set_result(outcome)
+
     async def _session(self, url: str) -> bool:
         """One connection from handshake to close; True if it got as far as ``ws.hello``."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        token = await self._fresh_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._conn_exp = token_expiry(token)
         established = False
         self._subscribe_failed = False
         self._refused = None
+        refresher: asyncio.Task[None] | None = None
         try:
             async with connect(url, additional_headers=headers, open_timeout=self.open_timeout,
                                ping_interval=self.ping_interval, ping_timeout=self.ping_timeout,
@@ -435,33 +616,39 @@ class BroadcasterClient:
                                 raise ConnectionError(f"expected ws.hello, got {obj.get('type')!r}")
                             established = True
                             await self._on_hello(ws, url, obj)
+                            if self.get_token is not None and self._conn_exp is not None:
+                                refresher = asyncio.create_task(self._refresh_loop(ws), name="broadcaster-refresh")
                             continue
                         await self._on_object(ws, obj)
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else 1006
             reason = exc.rcvd.reason if exc.rcvd is not None else ""
             self._disconnected(code)
-            if self._refused is not None:
-                raise self._refused from None
-            if code in FATAL_CLOSE_CODES:
-                raise ClientClosed(code, reason) from None
+            self._closed_by(code, reason)
             log.info("connection to %s closed with %s %s", url, code, reason)
             return established and not self._subscribe_failed
         except BaseException:
             if established:
                 self._disconnected(1006)
             raise
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await refresher
+            self._refresh_answer = None
         # the server ended the stream cleanly (close frame read by the iterator)
         rcvd = ws.close_code if ws.close_code is not None else 1006
         self._disconnected(rcvd)
-        if self._refused is not None:
-            raise self._refused
-        if rcvd in FATAL_CLOSE_CODES:
-            raise ClientClosed(rcvd, ws.close_reason or "")
+        self._closed_by(rcvd, ws.close_reason or "")
         return established and not self._subscribe_failed
 
     async def _on_hello(self, ws: ClientConnection, url: str, hello: dict[str, Any]) -> None:
         self.stats.connections += 1
+        self._renewing = False  # the token was accepted
+        server_time = hello.get("server_time")
+        if isinstance(server_time, int | float) and not isinstance(server_time, bool):
+            self._clock_skew = server_time / 1000 - time.time()
         self.gateway_id = str(hello.get("gateway_id"))
         self.stats.gateway_ids.append(self.gateway_id)
         self.url = url
@@ -528,18 +715,44 @@ class BroadcasterClient:
             if conv.hydrate:  # reload the state rather than leave the caller with a hole
                 conv.seq = None
                 await self._send_subscribe(conv)
+        elif kind == "ws.refreshed":
+            self._refresh_answered("ok", obj.get("exp"))
+        elif kind == "ws.unsubscribed":
+            reason = obj.get("reason")
+            if conv is not None and isinstance(reason, str) and reason:
+                # The gateway ended it (e.g. a refresh narrowed the token): do not ask for it again.
+                await self._drop(conv, reason, str(obj.get("message") or ""))
         elif kind == "ws.error":
             code = str(obj.get("code"))
             log.warning("gateway error %s: %s", code, obj.get("message"))
-            if code in FATAL_SUBSCRIBE_ERRORS and self._awaiting:
-                # The answer to the oldest pending ws.subscribe, and any gateway would answer it the
-                # same way: stop, saying why, rather than reconnect forever.
-                self._refused = SubscribeRefused(self._awaiting[0], code, str(obj.get("message")))
+            named = obj.get("conv_id") if isinstance(obj.get("conv_id"), str) else None
+            if named is not None and code in SUBSCRIPTION_ENDING_ERRORS:
+                if conv is not None:
+                    await self._drop(conv, code, str(obj.get("message") or ""))
+            elif named is None and code == "bad_refresh":
+                self._refresh_answered("failed")
+            elif named is None and code == "unknown_type" and self._refresh_answer is not None:
+                self._refresh_answered("unsupported")
+            elif code in FATAL_SUBSCRIBE_ERRORS and (named is not None or self._awaiting):
+                # The answer to a pending ws.subscribe (the one it names; older gateways name none: the
+                # oldest), and any gateway would answer it the same way: stop, saying why, rather than
+                # reconnect forever.
+                refused = named if named is not None else self._awaiting[0]
+                self._refused = SubscribeRefused(refused, code, str(obj.get("message")))
                 await ws.close(1000, "subscription refused; stopping")
             elif code == "unavailable" and self._awaiting:
                 # The backend is unreachable from this gateway: reconnect, with backoff, to the next URL.
                 self._subscribe_failed = True
                 await ws.close(1000, "subscribe failed; reconnecting")
+
+    async def _drop(self, conv: _Conversation, reason: str, message: str) -> None:
+        """The gateway ended ``conv``'s subscription: forget it (no resubscribe) and say so in the stream."""
+        if self._convs.get(conv.conv_id) is not conv:
+            return
+        del self._convs[conv.conv_id]
+        self._answered(conv.conv_id)
+        self._changed.set()
+        await self._emit(Unsubscribed(conv.conv_id, reason, message))
 
     def _answered(self, conv_id: str) -> None:
         if self._awaiting and self._awaiting[0] == conv_id:
@@ -603,4 +816,4 @@ def _ws_url(url: str, profile: str) -> str:
 
 
 __all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Entity", "EntityMap", "Event", "Item", "Reset", "State",
-           "SubscribeRefused"]
+           "SubscribeRefused", "TokenSource", "Unsubscribed", "refresh_delay", "token_expiry"]

@@ -158,8 +158,9 @@ async def test_fails_over_to_the_next_url_and_resumes_there(redis_url: str, key_
             assert client.stats.duplicates == 0
 
 
-@pytest.mark.parametrize("query, code", [("profile", 4404), ("token", 4401), ("conv", 4403)])
+@pytest.mark.parametrize("query, code", [("profile", 4404), ("token", 4401), ("profile_not_allowed", 4403)])
 async def test_stops_on_close_codes_a_retry_cannot_cure(query: str, code: int) -> None:
+    # (A conversation the token does not allow ends that subscription only: tests/test_client_tokens.py.)
     secret = "s" * 32
     async with InProcessGateway(Settings(auth_secret=secret)) as gw:
         options: dict[str, Any] = {"token": mint_token(secret, convs=["allowed-*"])}
@@ -169,7 +170,7 @@ async def test_stops_on_close_codes_a_retry_cannot_cure(query: str, code: int) -
         elif query == "token":
             options["token"] = "not-a-jwt"
         else:
-            conv = "forbidden"
+            options["profile"] = "debug"  # the token allows "default" only
         client = BroadcasterClient(gw.ws_url(), [conv], backoff_initial=0.05, **options)
         async with client:
             with pytest.raises(ClientClosed) as info:
