@@ -91,7 +91,7 @@ HELP: dict[str, str] = {
     "max_queue_bytes": "bytes queued for one connection before it is closed 4408",
     "max_client_message_bytes": "largest websocket message accepted from a client (bigger: close 1009)",
     "max_event_bytes": "largest event data accepted for publishing (JSON bytes; bigger: 413)",
-    "max_subscriptions": "conversations one connection may subscribe to (more: close 4429)",
+    "max_subscriptions": "conversations one connection may subscribe to (more: ws.error too_many_subscriptions)",
     "max_connections": "open websockets per gateway (more: HTTP 503 before the upgrade)",
     "client_messages_per_second": "sustained client message rate (burst: 4x); faster: close 4429",
     "drain_seconds": "on SIGTERM, time to close every connection with 1012 before exiting",
