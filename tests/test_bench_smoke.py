@@ -3,19 +3,35 @@
 Runs ``bench/run.py --no-venv`` with this python (no peer venvs, no picows or
 hdrhistogram needed: the harness falls back to websockets' sans-I/O client and exact
 percentiles) against the suite's Redis, and checks the result is well formed.
+
+The socket.io peers need their own venv and node_modules, which the harness
+downloads on first use; the suite never does. Their load clients' socket.io dialect is
+tested against a scripted socket.io server here (the real ``bench/client.py`` process);
+the harness against the real python-socketio and Node servers only where
+``bench/.venv/socketio``, ``bench/.venv/tools`` and ``node_modules`` are already
+installed as the harness wants them (skipped otherwise, e.g. on a fresh CI clone).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from tests.support.polling import async_wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -41,3 +57,110 @@ def test_bench_harness_smoke(tmp_path: Path, redis_url: str) -> None:
     assert step["cpu_pct"]["server"] >= 0 and step["server_rss_mb"] > 0
     assert step["closed_by_server"] == 0 and not step["publish_errors"]
     assert re.search(r"^\|\s*smoke\s*\|\s*ours\s*\|", summary.read_text(), re.MULTILINE)
+
+
+class ClientProcess:
+    """``bench/client.py --impl sansio`` spoken to over its stdin / stdout, as run.py does."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        await self.proc.stdin.drain()
+        reply: dict[str, Any] = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 20))
+        return reply
+
+
+async def scripted_socketio(ws: ServerConnection, seen: list[str], refuse: bool) -> None:
+    """engine.io v4 open, socket.io connect (or refusal), the join's ack, a ping, then three events of step 7."""
+    seen.append(ws.request.path if ws.request is not None else "")
+    await ws.send('0{"sid":"e1","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}')
+    seen.append(str(await ws.recv()))
+    if refuse:
+        await ws.send('44{"message":"not authorized"}')
+        await ws.wait_closed()
+        return
+    await ws.send('40{"sid":"s1"}')
+    seen.append(str(await ws.recv()))
+    await ws.send('431["joined"]')
+    await ws.send("2")
+    seen.append(str(await ws.recv()))
+    for seq in (1, 2, 3):
+        data = {"t": time.time_ns() // 1000, "s": 7, "p": "", "raw": {"tokens": 1}}
+        event = {"type": "bench.e", "conv_id": "c1", "seq": seq, "ts": 0, "data": data}
+        await ws.send(f'42["event",{json.dumps(event)}]')
+    await ws.wait_closed()
+
+
+async def test_load_client_speaks_socketio() -> None:
+    seen: list[str] = []
+    async with serve(lambda ws: scripted_socketio(ws, seen, refuse=False), "127.0.0.1", 0) as server, \
+            serve(lambda ws: scripted_socketio(ws, [], refuse=True), "127.0.0.1", 0) as refusing:
+        port = server.sockets[0].getsockname()[1]
+        refusing_port = refusing.sockets[0].getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(BENCH / "client.py"), "--impl", "sansio", cwd=str(ROOT),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        client = ClientProcess(proc)
+        try:
+            assert proc.stdout is not None
+            assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 20)) == {"hello": "sansio"}
+            query = "/socket.io/?EIO=4&transport=websocket&room=c1"
+            connected = await client.call({"cmd": "connect", "urls": [f"ws://127.0.0.1:{port}{query}"]})
+            assert connected["ok"] == 1 and connected["failed"] == 0, connected
+            assert seen[:3] == [query, "40", '421["join","c1"]']
+
+            async def count() -> int:
+                return int((await client.call({"cmd": "count", "step": 7}))["count"])
+
+            await async_wait_until(count, 15, "the three socket.io events counted", until=lambda n: n == 3)
+            assert seen[3] == "3"  # the ping was answered
+            taken = await client.call({"cmd": "take", "step": 7})
+            assert taken["count"] == 3 and taken["closed_by_server"] == 0
+            ready = await client.call({"cmd": "ready"})
+            assert ready["ready"] == 1 and ready["bad"] == 0
+
+            refused = await client.call({"cmd": "connect", "urls": [f"ws://127.0.0.1:{refusing_port}{query}"]})
+            assert refused["failed"] == 1 and "socket.io refused" in json.dumps(refused["errors"]), refused
+            assert (await client.call({"cmd": "close"}))["closed"] == 1
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+def _installed(venv: str, requirements: str) -> bool:
+    """The harness's venv exists and was made from the current requirements file (so it would not pip install)."""
+    marker = BENCH / ".venv" / venv / ".requirements.sha256"
+    digest = hashlib.sha256((BENCH / requirements).read_bytes()).hexdigest()
+    return marker.exists() and marker.read_text() == digest
+
+
+def _node_installed() -> bool:
+    node_dir = BENCH / "servers" / "socketio_node"
+    marker = node_dir / "node_modules" / ".package-lock.sha256"
+    digest = hashlib.sha256((node_dir / "package-lock.json").read_bytes()).hexdigest()
+    return shutil.which("node") is not None and marker.exists() and marker.read_text() == digest
+
+
+@pytest.mark.skipif(not (_installed("tools", "requirements.txt") and _installed("socketio", "requirements-socketio.txt")
+                         and _node_installed()),
+                    reason="the socket.io peers are not installed here (python bench/run.py installs them; "
+                           "the suite downloads nothing)")
+def test_bench_harness_socketio_peers(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--scenarios", "smoke", "--servers", "socketio,sionode",
+         "--redis-url", redis_url, "--client-procs", "1", "--quiet-budget", "0", "--retries", "0",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=50, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for kind in ("socketio", "sionode"):
+        run = result["shapes"]["smoke"][kind]
+        assert run["connect"]["connected"] == run["clients"] == run["connect"]["ready"], (kind, run["connect"])
+        [step] = run["steps"]
+        assert step["received"] == step["expected"] > 0 and step["lost"] == 0, (kind, step)
+        assert 0 <= step["p50_ms"] <= step["p99_ms"] and not step["publish_errors"], (kind, step)
