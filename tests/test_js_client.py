@@ -2,9 +2,10 @@
 
 ``npm ci`` first when ``node_modules`` is missing, then ``npm test`` with this venv's
 ``broadcaster-gateway`` on PATH and ``BROADCASTER_GATEWAY_CMD`` set to this interpreter's
-``-m gateway.cli``, so the end-to-end tests in ``test/gateway.test.js`` start real gateways
-from the code under test. Fails (never skips) when node or npm is missing, when a node test
-fails, and when the gateway tests did not actually run (a skipped suite).
+``-m gateway.cli``, so the end-to-end tests in ``test/gateway.test.js`` and
+``test/tokens.test.js`` start real gateways from the code under test. Fails (never skips)
+when node or npm is missing, when a node test fails, and when the gateway tests did not
+actually run (a skipped suite).
 """
 
 from __future__ import annotations
@@ -83,10 +84,17 @@ def _node_major(node: str) -> int:
     return int(match.group(1))
 
 
+GATEWAY_TEST_FILES = ("gateway.test.js", "tokens.test.js")
+"""Node test files whose top-level ``describe`` suites drive real gateways."""
+
+
 def gateway_suites() -> list[str]:
-    """The top-level ``describe`` names of test/gateway.test.js: the suites that must run."""
-    names = re.findall(r'^describe\(\s*"([^"]+)"', (JS_DIR / "test" / "gateway.test.js").read_text(), re.MULTILINE)
-    assert names, "no describe() suites found in clients/js/test/gateway.test.js"
+    """The top-level ``describe`` names of the real-gateway test files: the suites that must run."""
+    names: list[str] = []
+    for name in GATEWAY_TEST_FILES:
+        found = re.findall(r'^describe\(\s*"([^"]+)"', (JS_DIR / "test" / name).read_text(), re.MULTILINE)
+        assert found, f"no describe() suites found in clients/js/test/{name}"
+        names += found
     return names
 
 
