@@ -37,7 +37,8 @@ What it does for you (docs/delivery.md has the why):
   with a fresh token and resumes (no gap, no duplicate); a 4401 before the next ``ws.hello``
   is fatal. A static ``token`` is sent as it is, never refreshed: its expiry ends the client
   (4401). Give ``token`` or ``get_token``, not both; a token without a readable ``exp`` is
-  never refreshed ahead;
+  never refreshed ahead. A synchronous ``get_token`` runs on the event loop: keep it quick
+  (return a cached token), or make it a coroutine function when it has to fetch one;
 * ends one subscription, not the client, when the gateway refuses or ends only that one: a
   ``ws.error`` naming the conversation (``forbidden``: the token does not allow it;
   ``too_many_subscriptions``) or a ``ws.unsubscribed`` with a reason (``forbidden`` after a

@@ -489,6 +489,7 @@ export class BroadcasterClient extends EventTarget {
     }
     this._socket = socket;
     this._refreshUnsupported = false;
+    this._refreshPending = null;
     this.stats.connects += 1;
     try {
       socket.binaryType = "arraybuffer";
