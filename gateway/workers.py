@@ -381,10 +381,15 @@ class Supervisor:
         assert slot.proc is not None
         pid, lived = slot.proc.pid, time.monotonic() - slot.started_at
         self._close_ready(slot)
-        slot.exit_codes.append(code)
         if self.draining:
-            log.info("worker %d (pid %d) exited with %s", slot.index, pid, status_text(code))
+            if code == -signal.SIGTERM and not slot.ready:  # still importing: stopped with nothing to drain
+                log.info("worker %d (pid %d) stopped before it was ready", slot.index, pid)
+                code = 0
+            else:
+                log.info("worker %d (pid %d) exited with %s", slot.index, pid, status_text(code))
+            slot.exit_codes.append(code)
             return
+        slot.exit_codes.append(code)
         if not slot.was_ready:
             log.error("worker %d (pid %d) exited with %s before it was ready: stopping the others",
                       slot.index, pid, status_text(code))
