@@ -317,14 +317,17 @@ class Backend(abc.ABC):
 
     async def report_presence_users(
         self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, *, leave_delay: float,
-        announce: Collection[str] = (),
+        announce: Collection[str] = (), sweep: Collection[str] | None = None,
     ) -> dict[str, UserReport]:
-        """Replace this gateway's user counts of those conversations; for those in ``announce``, find joins and leaves.
+        """Update this gateway's user counts of those conversations; for those in ``announce``, find joins and leaves.
 
         ``reports``: ``{conv: {user: (connections, info)}}``, a zero count removing the user (the
         caller sends zeros for users gone since its last report, and at most
-        ``MAX_REPORTED_USERS`` per conversation). Counts expire ``ttl`` seconds after the last
-        report, as :meth:`report_presence`'s do. For a conversation in ``announce`` the report
+        ``MAX_REPORTED_USERS`` per conversation); users left out keep their last count. Counts
+        expire ``ttl`` seconds after the report that last carried them, as
+        :meth:`report_presence`'s do: a heartbeat report carries every user. ``sweep``: the
+        conversations whose report also looks for expired counts of other gateways (a
+        bounded step; None: all of them). For a conversation in ``announce`` the report
         also compares the users present now (every gateway, expired reports dropped) with
         the users announced so far, atomically: a present user never announced is a
         ``join``; an announced user absent for ``leave_delay`` seconds is a ``leave`` (one

@@ -60,6 +60,18 @@ class KeyLayout:
         """Hash user -> ``0`` (its join was announced, it is present) or the ms it has been absent since."""
         return f"{self.prefix}:{{{conv}}}:presence_announced"
 
+    def presence_leaving(self, conv: str) -> str:
+        """Sorted set of announced users now absent, scored by the ms their leave is due."""
+        return f"{self.prefix}:{{{conv}}}:presence_leaving"
+
+    def presence_gateways(self, conv: str) -> str:
+        """Hash gateway id -> ms its last user report expires (the gateways a user may still be on)."""
+        return f"{self.prefix}:{{{conv}}}:presence_gateways"
+
+    def presence_sweep(self, conv: str) -> str:
+        """String: the HSCAN cursor of the sweep of :meth:`presence_users` (expired fields)."""
+        return f"{self.prefix}:{{{conv}}}:presence_sweep"
+
     def conv_of_channel(self, channel: str) -> str | None:
         """The conversation id of a live channel name, or None if it is not one of ours."""
         head = f"{self.prefix}:{{"

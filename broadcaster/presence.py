@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
-from broadcaster.backend import MAX_REPORTED_USERS, Backend, PresenceTransition
+from broadcaster.backend import MAX_REPORTED_USERS, Backend, PresenceTransition, PresenceUsers
 from broadcaster.hub import Hub
 from broadcaster.namespaces import PolicyTable
 
 TransitionSink = Callable[[list[PresenceTransition]], Awaitable[None]]
+
+USERS_READ_CACHE = 1.0
+"""Seconds a presence users read is reused (see :meth:`PresenceReporter.read_users`)."""
 
 log = logging.getLogger("broadcaster.presence")
 
@@ -42,9 +45,25 @@ class PresenceReporter:
         self._heartbeat, self._ttl, self._flush_interval = heartbeat, ttl, flush_interval
         self._policies, self._leave_delay, self._on_transitions = policies, leave_delay, on_transitions
         self._reported: dict[str, set[str]] = {}  # conv -> profiles with a non-zero report
-        self._reported_users: dict[str, set[str]] = {}  # conv -> users with a non-zero report
+        self._reported_users: dict[str, dict[str, int]] = {}  # conv -> user -> the non-zero count last reported
         self._due: dict[str, float] = {}  # conv -> monotonic time a debounced leave is due
         self._slice = 1
+        self._reads: dict[tuple[str, int], tuple[float, asyncio.Future[PresenceUsers]]] = {}
+
+    async def read_users(self, conv: str, limit: int) -> PresenceUsers:
+        """``backend.presence_users(conv, limit)``, answered from the read started in the last
+        ``USERS_READ_CACHE`` seconds if any: however often clients ask, one read per conversation
+        and limit per interval leaves this gateway (the read of a large conversation scans its hash)."""
+        key, clock = (conv, limit), time.monotonic()
+        cached = self._reads.get(key)
+        if cached is None or cached[0] <= clock or (cached[1].done() and cached[1].exception() is not None):
+            if len(self._reads) >= 1024:
+                self._reads = {k: v for k, v in self._reads.items() if v[0] > clock}
+                if len(self._reads) >= 1024:
+                    self._reads.clear()
+            cached = (clock + USERS_READ_CACHE, asyncio.ensure_future(self._backend.presence_users(conv, limit)))
+            self._reads[key] = cached
+        return await asyncio.shield(cached[1])
 
     def _counts(self, convs: set[str]) -> dict[str, dict[str, int]]:
         counts: dict[str, dict[str, int]] = {}
@@ -56,9 +75,13 @@ class PresenceReporter:
                 counts[conv] = now
         return counts
 
-    def _users(self, convs: Iterable[str], withdraw: bool = False
+    def _users(self, convs: Iterable[str], full: Collection[str] | None, withdraw: bool = False
                ) -> tuple[dict[str, dict[str, tuple[int, Any]]], set[str]]:
-        """The user reports of ``convs`` (all zero when ``withdraw``), and those to sweep for joins and leaves."""
+        """The user reports of ``convs`` (all zero when ``withdraw``), and those to sweep for joins and leaves.
+
+        A conversation in ``full`` (None: all) reports every user (the heartbeat: it refreshes
+        their expiry); another only the users whose count changed since the last report.
+        """
         reports: dict[str, dict[str, tuple[int, Any]]] = {}
         announce: set[str] = set()
         if self._policies is None:
@@ -67,10 +90,15 @@ class PresenceReporter:
             found = self._policies.resolve(conv)
             if not (found.presence_users or found.join_leave):
                 continue
-            now = {} if withdraw else self._hub.presence_users(conv)
-            if len(now) > MAX_REPORTED_USERS:
-                now = dict(sorted(now.items(), key=lambda item: -item[1][0])[:MAX_REPORTED_USERS])
-            for gone in self._reported_users.get(conv, set()) - set(now):
+            current = {} if withdraw else self._hub.presence_users(conv)
+            if len(current) > MAX_REPORTED_USERS:
+                current = dict(sorted(current.items(), key=lambda item: -item[1][0])[:MAX_REPORTED_USERS])
+            last = self._reported_users.get(conv, {})
+            if full is None or conv in full:
+                now = current
+            else:
+                now = {user: entry for user, entry in current.items() if last.get(user) != entry[0]}
+            for gone in set(last) - set(current):
                 now[gone] = (0, None)
             if found.join_leave:
                 announce.add(conv)
@@ -79,18 +107,23 @@ class PresenceReporter:
                 reports[conv] = now
         return reports, announce
 
-    async def _report_users(self, convs: Iterable[str], withdraw: bool = False) -> None:
-        reports, announce = self._users(convs, withdraw)
+    async def _report_users(self, convs: Iterable[str], full: Collection[str] | None = None,
+                            withdraw: bool = False) -> None:
+        reports, announce = self._users(convs, full, withdraw)
         if not reports:
             return
         found = await self._backend.report_presence_users(self._gateway_id, reports, self._ttl,
-                                                          leave_delay=self._leave_delay, announce=announce)
+                                                          leave_delay=self._leave_delay, announce=announce,
+                                                          sweep=full)
         for conv, users in reports.items():
-            live = {u for u, (n, _) in users.items() if n > 0}
-            if live:
-                self._reported_users[conv] = live
-            else:
-                self._reported_users.pop(conv, None)
+            last = self._reported_users.setdefault(conv, {})
+            for user, (n, _) in users.items():
+                if n > 0:
+                    last[user] = n
+                else:
+                    last.pop(user, None)
+            if not last:
+                del self._reported_users[conv]
         transitions: list[PresenceTransition] = []
         clock = time.monotonic()
         for conv, result in found.items():
@@ -102,8 +135,11 @@ class PresenceReporter:
         if transitions and self._on_transitions is not None:
             await self._on_transitions(transitions)
 
-    async def report(self, convs: set[str]) -> None:
-        """Report the current counts of ``convs`` (zero for profiles and users no longer watched)."""
+    async def report(self, convs: set[str], full: Collection[str] | None = None) -> None:
+        """Report the current counts of ``convs`` (zero for profiles and users no longer watched).
+
+        Users: every user of the conversations in ``full`` (None: all of them), the changed ones of the others.
+        """
         counts = self._counts(convs)
         if counts:
             await self._backend.report_presence(self._gateway_id, counts, self._ttl)
@@ -113,7 +149,7 @@ class PresenceReporter:
                     self._reported[conv] = live
                 else:
                     self._reported.pop(conv, None)
-        await self._report_users(convs)
+        await self._report_users(convs, full)
 
     async def run(self) -> None:
         """Flush changes and heartbeats until cancelled; backend errors are logged and retried.
@@ -124,6 +160,7 @@ class PresenceReporter:
         burst stalls the event loop and Redis for everyone.)
         """
         pending: set[str] = set()
+        heartbeat: set[str] = set()  # those of ``pending`` due for a full report
         rotation: list[str] = []
         while True:
             pending |= self._hub.take_dirty()
@@ -136,12 +173,13 @@ class PresenceReporter:
                 rotation = list(set(self._hub.conversations()) | set(self._reported) | set(self._reported_users))
                 ticks = max(1, int(self._heartbeat / self._flush_interval))
                 self._slice = max(1, -(-len(rotation) // ticks))  # ceil: one pass per heartbeat
-            pending.update(rotation[-self._slice:])
+            heartbeat.update(rotation[-self._slice:])
+            pending |= heartbeat
             del rotation[-self._slice:]
             if pending:
                 try:
-                    await self.report(pending)
-                    pending = set()
+                    await self.report(pending, heartbeat)
+                    pending, heartbeat = set(), set()
                 except Exception as exc:
                     log.warning("presence report failed: %s", exc)
             await asyncio.sleep(self._flush_interval)

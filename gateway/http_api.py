@@ -204,7 +204,7 @@ async def presence(conv_id: str, request: Request) -> Response:
     body: dict[str, Any] = {"conv_id": conv, "connections": found.connections, "by_profile": found.by_profile}
     if gw.policies.resolve(conv).presence_users:  # docs/namespaces.md: at most users_limit (default 100, max 1000)
         limit = _int_param(request, "users_limit", 100, 1, 1000)
-        users = await _backend_call(gw.backend.presence_users(conv, limit))
+        users = await _backend_call(gw.presence.read_users(conv, limit))  # at most one read per second
         body["users"] = [{"user": u.user, "connections": u.connections,
                           **({"info": u.info} if u.info is not None else {})} for u in users.users]
         body["users_total"] = users.total

@@ -23,7 +23,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.support.gateway import GatewayProcess, start_gateways
+from tests.support.gateway import GatewayProcess
 from tests.support.polling import async_wait_until
 from tests.support.wsclient import WsClient
 
@@ -112,7 +112,9 @@ def config(tmp_path: Path) -> list[str]:
 
 async def test_users_joins_and_leaves_across_three_gateways(redis_url: str, key_prefix: str,
                                                             config: list[str]) -> None:
-    gateways = start_gateways(3, "--redis-url", redis_url, "--key-prefix", key_prefix, *config)
+    gateways = [GatewayProcess("--redis-url", redis_url, "--key-prefix", key_prefix, *config) for _ in range(3)]
+    for g in gateways:
+        g.process.start()
     g1, g2, g3 = gateways
     clients: list[Watcher] = []
 
@@ -123,6 +125,8 @@ async def test_users_joins_and_leaves_across_three_gateways(redis_url: str, key_
         return watcher
 
     try:
+        for g in gateways:
+            g.wait_healthy(timeout=60)  # three processes starting at once on a loaded 2-core machine
         async with httpx.AsyncClient(timeout=10) as http:
             w = await open_(g1, "watch")
             quiet = await open_(g1, "hush", extra="&profile=quiet")

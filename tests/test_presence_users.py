@@ -263,6 +263,7 @@ async def test_a_crashed_gateways_users_leave_after_its_ttl(rig: Rig) -> None:
     quiet = await b.report_presence_users("g2", {"room": {"u1": (1, None)}}, 30, leave_delay=0.2, announce={"room"})
     assert kinds(quiet["room"]) == [("join", "u1")]
     await rig.advance(0.6)  # g1 died: its field expires, g2's sweep notices, the leave waits for the delay
+    assert [u.user for u in (await b.presence_users("room")).users] == ["u1"], "a read skips (never drops) it"
     noticed = (await b.report_presence_users("g2", {"room": {"u1": (1, None)}}, 30, leave_delay=0.2,
                                              announce={"room"}))["room"]
     assert kinds(noticed) == [] and noticed.next_check is not None
@@ -339,4 +340,98 @@ async def test_reporter_reports_users_schedules_leaves_and_announces() -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await hub.close()
+        await backend.close()
+
+
+async def test_a_report_without_sweep_leaves_expired_fields_to_a_later_one(redis_url: str, key_prefix: str) -> None:
+    b = RedisBackend(redis_url, key_prefix=key_prefix)
+    await b.start()
+    try:
+        args: dict[str, Any] = {"leave_delay": 0, "announce": {"room"}}
+        await b.report_presence_users("g1", {"room": {"gone": (1, None)}}, 0.3, **args)
+        await b.report_presence_users("g2", {"room": {"stay": (1, None)}}, 30, **args)
+        end = time.monotonic() + 0.5
+        await async_wait_until(lambda: time.monotonic() >= end, timeout=5, message="g1's report to expire")
+        partial = await b.report_presence_users("g2", {"room": {}}, 30, sweep=(), **args)
+        assert kinds(partial["room"]) == [], "no sweep: the expired field is not looked at"
+        swept = await b.report_presence_users("g2", {"room": {}}, 30, **args)
+        assert kinds(swept["room"]) == [("leave", "gone")]
+    finally:
+        await b.close()
+
+
+async def test_every_gateway_gone_for_a_ttl_then_one_back(redis_url: str, key_prefix: str) -> None:
+    """The users hash expired whole while users were announced: the next report departs them all."""
+    b = RedisBackend(redis_url, key_prefix=key_prefix)
+    await b.start()
+    try:
+        args: dict[str, Any] = {"leave_delay": 0, "announce": {"room"}}
+        await b.report_presence_users("g1", {"room": {"old": (1, None)}}, 0.3, **args)
+        end = time.monotonic() + 0.5
+        await async_wait_until(lambda: time.monotonic() >= end, timeout=5, message="everything to expire")
+        back = await b.report_presence_users("g2", {"room": {"new": (1, None)}}, 30, **args)
+        assert kinds(back["room"]) == [("join", "new"), ("leave", "old")]
+    finally:
+        await b.close()
+
+
+class RecordingMemory(MemoryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.user_reports: list[tuple[dict[str, dict[str, int]], Any]] = []
+
+    async def report_presence_users(self, gateway_id: str, reports: Any, ttl: float, *, leave_delay: float,
+                                    announce: Any = (), sweep: Any = None) -> dict[str, UserReport]:
+        self.user_reports.append(({c: {u: n for u, (n, _) in users.items()} for c, users in reports.items()},
+                                  None if sweep is None else set(sweep)))
+        return await super().report_presence_users(gateway_id, reports, ttl, leave_delay=leave_delay,
+                                                   announce=announce, sweep=sweep)
+
+
+async def test_reporter_sends_changes_on_flush_and_everyone_on_heartbeat() -> None:
+    policies = PolicyTable(BackendSettings().default_policy(),
+                           parse_namespaces({"namespaces": {"*": {"presence_users": True}}}))
+    backend = RecordingMemory()
+    await backend.start()
+    hub = Hub(backend, gateway_id="g")
+    reporter = PresenceReporter(hub, backend, "g", heartbeat=60, ttl=180, flush_interval=0.01, policies=policies)
+    try:
+        subs = [FakeSub(str(i), f"u{i}") for i in range(3)]
+        for sub in subs:
+            await hub.subscribe(sub, "room", Profile("default"))
+        await reporter.report(hub.take_dirty(), full={"room"})
+        assert backend.user_reports[-1] == ({"room": {"u0": 1, "u1": 1, "u2": 1}}, {"room"})
+        await hub.subscribe(FakeSub("x", "u1"), "room", Profile("default"))
+        await hub.unsubscribe(subs[2], "room")
+        await reporter.report(hub.take_dirty(), full=set())
+        assert backend.user_reports[-1] == ({"room": {"u1": 2, "u2": 0}}, set()), "only the changes"
+        assert {u.user: u.connections for u in (await backend.presence_users("room")).users} == {"u0": 1, "u1": 2}
+        await reporter.withdraw()
+        assert backend.user_reports[-1][0] == {"room": {"u0": 0, "u1": 0}}
+        assert (await backend.presence_users("room")).total == 0
+    finally:
+        await hub.close()
+        await backend.close()
+
+
+async def test_users_read_is_shared_for_a_second() -> None:
+    backend = MemoryBackend()
+    await backend.start()
+    calls = 0
+    original = backend.presence_users
+
+    async def counting(conv: str, limit: int = 100) -> Any:
+        nonlocal calls
+        calls += 1
+        return await original(conv, limit)
+
+    backend.presence_users = counting  # type: ignore[method-assign]
+    reporter = PresenceReporter(Hub(backend, gateway_id="g"), backend, "g")
+    try:
+        await backend.report_presence_users("g", {"room": {"a": (1, None)}}, 30, leave_delay=0)
+        reads = await asyncio.gather(*(reporter.read_users("room", 10) for _ in range(20)))
+        assert calls == 1 and all(r.total == 1 for r in reads)
+        await reporter.read_users("room", 5)
+        assert calls == 2, "another limit is another read"
+    finally:
         await backend.close()

@@ -390,9 +390,10 @@ class MemoryBackend(Backend):
 
     async def report_presence_users(
         self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, *, leave_delay: float,
-        announce: Collection[str] = (),
+        announce: Collection[str] = (), sweep: Collection[str] | None = None,
     ) -> dict[str, UserReport]:
-        """As the Redis scripts do it, on this backend's clock (see ``Backend.report_presence_users``)."""
+        """As the Redis scripts do it, on this backend's clock (see ``Backend.report_presence_users``); every
+        report sweeps every field (in process, no round trip; ``sweep`` changes nothing here)."""
         now = self._clock()
         out: dict[str, UserReport] = {}
         for conv, users in reports.items():

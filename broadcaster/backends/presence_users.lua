@@ -2,8 +2,9 @@
 --
 -- KEYS [1] P:{C}:presence_users   hash: "<gateway id>|<user>" -> "<count>|<expires at, ms>|<info JSON or empty>"
 -- ARGV [1] most users returned
--- Sums the unexpired fields per user (Redis clock) and deletes expired or malformed
--- ones; a user's info is the first non-empty one found. Returns {total users, user,
+-- Sums the unexpired fields per user (Redis clock); a user's info is the first non-empty
+-- one found. Read only: expired fields are left to the sweep of presence_users_report.lua,
+-- which announces the leaves of their users. Returns {total users, user,
 -- count, info, user, count, info, ...}: the users with the most connections first
 -- (ties by user), at most ARGV[1] of them.
 
@@ -16,9 +17,7 @@ local sums, infos, order = {}, {}, {}
 for i = 1, #all, 2 do
   local user = string.match(all[i], '^[^|]*|(.+)$')
   local count, until_ms, info = string.match(all[i + 1], '^(%d+)|(%d+)|(.*)$')
-  if user == nil or count == nil or tonumber(until_ms) <= now then
-    redis.call('HDEL', key, all[i])
-  else
+  if user ~= nil and count ~= nil and tonumber(until_ms) > now then
     if sums[user] == nil then
       sums[user] = 0
       infos[user] = info

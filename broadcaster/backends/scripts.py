@@ -542,6 +542,10 @@ def parse_presence(reply: Any) -> Presence:
     return Presence(sum(by_profile.values()), by_profile)
 
 
+USER_SWEEP_FIELDS = 1000
+"""Fields of a users hash one report sweeps for expiry (HSCAN COUNT): a pass over the hash takes a few reports."""
+
+
 def encode_info(info: Any) -> str:
     """A user's ``info`` as the users hash stores it: JSON text, '' for none or past ``MAX_INFO_BYTES``."""
     if info is None:
@@ -566,7 +570,7 @@ def decode_info(raw: Any) -> Any:
 
 def presence_users_report_calls(
     layout: KeyLayout, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, leave_delay: float,
-    announce: Collection[str],
+    announce: Collection[str], sweep: Collection[str] | None = None,
 ) -> list[Command]:
     """One ``presence_users_report.lua`` command per conversation of ``reports`` (at most
     ``MAX_REPORTED_USERS`` users each, the most connected; zeros first, they free fields)."""
@@ -575,7 +579,7 @@ def presence_users_report_calls(
     for conv, users in reports.items():
         ranked = sorted(users.items(), key=lambda item: (item[1][0] > 0, -item[1][0]))
         args: list[str | int] = [ttl_ms, gateway_id, delay_ms if conv in announce else -1, MAX_USER_FIELDS,
-                                 MAX_TRANSITIONS]
+                                 MAX_TRANSITIONS, USER_SWEEP_FIELDS if sweep is None or conv in sweep else 0]
         live = 0
         for user, (count, info) in ranked:
             if count > 0:
@@ -583,8 +587,9 @@ def presence_users_report_calls(
                     continue
                 live += 1
             args += [user, max(0, int(count)), encode_info(info) if count > 0 else ""]
-        commands.append(PRESENCE_USERS_REPORT.command(
-            [layout.presence_users(conv), layout.presence_announced(conv)], args))
+        keys = [layout.presence_users(conv), layout.presence_announced(conv), layout.presence_leaving(conv),
+                layout.presence_gateways(conv), layout.presence_sweep(conv)]
+        commands.append(PRESENCE_USERS_REPORT.command(keys, args))
     return commands
 
 

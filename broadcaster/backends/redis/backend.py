@@ -257,10 +257,10 @@ class RedisBackend(Backend):
 
     async def report_presence_users(
         self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float, *, leave_delay: float,
-        announce: Collection[str] = (),
+        announce: Collection[str] = (), sweep: Collection[str] | None = None,
     ) -> dict[str, UserReport]:
         """One script per conversation, one pipeline (presence_users_report.lua)."""
-        return await self.commands.report_presence_users(gateway_id, reports, ttl, leave_delay, announce)
+        return await self.commands.report_presence_users(gateway_id, reports, ttl, leave_delay, announce, sweep)
 
     async def presence_users(self, conv: str, limit: int = 100) -> PresenceUsers:
         return await self.commands.presence_users(conv, limit)

@@ -173,7 +173,8 @@ class RedisCommands:
         return scripts.parse_presence(await self._eval(scripts.presence_call(self.layout, validate_conv_id(conv))))
 
     async def report_presence_users(self, gateway_id: str, reports: Mapping[str, UserCounts], ttl: float,
-                                    leave_delay: float, announce: Collection[str]) -> dict[str, UserReport]:
+                                    leave_delay: float, announce: Collection[str],
+                                    sweep: Collection[str] | None = None) -> dict[str, UserReport]:
         """One ``presence_users_report.lua`` per conversation, in one pipeline (see ``Backend``).
 
         Not sent again after a reply was lost: a second run would not repeat the
@@ -181,7 +182,8 @@ class RedisCommands:
         reports again on its next tick (the report replaces itself).
         """
         convs = list(reports)
-        commands = scripts.presence_users_report_calls(self.layout, gateway_id, reports, ttl, leave_delay, announce)
+        commands = scripts.presence_users_report_calls(self.layout, gateway_id, reports, ttl, leave_delay, announce,
+                                                       sweep)
         if not commands:
             return {}
         async with self._slots:
