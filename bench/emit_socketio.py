@@ -27,7 +27,7 @@ import socketio
 
 EVENT_TYPE = "bench.e"
 MAX_OUTSTANDING_SECONDS = 0.5
-CONCURRENCY = 32
+CONCURRENCY = 64
 
 
 def _data(t: int, step: int, pad: str) -> dict[str, Any]:

@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -908,6 +908,9 @@ def markdown(results: dict[str, Any]) -> str:
         rows.append(("sockets receiving after 500 connect at once (50 convs)", "higher", *frac, *[""] * len(peers)))
     lines += _table(rows)
     lines += _sse_table(results, run_of)
+    for what, error in results.get("errors", {}).items():
+        lines.append("")
+        lines.append(f"- {what}: not measured ({error.splitlines()[0][:300]})")
     lines.append("")
     lines.append("`*` the highest passing step was publisher-bound (the publisher fell behind its rate): the server's "
                  "own limit is at least that. Capacity = the highest step with nothing lost and p99 < 100 ms. "
@@ -969,6 +972,17 @@ def markdown(results: dict[str, Any]) -> str:
 # --- main -------------------------------------------------------------------------------------------
 
 
+async def guarded(results: dict[str, Any], what: str, measurement: Awaitable[dict[str, Any]]) -> dict[str, Any] | None:
+    """``measurement``'s result, or None with the error kept in ``results["errors"]``: one server's crash or
+    timeout (e.g. a peer that cannot take 10,000 sockets in time) must not lose the rest of the run."""
+    try:
+        return await measurement
+    except Exception as exc:
+        log(f"  {what}: FAILED: {exc.__class__.__name__}: {exc}"[:2000])
+        results.setdefault("errors", {})[what] = f"{exc.__class__.__name__}: {exc}"[:2000]
+        return None
+
+
 async def run_all(ctx: Context) -> dict[str, Any]:
     args = ctx.args
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "redis_url": ctx.redis_url,
@@ -987,17 +1001,22 @@ async def run_all(ctx: Context) -> dict[str, Any]:
         results["shapes"][name] = {}
         for kind in servers:
             log(f"{name}: {kind}")
-            run = await measure_shape(ctx, kind, all_shapes[name])
-            results["shapes"][name][kind] = run
-            results["client_impl"] = run.get("client_impl")
+            run = await guarded(results, f"{name} {kind}", measure_shape(ctx, kind, all_shapes[name]))
+            if run is not None:
+                results["shapes"][name][kind] = run
+                results["client_impl"] = run.get("client_impl")
     if "profile" in scenarios and "ours" in servers:
         log("profile: ours with drop_fields + enrich")
-        results["profile"] = await measure_shape(ctx, "ours", all_shapes["profile"])
+        prof = await guarded(results, "profile ours", measure_shape(ctx, "ours", all_shapes["profile"]))
+        if prof is not None:
+            results["profile"] = prof
     if "together" in scenarios:
         results["together"] = {}
         for kind in servers:
             log(f"together: {kind}")
-            results["together"][kind] = await measure_shape(ctx, kind, all_shapes["together"])
+            together = await guarded(results, f"together {kind}", measure_shape(ctx, kind, all_shapes["together"]))
+            if together is not None:
+                results["together"][kind] = together
     if "idle" in scenarios:
         n = args.idle_connections
         results["idle"] = {}
@@ -1005,7 +1024,9 @@ async def run_all(ctx: Context) -> dict[str, Any]:
             log(f"warning: {ephemeral_ports()} ephemeral ports for {n} connections")
         for kind in servers:
             log(f"idle: {kind} x {n}")
-            results["idle"][kind] = await measure_idle(ctx, kind, n, max(1, n // 10))
+            idle = await guarded(results, f"idle {kind}", measure_idle(ctx, kind, n, max(1, n // 10)))
+            if idle is not None:
+                results["idle"][kind] = idle
     if "publish" in scenarios:
         log("publish: bench/publish.py")
         results["publish"] = measure_publish(ctx)

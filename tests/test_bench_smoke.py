@@ -164,3 +164,50 @@ def test_bench_harness_socketio_peers(tmp_path: Path, redis_url: str) -> None:
         [step] = run["steps"]
         assert step["received"] == step["expected"] > 0 and step["lost"] == 0, (kind, step)
         assert 0 <= step["p50_ms"] <= step["p99_ms"] and not step["publish_errors"], (kind, step)
+
+
+def _bench_run_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get("bench_run")
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_run"] = module  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_ladders_double_past_their_fixed_steps() -> None:
+    run = _bench_run_module()
+    fanout = run.shapes(True)["fanout"]
+    assert list(run.ladder(fanout, 700_000)) == [*fanout.steps, 160_000, 320_000, 640_000]
+    assert list(run.ladder(run.shapes(True)["smoke"], 10**9)) == [1_000]  # the smoke does not grow
+
+
+def test_summary_has_ours_over_every_peer() -> None:
+    run = _bench_run_module()
+
+    def shape_run(capacity: int, us: float) -> dict[str, Any]:
+        common = {"events_per_s": 2_000, "dps": 20_000, "lost": 0, "p50_ms": 1.0, "p999_ms": 9.0,
+                  "server_us_per_delivery": us, "server_rss_mb": 50.0, "objects_per_frame": None, "bound": "",
+                  "cpu_pct": {"server": 50.0, "server_sys": 10.0, "clients": 20.0, "publisher": 5.0, "others": 1.0}}
+        steps = [{**common, "target_dps": 20_000, "pass": True, "p99_ms": 5.0},
+                 {**common, "target_dps": 40_000, "pass": False, "p99_ms": 500.0}]
+        return {"capacity_dps": capacity, "ladder_end": "failed", "steps": steps}
+
+    results = {
+        "machine": {"nproc": 2, "cpu": "x", "python": "3", "kernel": "k", "loadavg_start": [0.0], "loadavg_end": [0.0]},
+        "args": {"client_procs": 2, "quick": True, "idle_connections": 10, "servers": ["ours", "socketio", "sionode"]},
+        "started": "s", "finished": "f",
+        "shapes": {"fanout": {"ours": shape_run(80_000, 10.0), "socketio": shape_run(20_000, 40.0),
+                              "sionode": shape_run(40_000, 20.0)}},
+    }
+    text = run.markdown(results)
+    header = next(line for line in text.splitlines() if line.startswith("| metric"))
+    assert "ours ÷ python-socketio" in header and "ours ÷ socket.io (Node)" in header and "encode" not in header
+    capacity = next(line for line in text.splitlines() if line.startswith("| capacity, 500"))
+    assert [c.strip() for c in capacity.strip("|").split("|")][-2:] == ["4.00", "2.00"]
+    cpu = next(line for line in text.splitlines() if line.startswith("| server CPU per delivery at 20,000"))
+    assert [c.strip() for c in cpu.strip("|").split("|")][-2:] == ["0.25", "0.50"]
