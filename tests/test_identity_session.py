@@ -20,6 +20,7 @@ from broadcaster.errors import ValidationError
 from broadcaster.validation import is_valid_conv_id, validate_conv_id
 from gateway import ws_endpoint
 from gateway.settings import Settings
+from gateway.sse import SseStream
 from producers import AsyncProducer
 from tests.support.gateway import InProcessGateway
 from tests.support.polling import async_wait_until
@@ -156,6 +157,42 @@ async def test_sse_stream_ends_at_exp() -> None:
         # EventSource's reconnect resends the expired token: refused, the client needs a new one
         async with await SseClient.open(gw.settings.port, f"/sse?conv_id=sse-a&token={tok}") as again:
             assert again.status == 401 and "expired" in again.json()["message"]
+
+
+def expiry_timers() -> int:
+    """Live (not cancelled) expiry timers of websockets and SSE streams in this loop (white box)."""
+    loop: Any = asyncio.get_running_loop()
+    count = 0
+    for handle in loop._scheduled:
+        callback = getattr(handle, "_callback", None)  # None once cancelled
+        owner = getattr(callback, "__self__", None)
+        if isinstance(owner, ws_endpoint.Session) or (isinstance(owner, SseStream) and handle._args):
+            count += 1
+    return count
+
+
+async def test_one_timer_per_connection_replaced_on_refresh_cancelled_at_disconnect() -> None:
+    async with auth_gateway() as gw:
+        assert expiry_timers() == 0
+        tok, _ = token(ttl=3600)
+        sockets = [await connect(gw, tok, f"t-{i}") for i in range(20)]
+        async with await SseClient.open(gw.settings.port, f"/sse?conv_id=t-0&token={tok}") as stream:
+            await stream.expect("ws.hello")
+            assert expiry_timers() == 21
+        await async_wait_until(expiry_timers, 5, "the SSE stream's timer cancelled", until=lambda n: n == 20)
+        fresh, new_exp = token(ttl=7200)
+        for client in sockets[:5]:
+            await client.send_json({"type": "ws.refresh", "token": fresh})
+            assert (await client.expect("ws.refreshed"))["exp"] == new_exp
+        assert expiry_timers() == 20  # replaced, not added
+        for client in sockets:
+            await client.close()
+        await async_wait_until(lambda: len(gw.gateway.pool), 5, "the sockets leaving the pool", until=lambda n: n == 0)
+        assert expiry_timers() == 0
+    async with InProcessGateway() as open_gw:  # auth off: no timer at all
+        client = await connect(open_gw, "x", "t-open")
+        assert expiry_timers() == 0
+        await client.close()
 
 
 # ---- ws.refresh ------------------------------------------------------------------------------------
