@@ -32,6 +32,7 @@ Guarantees, per subscription (CONTRACT §3):
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -53,6 +54,8 @@ log = logging.getLogger("broadcaster.hub")
 REPAIR_PAGE = 1000
 MAX_SYNC_BUFFER = 100_000
 """Live events buffered while a feed syncs; past this they are dropped (history refills them)."""
+MAX_USER_CHANGES = 2000
+"""User changes a conversation keeps between two :meth:`Hub.take_user_changes`; past it, "too many" (report all)."""
 MAX_DELTA_KEYS = 10_000
 """Keys whose last version a delta group (or a delta subscriber) remembers; past this it forgets them all
 (the next upsert of each goes out whole)."""
@@ -186,6 +189,7 @@ class Hub:
         self._feeds: dict[str, _Feed] = {}
         self._feed_lock = KeyedLock()
         self._dirty: set[str] = set()
+        self._user_changes: dict[str, set[str] | None] = {}  # conv -> users whose count changed (None: too many)
         self._repair_reads = BatchedHistory(backend, batch_size=repair_batch, concurrency=repair_concurrency)
         backend.add_resubscribe_callback(self.repair)
 
@@ -253,8 +257,9 @@ class Hub:
                 counts[name] = counts.get(name, 0) + len(group.members)
         return counts
 
-    def presence_users(self, conv: str) -> dict[str, tuple[int, Any]]:
-        """Subscribers of ``conv`` in this process by user: ``{user: (subscriptions, info)}``.
+    def presence_users(self, conv: str, limit: int | None = None) -> dict[str, tuple[int, Any]]:
+        """Subscribers of ``conv`` in this process by user: ``{user: (subscriptions, info)}``, the ``limit``
+        (None: all) with the most subscriptions.
 
         A subscriber's ``user`` and ``info`` attributes are read once, when it subscribes;
         one without ``user`` (or with None) is not counted. ``info``: the first non-None one
@@ -263,7 +268,24 @@ class Hub:
         feed = self._feeds.get(conv)
         if feed is None:
             return {}
-        return {user: (entry[0], entry[1]) for user, entry in feed.users.items()}
+        users = feed.users.items()
+        if limit is not None and len(feed.users) > limit:
+            users = heapq.nlargest(limit, users, key=lambda item: item[1][0])  # type: ignore[assignment]
+        return {user: (entry[0], entry[1]) for user, entry in users}
+
+    def take_user_changes(self, conv: str) -> dict[str, tuple[int, Any]] | None:
+        """The users of ``conv`` whose subscription count changed since the last call, with their
+        ``(subscriptions, info)`` now (0 and None: gone); None when more than ``MAX_USER_CHANGES``
+        changed (take :meth:`presence_users` instead)."""
+        if conv not in self._user_changes:
+            return {}
+        changed = self._user_changes.pop(conv)
+        if changed is None:
+            return None
+        feed = self._feeds.get(conv)
+        users = feed.users if feed is not None else {}
+        return {user: ((entry[0], entry[1]) if (entry := users.get(user)) is not None else (0, None))
+                for user in changed}
 
     def broadcast_control(self, conv: str, kind: str, **fields: Any) -> int:
         """Send ``{"type": kind, "conv_id": conv, **fields}`` to this process's subscribers of ``conv``.
@@ -297,6 +319,13 @@ class Hub:
         dirty, self._dirty = self._dirty, set()
         return dirty
 
+    def _user_changed(self, conv: str, user: str) -> None:
+        changes = self._user_changes.setdefault(conv, set())
+        if changes is not None:
+            changes.add(user)
+            if len(changes) > MAX_USER_CHANGES:
+                self._user_changes[conv] = None
+
     async def close(self) -> None:
         """Stop every feed; subscribers receive nothing more."""
         for conv in list(self._feeds):
@@ -321,6 +350,7 @@ class Hub:
             user = getattr(sub, "user", None)
             if isinstance(user, str):
                 member.user = user
+                self._user_changed(conv, user)
                 entry = feed.users.get(user)
                 if entry is None:
                     feed.users[user] = [1, getattr(sub, "info", None)]
@@ -343,6 +373,7 @@ class Hub:
             group = member.group
             group.members.pop(sub, None)
             if member.user is not None:
+                self._user_changed(feed.conv, member.user)
                 entry = feed.users.get(member.user)
                 if entry is not None:
                     entry[0] -= 1

@@ -47,6 +47,9 @@ class PresenceReporter:
         self._reported: dict[str, set[str]] = {}  # conv -> profiles with a non-zero report
         self._reported_users: dict[str, dict[str, int]] = {}  # conv -> user -> the non-zero count last reported
         self._due: dict[str, float] = {}  # conv -> monotonic time a debounced leave is due
+        self._changed: dict[str, dict[str, tuple[int, Any]]] = {}  # conv -> user changes not reported yet
+        self._want_full: set[str] = set()  # convs with too many changes to list: a full report is due
+        self._last_full: dict[str, float] = {}  # conv -> when such a full report was last sent
         self._slice = 1
         self._reads: dict[tuple[str, int], tuple[float, asyncio.Future[PresenceUsers]]] = {}
 
@@ -87,24 +90,44 @@ class PresenceReporter:
         if self._policies is None:
             return reports, announce
         for conv in convs:
+            changed = self._hub.take_user_changes(conv)  # taken for every conversation: the hub keeps no backlog
             found = self._policies.resolve(conv)
             if not (found.presence_users or found.join_leave):
                 continue
-            current = {} if withdraw else self._hub.presence_users(conv)
-            if len(current) > MAX_REPORTED_USERS:
-                current = dict(sorted(current.items(), key=lambda item: -item[1][0])[:MAX_REPORTED_USERS])
-            last = self._reported_users.get(conv, {})
-            if full is None or conv in full:
-                now = current
+            held = self._changed.setdefault(conv, {})
+            if changed is None:
+                self._want_full.add(conv)  # too many changes to list: report everyone, once a second at most
             else:
-                now = {user: entry for user, entry in current.items() if last.get(user) != entry[0]}
-            for gone in set(last) - set(current):
-                now[gone] = (0, None)
+                held.update(changed)  # kept until a report carrying them succeeds
+            last = self._reported_users.get(conv, {})
+            now: dict[str, tuple[int, Any]]
+            clock = time.monotonic()
+            if conv in self._want_full and clock - self._last_full.get(conv, 0.0) >= 1.0:
+                if len(self._last_full) >= 4096:
+                    self._last_full.clear()
+                self._last_full[conv] = clock
+                self._want_full.discard(conv)
+                full = set(full or ()) | {conv} if full is not None else None
+            if withdraw or full is None or conv in full:
+                now = {} if withdraw else self._hub.presence_users(conv, MAX_REPORTED_USERS)
+                for gone in set(last) - set(now):
+                    now[gone] = (0, None)
+            else:
+                now, room = {}, MAX_REPORTED_USERS - len(last)
+                for user, (n, info) in held.items():
+                    if n > 0 and user not in last:
+                        if room <= 0:
+                            continue  # past the cap: the next heartbeat's top users decide
+                        room -= 1
+                    if n > 0 or user in last:
+                        now[user] = (n, info)
             if found.join_leave:
                 announce.add(conv)
                 reports[conv] = now
             elif now:
                 reports[conv] = now
+            if conv not in reports:
+                self._changed.pop(conv, None)  # nothing to carry: what was held is moot
         return reports, announce
 
     async def _report_users(self, convs: Iterable[str], full: Collection[str] | None = None,
@@ -116,6 +139,7 @@ class PresenceReporter:
                                                           leave_delay=self._leave_delay, announce=announce,
                                                           sweep=full)
         for conv, users in reports.items():
+            self._changed.pop(conv, None)
             last = self._reported_users.setdefault(conv, {})
             for user, (n, _) in users.items():
                 if n > 0:
@@ -163,7 +187,7 @@ class PresenceReporter:
         heartbeat: set[str] = set()  # those of ``pending`` due for a full report
         rotation: list[str] = []
         while True:
-            pending |= self._hub.take_dirty()
+            pending |= self._hub.take_dirty() | self._want_full
             if self._due:
                 clock = time.monotonic()
                 for conv in [c for c, at in self._due.items() if at <= clock]:

@@ -435,3 +435,33 @@ async def test_users_read_is_shared_for_a_second() -> None:
         assert calls == 2, "another limit is another read"
     finally:
         await backend.close()
+
+
+async def test_too_many_changes_between_flushes_make_a_full_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broadcaster import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "MAX_USER_CHANGES", 5)
+    policies = PolicyTable(BackendSettings().default_policy(),
+                           parse_namespaces({"namespaces": {"*": {"join_leave": True}}}))
+    backend = RecordingMemory()
+    await backend.start()
+    hub = Hub(backend, gateway_id="g")
+    reporter = PresenceReporter(hub, backend, "g", policies=policies)
+    try:
+        await hub.subscribe(FakeSub("a", "alice"), "room", Profile("default"))
+        assert hub.take_user_changes("room") == {"alice": (1, None)}
+        assert hub.take_user_changes("room") == {}
+        for i in range(8):
+            await hub.subscribe(FakeSub(str(i), f"u{i}"), "room", Profile("default"))
+        assert hub.take_user_changes("room") is None, "past the cap: no list, report everyone"
+        await hub.subscribe(FakeSub("b", "bob"), "room", Profile("default"))
+        for i in range(8):
+            await hub.subscribe(FakeSub(f"x{i}", f"v{i}"), "room", Profile("default"))
+        await reporter.report(hub.take_dirty(), full=set())
+        reported = backend.user_reports[-1][0]["room"]
+        assert len(reported) == 18 and set(reported) >= {"alice", "bob", "v7"}
+        found = await backend.report_presence_users("g", {"room": {}}, 30, leave_delay=0, announce={"room"})
+        assert found["room"].transitions == [], "every user was joined by the full report"
+    finally:
+        await hub.close()
+        await backend.close()
