@@ -18,7 +18,7 @@ Driven by a harness over stdin / stdout, one JSON object per line each way:
 
 * ``{"cmd": "connect", "host", "port", "clients": [[id, conv], ...], "source": "127.0.0.2" | null,
   "concurrency": 200, "backoff": {"mode": "none"|"full"|"equal", "initial": s, "max": s},
-  "reconnect": true}`` -> ``{"ok", "failed", "errors", "seconds"}`` once every socket got
+  "reconnect": true, "timeout": 30}`` -> ``{"ok", "failed", "errors", "seconds"}`` once every socket got
   its ``ws.subscribed`` or failed.
 * ``{"cmd": "phase", "name": P}``: latency samples from now on go to phase ``P``.
 * ``{"cmd": "victim", "gateway_id": G}``: clients now on gateway ``G`` form the group ``moved``
@@ -77,6 +77,7 @@ class State:
 
     def __init__(self) -> None:
         self.phase = "before"
+        self.current: dict[str, Any] = {}
         self.victim: str | None = None
         self.samples: dict[str, Any] = {}
         self.closes: Counter[str] = Counter()
@@ -84,15 +85,16 @@ class State:
         self.events = 0
         self.bad = 0
 
-    def sample(self, group: str, latency_us: int) -> None:
-        key = f"{self.phase}/{group}"
-        arr = self.samples.get(key)
-        if arr is None:
-            arr = self.samples[key] = hist.new_samples()
-        arr.append(latency_us)
+    def set_phase(self, phase: str) -> None:
+        """Samples from now on go to ``phase`` (``self.current``: the arrays of this phase, by group)."""
+        self.phase = phase
+        for group in ("stay", "moved"):
+            self.samples.setdefault(f"{phase}/{group}", hist.new_samples())
+        self.current = {g: self.samples[f"{phase}/{g}"] for g in ("stay", "moved")}
 
 
 STATE = State()
+STATE.set_phase("before")
 
 
 class Follower:
@@ -165,7 +167,7 @@ class Follower:
             self.gaps += 1
             self.gap_events += seq - last - 1
         self.last_seq = seq
-        STATE.sample(self.group, int(now * 1_000_000) - sent)
+        STATE.current[self.group].append(int(now * 1_000_000) - sent)
         if self.target >= 0 and self.recovered_at is None and seq >= self.target:
             self.recovered_at = now
 
@@ -193,43 +195,59 @@ class Wire(asyncio.Protocol):
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
         if not self.upgraded:
+            self.buf += data
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 return
             status = bytes(self.buf[:end]).split(b" ", 2)[1].decode(errors="replace")
-            del self.buf[:end + 4]
+            data = bytes(self.buf[end + 4:])
+            self.buf = bytearray()
             if status != "101":
                 self._finish(f"HTTP {status}")
                 return
             self.upgraded = True
-        self._frames()
+        elif self.buf:
+            self.buf += data
+            data = bytes(self.buf)
+            self.buf = bytearray()
+        self._frames(data)
 
-    def _frames(self) -> None:
-        buf, now = self.buf, _now()
+    def _frames(self, buf: bytes) -> None:
+        now = _now()
         pos, size = 0, len(buf)
+        follower = self.follower
         while size - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
             length, head = b1 & 0x7F, 2
             if length == 126:
                 if size - pos < 4:
                     break
-                length, head = struct.unpack_from("!H", buf, pos + 2)[0], 4
+                length, head = (buf[pos + 2] << 8) | buf[pos + 3], 4
             elif length == 127:
                 if size - pos < 10:
                     break
                 length, head = struct.unpack_from("!Q", buf, pos + 2)[0], 10
             if b1 & 0x80:
                 head += 4  # a masked server frame is a protocol error; skip the key rather than crash
-            if size - pos < head + length:
+            end = pos + head + length
+            if end > size:
                 break
-            payload = bytes(buf[pos + head:pos + head + length])
-            pos += head + length
-            self._frame(b0 & 0x0F, bool(b0 & 0x80), payload, now)
-            if self.closed:
-                break
-        del buf[:pos]
+            payload = buf[pos + head:end]
+            pos = end
+            if b0 == 0x81 and not self.fragments:  # the common case: one whole text frame
+                if b"\n" in payload:
+                    for line in payload.split(b"\n"):
+                        if line:
+                            follower.on_object(line, now)
+                else:
+                    follower.on_object(payload, now)
+            else:
+                self._frame(b0 & 0x0F, bool(b0 & 0x80), payload, now)
+                if self.closed:
+                    return
+        if pos < size:
+            self.buf = bytearray(buf[pos:])
 
     def _frame(self, opcode: int, fin: bool, payload: bytes, now: float) -> None:
         if opcode == 0x9:
@@ -286,12 +304,15 @@ class Driver:
         self.followers: list[Follower] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        self.timeout = 30.0
+        """Seconds an attempt may take from connect to ws.subscribed before it is abandoned (and retried)."""
 
     async def connect(self, msg: dict[str, Any]) -> dict[str, Any]:
         host, port = msg["host"], msg["port"]
         source: str | None = msg.get("source")
         backoff = msg.get("backoff") or {"mode": "full", "initial": 0.1, "max": 5.0}
         reconnect = bool(msg.get("reconnect", True))
+        self.timeout = float(msg.get("timeout", self.timeout))
         gate = asyncio.Semaphore(max(1, msg.get("concurrency", 200)))
         errors: Counter[str] = Counter()
         began = time.monotonic()
@@ -320,17 +341,17 @@ class Driver:
         try:
             await asyncio.wait_for(loop.create_connection(
                 lambda: Wire(follower, host, port, done), host, port,
-                local_addr=(source, 0) if source else None), 30)
+                local_addr=(source, 0) if source else None), self.timeout)
         except (OSError, TimeoutError) as exc:
             return f"{exc.__class__.__name__}: {exc}"
         wire = follower.wire
         assert wire is not None
         try:
             pending: list[asyncio.Future[Any]] = [wire.ready, done]
-            await asyncio.wait_for(asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED), 30)
+            await asyncio.wait_for(asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED), self.timeout)
         except TimeoutError:
             wire.close()
-            return "no ws.subscribed within 30 s"
+            return f"no ws.subscribed within {self.timeout:g} s"
         if done.done():
             return done.result() or "closed"
         return None
@@ -445,7 +466,7 @@ async def main() -> None:
         if cmd == "connect":
             reply(await driver.connect(msg))
         elif cmd == "phase":
-            STATE.phase = msg["name"]
+            STATE.set_phase(msg["name"])
             reply({"phase": STATE.phase})
         elif cmd == "victim":
             reply({"moved": driver.set_victim(msg["gateway_id"])})
