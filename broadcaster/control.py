@@ -23,6 +23,7 @@ import orjson
 
 from broadcaster.backend import BackendStats, ControlListener
 from broadcaster.errors import PayloadDecodeError, ValidationError
+from broadcaster.validation import validate_conv_id
 
 log = logging.getLogger("broadcaster.control")
 
@@ -96,3 +97,58 @@ def validate_subject(sub: object) -> str:
 def now_ms() -> int:
     """Wall-clock time in ms since the epoch: what deny-list entries are compared with."""
     return time.time_ns() // 1_000_000
+
+
+# ---- disconnect messages (revocation: POST /v1/disconnect, Producer.disconnect, gateway.revocation) ----
+
+DISCONNECT = "disconnect"
+"""``kind`` of a disconnect message: ``{"kind", "sub"?, "conv_id"?, "code", "reason", "until"?}``."""
+DEFAULT_CLOSE_CODE = 4403
+"""Our clients stop reconnecting on 4403: right for a revoked user."""
+DEFAULT_CLOSE_REASON = "revoked"
+MAX_REASON_BYTES = 120
+"""A close frame's reason holds at most 123 bytes."""
+
+
+def valid_close_code(code: object) -> bool:
+    """Close codes a disconnect may use: 1000, 1008 and the application range 4000-4999."""
+    return type(code) is int and (code in (1000, 1008) or 4000 <= code <= 4999)
+
+
+def disconnect_message(sub: str | None = None, conv_id: str | None = None, *, code: int = DEFAULT_CLOSE_CODE,
+                       reason: str = DEFAULT_CLOSE_REASON, until_ms: int | None = None) -> dict[str, Any]:
+    """The control message closing ``sub``'s and / or ``conv_id``'s connections; ValidationError naming the field.
+
+    ``until_ms`` (needs ``sub``): the subject is also denied until then (the caller writes
+    the deny list with :meth:`Backend.revoke` first).
+    """
+    if sub is None and conv_id is None:
+        raise ValidationError("body", 'give "sub", "conv_id" or both')
+    message: dict[str, Any] = {"kind": DISCONNECT}
+    if sub is not None:
+        message["sub"] = validate_subject(sub)
+    if conv_id is not None:
+        message["conv_id"] = validate_conv_id(conv_id)
+    if not valid_close_code(code):
+        raise ValidationError("code", "must be 1000, 1008 or from 4000 to 4999")
+    if not isinstance(reason, str) or len(reason.encode()) > MAX_REASON_BYTES:
+        raise ValidationError("reason", f"must be a string of at most {MAX_REASON_BYTES} bytes")
+    message["code"], message["reason"] = code, reason
+    if until_ms is not None:
+        if sub is None:
+            raise ValidationError("until", 'needs "sub": only a user can be denied for a while')
+        if type(until_ms) is not int:
+            raise ValidationError("until", "must be an integer of ms since the epoch")
+        message["until"] = until_ms
+    return message
+
+
+def publish_command(channel: str, payload: bytes, sharded: bool) -> tuple[str, str, bytes]:
+    """The command sending ``payload`` on the control channel (SPUBLISH on a cluster)."""
+    return ("SPUBLISH" if sharded else "PUBLISH", channel, payload)
+
+
+def revoke_command(key: str, sub: str, until_ms: int, now: int) -> tuple[str, ...]:
+    """The command writing ``sub -> until_ms`` in the deny-list hash ``key`` (HDEL for an until not after ``now``)."""
+    sub = validate_subject(sub)
+    return ("HSET", key, sub, str(int(until_ms))) if until_ms > now else ("HDEL", key, sub)

@@ -25,12 +25,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from broadcaster.control import now_ms, validate_subject
+from broadcaster.control import DEFAULT_CLOSE_CODE, DEFAULT_CLOSE_REASON, disconnect_message, now_ms
 from broadcaster.errors import ValidationError
-from broadcaster.validation import validate_conv_id
 from gateway.auth import AuthError
 from gateway.http_api import ApiError, _backend_call, _json_error, _read_body
-from gateway.revocation import DEFAULT_CODE, DEFAULT_REASON, MAX_REASON_BYTES, Disconnect, iso_ms, valid_close_code
+from gateway.revocation import Disconnect, iso_ms
 from gateway.state import Gateway
 
 router = APIRouter()
@@ -58,7 +57,7 @@ def parse_until(value: object, now: int) -> int:
         raise _invalid("until", f"not an ISO-8601 time: {value!r}") from None
     if moment.tzinfo is None:
         raise _invalid("until", "the time needs a UTC offset (e.g. Z or +02:00)")
-    until = int(moment.timestamp() * 1000)
+    until = round(moment.timestamp() * 1000)
     if until <= now:
         raise _invalid("until", "must be in the future")
     if until > now + MAX_UNTIL_SECONDS * 1000:
@@ -74,27 +73,17 @@ def parse_disconnect(body: object, now: int) -> Disconnect:
     if unknown:
         raise _invalid("body", f"unknown field(s) {sorted(unknown)}")
     sub, conv_id = body.get("sub"), body.get("conv_id")
-    if sub is None and conv_id is None:
-        raise _invalid("body", 'give "sub", "conv_id" or both')
+    code, reason = body.get("code", DEFAULT_CLOSE_CODE), body.get("reason", DEFAULT_CLOSE_REASON)
     try:
-        if sub is not None:
-            sub = validate_subject(sub)
-        if conv_id is not None:
-            conv_id = validate_conv_id(conv_id)
+        message = disconnect_message(sub, conv_id, code=code, reason=reason)  # every field but until checked
     except ValidationError as exc:
         raise _invalid(exc.field, exc.message) from None
-    code = body.get("code", DEFAULT_CODE)
-    if not valid_close_code(code):
-        raise _invalid("code", "must be 1000, 1008 or from 4000 to 4999")
-    reason = body.get("reason", DEFAULT_REASON)
-    if not isinstance(reason, str) or len(reason.encode()) > MAX_REASON_BYTES:
-        raise _invalid("reason", f"must be a string of at most {MAX_REASON_BYTES} bytes")
     until = None
     if body.get("until") is not None:
         if sub is None:
             raise _invalid("until", 'needs "sub": only a user can be denied for a while')
         until = parse_until(body["until"], now)
-    return Disconnect(sub, conv_id, code, reason, until)
+    return Disconnect(message.get("sub"), message.get("conv_id"), code, reason, until)
 
 
 @router.post("/v1/disconnect", status_code=202)

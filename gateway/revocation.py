@@ -27,24 +27,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from broadcaster.backend import Backend
-from broadcaster.control import now_ms
+from broadcaster.control import (
+    DEFAULT_CLOSE_CODE,
+    DEFAULT_CLOSE_REASON,
+    DISCONNECT,
+    MAX_REASON_BYTES,
+    disconnect_message,
+    now_ms,
+    valid_close_code,
+)
 from gateway.auth import Authenticator
 from gateway.connection import ConnectionPool
 
 log = logging.getLogger("gateway.revocation")
 
-KIND = "disconnect"
-DEFAULT_CODE = 4403
-DEFAULT_REASON = "revoked"
-MAX_REASON_BYTES = 120
-"""A close frame's reason holds at most 123 bytes."""
+KIND = DISCONNECT
+DEFAULT_CODE = DEFAULT_CLOSE_CODE
+DEFAULT_REASON = DEFAULT_CLOSE_REASON
 RELOAD_INTERVAL = 30.0
 """Seconds between two reloads of the deny list (the backstop for a control message missed)."""
-
-
-def valid_close_code(code: object) -> bool:
-    """Close codes a disconnect may use: 1000, 1008 and the application range 4000-4999."""
-    return type(code) is int and (code in (1000, 1008) or 4000 <= code <= 4999)
 
 
 def iso_ms(ms: int) -> str:
@@ -63,13 +64,8 @@ class Disconnect:
     until: int | None = None
 
     def message(self) -> dict[str, Any]:
-        """The control message (fields left out when unset)."""
-        out: dict[str, Any] = {"kind": KIND, "code": self.code, "reason": self.reason}
-        for name in ("sub", "conv_id", "until"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        return out
+        """The control message (fields left out when unset); ValidationError if a field is out of bounds."""
+        return disconnect_message(self.sub, self.conv_id, code=self.code, reason=self.reason, until_ms=self.until)
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Disconnect | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -71,6 +72,20 @@ class HttpProtocol:
         headers = {"authorization": f"Bearer {self.options.token}"} if self.options.token else {}
         return HttpCall("GET", f"/v1/conversations/{validate_conv_id(conv)}/presence", headers)
 
+    def disconnect_call(self, message: dict[str, Any]) -> HttpCall:
+        """``POST /v1/disconnect`` of a disconnect control message (its ``until`` in ms sent as an ISO time)."""
+        body = {k: v for k, v in message.items() if k != "kind"}
+        if "until" in body:
+            body["until"] = datetime.fromtimestamp(body["until"] / 1000, UTC).isoformat(timespec="milliseconds")
+        headers = {"content-type": "application/json"}
+        if self.options.publish_key:
+            headers["authorization"] = f"Bearer {self.options.publish_key}"
+        return HttpCall("POST", "/v1/disconnect", headers, orjson.dumps(body))
+
+    def parse_disconnect(self, status: int, content: bytes) -> dict[str, Any]:
+        sent: dict[str, Any] = self._checked(status, content, ok=(200, 202))["sent"]
+        return sent
+
     def parse_publish(self, status: int, content: bytes) -> PublishResult:
         body = self._checked(status, content)
         return PublishResult(body["conv_id"], int(body["seq"]), body["id"], body["epoch"],
@@ -80,10 +95,10 @@ class HttpProtocol:
         body = self._checked(status, content)
         return Presence(int(body["connections"]), {str(k): int(v) for k, v in body["by_profile"].items()})
 
-    def _checked(self, status: int, content: bytes) -> Any:
-        """The JSON body of a 200; the matching exception for anything else."""
+    def _checked(self, status: int, content: bytes, ok: tuple[int, ...] = (200,)) -> Any:
+        """The JSON body of a 200 (or another status of ``ok``); the matching exception for anything else."""
         text = content.decode("utf-8", "replace")
-        if status == 200:
+        if status in ok:
             try:
                 return orjson.loads(content)
             except orjson.JSONDecodeError:
@@ -141,6 +156,15 @@ class SyncHttpTransport:
 
         return self.retry.call(attempt)
 
+    def disconnect(self, message: dict[str, Any]) -> dict[str, Any]:
+        call = self.protocol.disconnect_call(message)
+
+        def attempt() -> dict[str, Any]:
+            response = self._send(call)
+            return self.protocol.parse_disconnect(response.status_code, response.content)
+
+        return self.retry.call(attempt)
+
     def close(self) -> None:
         self.client.close()
 
@@ -174,6 +198,15 @@ class AsyncHttpTransport:
         async def attempt() -> Presence:
             response = await self._send(call)
             return self.protocol.parse_presence(response.status_code, response.content)
+
+        return await self.retry.acall(attempt)
+
+    async def disconnect(self, message: dict[str, Any]) -> dict[str, Any]:
+        call = self.protocol.disconnect_call(message)
+
+        async def attempt() -> dict[str, Any]:
+            response = await self._send(call)
+            return self.protocol.parse_disconnect(response.status_code, response.content)
 
         return await self.retry.acall(attempt)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol
 
 from broadcaster.backend import Presence
 from broadcaster.backends.scripts import RedisTarget, parse_redis_url
+from broadcaster.control import DEFAULT_CLOSE_CODE, DEFAULT_CLOSE_REASON, disconnect_message, now_ms
 from broadcaster.envelope import PublishResult
 from broadcaster.errors import BackendUnavailable, NotReplicated, ValidationError
 from broadcaster.urls import redact_url
@@ -30,12 +32,14 @@ REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "redis+se
 class SyncTransport(Protocol):
     def publish_many(self, batch: list[Outgoing]) -> list[PublishResult]: ...
     def presence(self, conv: str) -> Presence: ...
+    def disconnect(self, message: dict[str, Any]) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
 
 class AsyncTransport(Protocol):
     async def publish_many(self, batch: list[Outgoing]) -> list[PublishResult]: ...
     async def presence(self, conv: str) -> Presence: ...
+    async def disconnect(self, message: dict[str, Any]) -> dict[str, Any]: ...
     async def close(self) -> None: ...
 
 
@@ -74,6 +78,24 @@ def _naming(where: str) -> Iterator[None]:
         cause = exc.__cause__
         detail = f": {cause}" if cause is not None and str(cause) and str(cause) not in str(exc) else ""
         raise BackendUnavailable(f"{where}: {exc}{detail}") from exc
+
+
+def _disconnect(sub: str | None, conv_id: str | None, until: datetime | int | None, code: int,
+                reason: str) -> dict[str, Any]:
+    """The disconnect control message of :meth:`Producer.disconnect`'s arguments; ValidationError if one is bad."""
+    until_ms = None
+    if until is not None:
+        if isinstance(until, datetime):
+            if until.tzinfo is None:
+                raise ValidationError("until", "a datetime with a timezone (e.g. datetime.now(UTC) + ...)")
+            until_ms = round(until.timestamp() * 1000)
+        elif type(until) is int and until > 0:
+            until_ms = now_ms() + until * 1000
+        else:
+            raise ValidationError("until", "a timezone-aware datetime, or a positive integer of seconds from now")
+        if until_ms <= now_ms():
+            raise ValidationError("until", "must be in the future")
+    return disconnect_message(sub, conv_id, code=code, reason=reason, until_ms=until_ms)
 
 
 def _watching(presence: Presence, profile: str | None) -> bool:
@@ -145,6 +167,20 @@ class Producer:
         """True if someone watches ``conv`` (with ``profile``, when given): skip producing otherwise."""
         return _watching(self.presence(conv), profile)
 
+    def disconnect(self, sub: str | None = None, conv_id: str | None = None, *,
+                   until: datetime | int | None = None, code: int = DEFAULT_CLOSE_CODE,
+                   reason: str = DEFAULT_CLOSE_REASON) -> dict[str, Any]:
+        """Close, on every gateway, the connections of user ``sub`` and / or of conversation ``conv_id``.
+
+        ``until`` (needs ``sub``; a timezone-aware datetime or seconds from now): the user's
+        tokens are also refused until then. ``code``: 1000, 1008 or 4000-4999 (4403: our
+        clients stop reconnecting). Over HTTP this is ``POST /v1/disconnect`` (the publish
+        key); over Redis the same deny-list write and control message. Returns the message sent.
+        """
+        message = _disconnect(sub, conv_id, until, code, reason)
+        with _naming(self.url):
+            return self._transport.disconnect(message)
+
     def close(self) -> None:
         self._transport.close()
 
@@ -198,6 +234,14 @@ class AsyncProducer:
 
     async def has_subscribers(self, conv: str, profile: str | None = None) -> bool:
         return _watching(await self.presence(conv), profile)
+
+    async def disconnect(self, sub: str | None = None, conv_id: str | None = None, *,
+                         until: datetime | int | None = None, code: int = DEFAULT_CLOSE_CODE,
+                         reason: str = DEFAULT_CLOSE_REASON) -> dict[str, Any]:
+        """Like :meth:`Producer.disconnect`."""
+        message = _disconnect(sub, conv_id, until, code, reason)
+        with _naming(self.url):
+            return await self._transport.disconnect(message)
 
     async def close(self) -> None:
         await self._transport.close()

@@ -31,6 +31,7 @@ from broadcaster.backends import scripts
 from broadcaster.backends.redis import RedisCommands, client_options, make_async_client
 from broadcaster.backends.redis.clients import sentinel_kwargs
 from broadcaster.backends.redis.replication import WaitingCommands, check_replicated, wait_command
+from broadcaster.control import encode_control, now_ms, publish_command, revoke_command
 from broadcaster.envelope import PublishResult
 from broadcaster.errors import BackendUnavailable, PayloadTooLarge
 from broadcaster.keys import KeyLayout
@@ -39,6 +40,15 @@ from broadcaster.validation import validate_conv_id
 from producers.options import Outgoing, ProducerOptions, prepared_only
 
 SyncClient = redis.Redis | RedisCluster
+
+
+def disconnect_commands(layout: KeyLayout, message: dict[str, Any], sharded: bool) -> list[tuple[Any, ...]]:
+    """The deny-list write (when the message has ``until``), then the control message's publish."""
+    commands: list[tuple[Any, ...]] = []
+    if "until" in message:
+        commands.append(revoke_command(layout.revoked(), message["sub"], message["until"], now_ms()))
+    commands.append(publish_command(layout.control(), encode_control(message), sharded))
+    return commands
 
 
 @contextmanager
@@ -130,6 +140,18 @@ class SyncRedisTransport:
 
         return scripts.parse_presence(self.retry.call(attempt))
 
+    def disconnect(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Write the deny list (with ``until``) and PUBLISH the control message, as ``POST /v1/disconnect`` does."""
+        commands = disconnect_commands(self.layout, message, self.sharded)
+
+        def attempt() -> None:
+            for command in commands:
+                self.client.execute_command(*command)
+
+        with _explained():
+            self.retry.call(attempt)
+        return message
+
     def close(self) -> None:
         self.client.close()
 
@@ -192,6 +214,7 @@ class AsyncRedisTransport:
                                   "stats": BackendStats(), "retry": _retry_policy(options)}
         client = make_async_client(target)
         self.commands = RedisCommands(client, **common) if wait is None else WaitingCommands(client, wait, **common)
+        self.layout = common["layout"]
 
     async def publish_many(self, batch: Sequence[Outgoing]) -> list[PublishResult]:
         with _explained():
@@ -199,6 +222,18 @@ class AsyncRedisTransport:
 
     async def presence(self, conv: str) -> Presence:
         return await self.commands.presence(conv)
+
+    async def disconnect(self, message: dict[str, Any]) -> dict[str, Any]:
+        commands = disconnect_commands(self.layout, message, self.commands.sharded)
+        client = self.commands.client
+
+        async def attempt() -> None:
+            for command in commands:
+                await client.execute_command(*command)
+
+        with _explained():
+            await self.commands.retry.acall(attempt)
+        return message
 
     async def close(self) -> None:
         await self.commands.close()

@@ -8,6 +8,7 @@ on the in-process, memory-backend gateway).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,11 +17,18 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import redis
 import websockets
 
+from broadcaster.backends.scripts import library_name
+from broadcaster.errors import ValidationError
+from broadcaster.keys import KeyLayout
 from gateway.revocation import Disconnect, Revocations
 from gateway.settings import Settings
-from tests.support.gateway import GatewayProcess, InProcessGateway, start_gateways
+from producers import AsyncProducer, Producer
+from producers.errors import PublishForbidden
+from tests.conftest import REDIS_URL
+from tests.support.gateway import GatewayProcess, InProcessGateway
 from tests.support.polling import async_wait_until
 from tests.support.sseclient import SseClient
 from tests.support.tcp_proxy import TcpProxy
@@ -42,10 +50,30 @@ def gateway_args(redis_url: str, key_prefix: str) -> list[str]:
     return ["--redis-url", redis_url, "--key-prefix", key_prefix, "--auth-secret", SECRET, "--publish-key", KEY]
 
 
-@pytest.fixture
-def three(redis_url: str, key_prefix: str) -> Iterator[list[GatewayProcess]]:
-    gateways = start_gateways(3, *gateway_args(redis_url, key_prefix))
+@pytest.fixture(scope="module")
+def shared_prefix() -> Iterator[str]:
+    """A prefix of this module's own, as the ``key_prefix`` fixture makes them: its three gateways serve
+    the tests here (fewer processes to start on a busy machine); the function library is deleted after."""
+    prefix = "t" + secrets.token_hex(6)
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     try:
+        client.function_delete(library_name(prefix))
+        client.delete(KeyLayout(prefix).revoked())
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def three(shared_prefix: str) -> Iterator[list[GatewayProcess]]:
+    gateways = [GatewayProcess(*gateway_args(REDIS_URL, shared_prefix)) for _ in range(3)]
+    try:
+        for g in gateways:
+            g.process.start()
+        for g in gateways:
+            g.wait_healthy(timeout=60)  # seven other suites share two cores: starting can be slow
         yield gateways
     finally:
         for g in gateways:
@@ -130,6 +158,8 @@ async def test_disconnect_by_sub_closes_on_every_gateway_within_1s(three: list[G
     # No until: u1 may come back at once.
     back = await connect(three[1].ws_url(), "u1", "room-1")
     await still_open([back], three[0].http_url, "room-1")
+    for c in [*u2, back]:
+        await c.close()
 
 
 async def test_disconnect_by_conversation_and_by_both(three: list[GatewayProcess]) -> None:
@@ -153,13 +183,13 @@ async def test_disconnect_by_conversation_and_by_both(three: list[GatewayProcess
     await still_open([u4_on_e], three[2].http_url, "e")
     await still_open([u3_on_f], three[2].http_url, "f")
     await still_open(on_d, three[0].http_url, "d")
+    for c in [*on_d, u3_on_f, u4_on_e]:
+        await c.close()
 
 
-async def test_until_refuses_on_every_gateway_then_admits(
-    three: list[GatewayProcess], redis_url: str, key_prefix: str
-) -> None:
+async def test_until_refuses_on_every_gateway_then_admits(three: list[GatewayProcess], shared_prefix: str) -> None:
     u1 = [await connect(g.ws_url(), "u1", "r") for g in three]
-    r = await post(three[0].http_url, {"sub": "u1", "until": 3})
+    r = await post(three[0].http_url, {"sub": "u1", "until": 5})
     assert r.status_code == 202, r.text
     until_ms = r.json()["sent"]["until"]
     assert r.json()["until"].endswith("Z") and until_ms > time.time() * 1000
@@ -171,7 +201,10 @@ async def test_until_refuses_on_every_gateway_then_admits(
     later = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
     r = await post(three[1].http_url, {"sub": "u9", "until": later})
     assert r.status_code == 202, r.text
-    with GatewayProcess(*gateway_args(redis_url, key_prefix)) as late:
+    late = GatewayProcess(*gateway_args(REDIS_URL, shared_prefix))
+    late.process.start()
+    try:
+        late.wait_healthy(timeout=60)
         assert (await refused_at_connect(late.ws_url(), "u9"))[0] == 4403
         assert (await refused_at_connect(late.ws_url(), "u2"))[1] == "ws.hello"
         # After until, u1 is admitted on every gateway, the late one included.
@@ -179,6 +212,8 @@ async def test_until_refuses_on_every_gateway_then_admits(
             await async_wait_until(lambda g=g: refused_at_connect(g.ws_url(), "u1"),
                                    until=lambda got: got == (None, "ws.hello"), timeout=15,
                                    message="u1 admitted after its until")
+    finally:
+        late.stop()
     assert time.time() * 1000 >= until_ms
 
 
@@ -269,3 +304,41 @@ async def test_a_gateway_cut_from_redis_catches_up_on_reconnect(redis_url: str, 
             assert (await refused_at_connect(cut_off.ws_url(), "u1"))[0] == 4403
             seq = (await direct.gateway.backend.publish("x", "chat.msg", {"after": True})).seq
             await receives(u2, seq)
+
+
+async def test_producer_disconnect_over_redis_and_http(redis_url: str, key_prefix: str) -> None:
+    settings = Settings(redis_url=redis_url, key_prefix=key_prefix, auth_secret=SECRET, publish_key=[KEY])
+    async with InProcessGateway(settings) as gw:
+        u1, u2, u3, u4, stays = [await connect(gw.ws_url(), sub, conv)
+                                 for sub, conv in (("u1", "p1"), ("u2", "p2"), ("u3", "p3"), ("u4", "p4"),
+                                                   ("u5", "p2"))]
+        over_redis = Producer.from_url(redis_url, key_prefix=key_prefix)
+        over_http = Producer.from_url(gw.http_url, publish_key=KEY)
+        try:
+            sent = await asyncio.to_thread(over_redis.disconnect, "u1")
+            assert sent == {"kind": "disconnect", "sub": "u1", "code": 4403, "reason": "revoked"}
+            assert await closed_with(u1) == (4403, "revoked")
+            await asyncio.to_thread(over_http.disconnect, None, "p2", code=4000, reason="bye")
+            assert await closed_with(u2) == (4000, "bye")
+            assert (await closed_with(stays)) == (4000, "bye")  # u5 is on p2 too
+            for bad in ({}, {"conv_id": "p1", "until": 5}, {"sub": "u", "until": datetime(2030, 1, 1)},
+                        {"sub": "u", "code": 1001}, {"sub": "u", "until": -1}):
+                with pytest.raises(ValidationError):
+                    over_redis.disconnect(**bad)
+        finally:
+            over_redis.close()
+            over_http.close()
+        async with AsyncProducer.from_url(redis_url, key_prefix=key_prefix) as async_redis, \
+                AsyncProducer.from_url(gw.http_url, publish_key=KEY) as async_http:
+            sent = await async_redis.disconnect("u3", until=60)
+            assert sent["until"] > time.time() * 1000
+            assert await closed_with(u3) == (4403, "revoked")
+            later = datetime.now(UTC) + timedelta(minutes=5)
+            sent = await async_http.disconnect("u4", until=later)
+            assert abs(sent["until"] - later.timestamp() * 1000) < 2
+            assert await closed_with(u4) == (4403, "revoked")
+            with pytest.raises(PublishForbidden):
+                await AsyncProducer.from_url(gw.http_url, publish_key="wrong", retry_budget=1).disconnect("u9")
+        for sub in ("u3", "u4"):
+            assert (await refused_at_connect(gw.ws_url(), sub))[0] == 4403
+        assert set(await gw.gateway.backend.revocations()) == {"u3", "u4"}

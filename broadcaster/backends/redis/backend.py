@@ -32,7 +32,7 @@ from broadcaster.backends.redis.clients import AsyncClient, make_async_client
 from broadcaster.backends.redis.commands import RedisCommands
 from broadcaster.backends.redis.replication import WaitingCommands, wait_command
 from broadcaster.backends.redis.subscriber import Subscriber
-from broadcaster.control import ControlListeners, encode_control, now_ms, validate_subject
+from broadcaster.control import ControlListeners, encode_control, now_ms, publish_command, revoke_command
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult
 from broadcaster.keys import KeyLayout
 from broadcaster.retry import RetryPolicy
@@ -267,13 +267,11 @@ class RedisBackend(Backend):
 
     async def publish_control(self, message: Mapping[str, Any]) -> None:
         """PUBLISH (SPUBLISH on a cluster) ``message`` on the control channel, retried like a publish."""
-        payload, channel = encode_control(message), self.layout.control()
+        command = publish_command(self.layout.control(), encode_control(message), self.commands.sharded)
         client = self.commands.client
 
         async def attempt() -> Any:
-            if self.commands.sharded:
-                return await client.spublish(channel, payload)
-            return await client.publish(channel, payload)
+            return await client.execute_command(*command)
 
         await self.commands.retry.acall(attempt)
 
@@ -284,13 +282,10 @@ class RedisBackend(Backend):
 
     async def revoke(self, sub: str, until_ms: int) -> None:
         """HSET (or HDEL, for an ``until_ms`` in the past) ``sub`` in the deny-list hash."""
-        sub, key, client = validate_subject(sub), self.layout.revoked(), self.commands.client
-        until = int(until_ms)
+        command, client = revoke_command(self.layout.revoked(), sub, until_ms, now_ms()), self.commands.client
 
         async def attempt() -> Any:
-            if until > now_ms():
-                return await client.hset(key, sub, str(until))
-            return await client.hdel(key, sub)
+            return await client.execute_command(*command)
 
         await self.commands.retry.acall(attempt)
 
