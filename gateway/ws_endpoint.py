@@ -121,6 +121,9 @@ class Session:
         if not gw.auth.enabled:
             conn.send(_error("bad_refresh", "auth is off on this gateway: there is no token to refresh"))
             return
+        if self.expired():  # too late: the connection ended with its token (the timer may lag)
+            conn.close(CLOSE_UNAUTHORIZED, "token expired")
+            return
         try:
             grant = gw.auth.verify(token)
         except AuthError as exc:

@@ -127,6 +127,7 @@ async def test_subscribe_after_exp_is_refused_even_before_the_timer(monkeypatch:
         # without the timer, the clock check at subscribe is what refuses
         monkeypatch.setattr(ws_endpoint.Session, "arm_expiry", lambda self: None)
         lagging = await connect(gw, tok, "late-b")
+        late_refresh = await connect(gw, tok, "late-e")
         await until_time(exp + 0.05)
         for c, conv in ((client, "late-c"), (lagging, "late-d")):
             try:
@@ -137,6 +138,11 @@ async def test_subscribe_after_exp_is_refused_even_before_the_timer(monkeypatch:
             assert (code, reason) == (4401, "token expired"), (conv, code, reason)
             assert not [o for o in got if o.get("conv_id") == conv], got
         assert not {"late-c", "late-d"} & set(gw.gateway.hub.conversations())
+        # a refresh after exp comes too late as well: the connection ended with its token
+        fresh, _ = token(ttl=60)
+        await late_refresh.send_json({"type": "ws.refresh", "token": fresh})
+        code, reason, got, _ = await closed(late_refresh)
+        assert (code, reason) == (4401, "token expired") and not [o for o in got if o["type"] == "ws.refreshed"]
 
 
 async def test_sse_stream_ends_at_exp() -> None:
