@@ -232,15 +232,14 @@ export class BroadcasterClient extends EventTarget {
     this._token = options.token ?? null;
     /** @type {(() => string | Promise<string>) | null} */
     this._getToken = options.getToken ?? null;
-    /** The token the current socket authenticated with (or last refreshed to). */
-    this._connToken = /** @type {string | null} */ (null);
-    /** Its exp (seconds since the epoch; ws.refreshed's once refreshed), null when unreadable. */
+    /** Exp of the token the current socket authenticated with (seconds since the epoch; ws.refreshed's
+     * once refreshed), null when unreadable. */
     this._connExp = /** @type {number | null} */ (null);
     /** server_time of the last ws.hello minus the local clock: token exps are the server's clock. */
     this._clockSkewMs = 0;
     /** A "token expired" close led to a reconnect with a fresh token; a 4401 before the next hello is fatal. */
     this._renewingToken = false;
-    /** @type {{token: string, failures: number, timer: any} | null} the ws.refresh awaiting its answer */
+    /** @type {{token: string, failures: number} | null} the ws.refresh awaiting its answer (failures before it) */
     this._refreshPending = null;
     /** The gateway answered ws.refresh with unknown_type (an older gateway): no more refreshes on this socket. */
     this._refreshUnsupported = false;
@@ -470,8 +469,7 @@ export class BroadcasterClient extends EventTarget {
       const source = this._getToken ?? this._token;
       const token = typeof source === "function" ? await source() : source;
       if (!this._running || generation !== this._generation) return;
-      this._connToken = typeof token === "string" && token ? token : null;
-      this._connExp = tokenExpiry(this._connToken);
+      this._connExp = tokenExpiry(token);
       url = buildUrl(base, { ...this._params, profile: this.profile, ...(token ? { token } : {}) });
     } catch (error) {
       if (!this._running || generation !== this._generation) return;
@@ -671,7 +669,6 @@ export class BroadcasterClient extends EventTarget {
     if (!pending) return; // not an answer to this client's ws.refresh
     this._refreshPending = null;
     clearTimer(this._timers, "refresh");
-    this._connToken = pending.token;
     this._connExp = typeof msg.exp === "number" ? msg.exp : tokenExpiry(pending.token);
     this.stats.refreshes += 1;
     this._emit("refreshed", msg);
