@@ -640,10 +640,15 @@ async def measure_shape(ctx: Context, kind: str, shape: Shape) -> dict[str, Any]
             failures = 0
             out["ladder_end"] = "end of ladder"
             for index, target in enumerate(ladder(shape, ctx.args.max_dps), start=1):
+                error = ""
                 for attempt in range(ctx.args.retries + 1):
                     quiet = await load.wait_quiet()
                     began = time.monotonic()
-                    result = await load.step(index * 10 + attempt, target)
+                    try:
+                        result = await load.step(index * 10 + attempt, target)
+                    except (TimeoutError, RuntimeError) as exc:  # a swamped client or a crashed process
+                        error = f"error at {target:,} d/s: {exc.__class__.__name__}: {exc}"[:500]
+                        break
                     result["attempt"], result["others_before_pct"] = attempt, round(quiet, 1)
                     if result["cpu_pct"]["others"] <= ctx.args.max_others or ctx.quiet_budget <= 0:
                         break
@@ -651,6 +656,10 @@ async def measure_shape(ctx: Context, kind: str, shape: Shape) -> dict[str, Any]
                         ctx.quiet_budget -= time.monotonic() - began
                         log(f"  {kind} {shape.name} step {target:,}: other work used "
                             f"{result['cpu_pct']['others']}% of a core meanwhile; measuring again")
+                if error:
+                    out["ladder_end"] = error
+                    log(f"  {kind} {shape.name}: {error}; the ladder stops")
+                    break
                 result["contended"] = result["cpu_pct"]["others"] > ctx.args.max_others
                 out["steps"].append(result)
                 log(f"  {kind} {shape.name} step {target:>7,} d/s: {result['dps']:>7,} d/s lost={result['lost']} "
@@ -789,6 +798,14 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
+def ladder_mark(run: dict[str, Any] | None) -> str:
+    """How a run's ladder ended, when not by failing: `` (publisher-bound)``, `` (end of ladder)``, `` (error)``."""
+    end = str((run or {}).get("ladder_end", "failed"))
+    if not run or end == "failed":
+        return ""
+    return " (error)" if end.startswith("error") else f" ({end})"
+
+
 def first_failure(run: dict[str, Any] | None) -> int | None:
     """The lowest target rate (deliveries/s) of a step the server failed, None if it failed none."""
     failed = [s["target_dps"] for s in (run or {}).get("steps", []) if not s["pass"]]
@@ -880,8 +897,7 @@ def markdown(results: dict[str, Any]) -> str:
             add(label, "higher", [r["capacity_dps"] if r else None for r in runs],
                 ["*" if r and r.get("capacity_publisher_bound") else "" for r in runs])
             add(f"first failed step, {shape} (deliveries/s)", "higher", [first_failure(r) for r in runs],
-                ["" if not r or r.get("ladder_end") == "failed" else f" ({r.get('ladder_end', '?')})"
-                 for r in runs])
+                [ladder_mark(r) for r in runs])
     for shape, target, what in (("fanout", 20_000, "p99 latency"), ("fanout", 40_000, "p99 latency"),
                                 ("fanout", 20_000, "server CPU per delivery"),
                                 ("fanout", 40_000, "server CPU per delivery"),
