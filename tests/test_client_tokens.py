@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import mint_token
 from gateway.settings import Settings
+from producers import AsyncProducer
 from producers.client import (
     BroadcasterClient,
     ClientClosed,
@@ -436,3 +437,25 @@ async def test_real_gateway_a_narrower_refresh_and_a_refused_subscribe_end_one_s
             refused = got.items[-1]
             assert isinstance(refused, Unsubscribed) and (refused.conv_id, refused.reason) == ("other", "forbidden")
             assert got.seqs("lose") == [] and client.stats.connections == 1 and got.error is None
+
+
+async def test_real_gateway_a_revoked_user_stops_the_client_even_with_get_token() -> None:
+    calls = 0
+
+    def get_token() -> str:
+        nonlocal calls
+        calls += 1
+        return mint_token(SECRET, sub="banned", ttl=60)
+
+    async with InProcessGateway(Settings(auth_secret=SECRET)) as gw:
+        other = client_for(gw.ws_url(), ["rv"], get_token=lambda: mint_token(SECRET, sub="fine", ttl=60))
+        client = client_for(gw.ws_url(), ["rv"], get_token=get_token)
+        async with following(other) as kept, following(client) as got:
+            async with AsyncProducer.from_url(gw.http_url) as producer:
+                await producer.disconnect("banned", until=60)
+            await async_wait_until(lambda: got.task.done(), timeout=10, message="the revoked client to stop")
+            assert isinstance(got.error, ClientClosed) and got.error.code == 4403, got.error
+            assert calls == 1 and client.stats.connections == 1  # no reconnect, no new token asked for
+            await publish(gw, "rv", 1)
+            await kept.wait(lambda: kept.seqs() == [1], what="the other user's event")
+            assert other.stats.connections == 1
