@@ -12,8 +12,13 @@ With ``until`` (ms since the epoch) and ``sub``, the subject is also denied unti
 refused (4403 / HTTP 403) at connect and at refresh. The deny map is the backend's
 :meth:`Backend.revocations`, loaded at start, after every reconnect of the backend's
 pub/sub and every ``reload_interval`` seconds (messages sent while this gateway was cut
-from Redis are lost; the persisted list is not). A reload that finds a subject newly
-denied closes its connections too: a missed message still takes effect.
+from Redis are lost; the persisted list is not). After each reload, and one second after
+each deny message, a sweep closes (4403) every local connection of a denied subject: a
+missed message still takes effect, and so does a deny that arrived while a handshake
+that had verified its token was not in the pool yet.
+
+Metrics: ``broadcaster_revocation_closes_total``, ``broadcaster_disconnect_messages_total``,
+``broadcaster_denied_subjects``.
 
 Other kinds of control messages (``join``, ``leave``...) are ignored here.
 """
@@ -22,9 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from broadcaster.backend import Backend
 from broadcaster.control import (
@@ -46,6 +56,9 @@ DEFAULT_CODE = DEFAULT_CLOSE_CODE
 DEFAULT_REASON = DEFAULT_CLOSE_REASON
 RELOAD_INTERVAL = 30.0
 """Seconds between two reloads of the deny list (the backstop for a control message missed)."""
+SWEEP_DELAY = 1.0
+"""Seconds after a deny before the connections are looked at again: a handshake that verified its token
+just before the message arrived is in the pool by then."""
 
 
 def iso_ms(ms: int) -> str:
@@ -85,14 +98,18 @@ class Revocations:
     """This gateway's side of revocation (see the module docstring)."""
 
     def __init__(self, backend: Backend, pool: ConnectionPool, auth: Authenticator, *,
-                 reload_interval: float = RELOAD_INTERVAL) -> None:
+                 reload_interval: float = RELOAD_INTERVAL, registry: CollectorRegistry | None = None) -> None:
         self._backend = backend
         self._pool = pool
         self._auth = auth
         self._reload_interval = reload_interval
         self._denied: dict[str, int] = {}  # sub -> until (ms since the epoch)
         self.closed = 0
-        """Connections this gateway closed for a disconnect (a message, or a reload that found a new entry)."""
+        """Connections this gateway closed for a disconnect (a message, a reload, a sweep)."""
+        self.messages = 0
+        """Disconnect messages received."""
+        if registry is not None:
+            registry.register(_Collector(self))
 
     @property
     def denied(self) -> dict[str, int]:
@@ -117,11 +134,25 @@ class Revocations:
 
     async def reload(self) -> None:
         """Replace the deny map with the backend's; close the connections of subjects newly denied."""
-        found = await self._backend.revocations()
-        known, self._denied = self._denied, dict(found)
-        for sub, until in found.items():
-            if until > known.get(sub, 0):
-                self.close_matching(Disconnect(sub=sub, until=until))
+        self._denied = dict(await self._backend.revocations())
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Close (4403) every local connection of a denied subject; returns how many.
+
+        Catches what a message could not: one missed while cut from Redis, a handshake
+        that verified its token just before the deny arrived.
+        """
+        now, denied, closed = now_ms(), self._denied, 0
+        if not denied:
+            return 0
+        for conn in list(self._pool.connections.values()):
+            user = conn.user
+            if user is not None and not conn.closing and denied.get(user, 0) > now:
+                conn.close(DEFAULT_CODE, DEFAULT_REASON)
+                closed += 1
+        self.closed += closed
+        return closed
 
     def refusal(self, sub: str) -> str | None:
         """``refuse_subject`` of the Authenticator: why ``sub``'s tokens are refused now, or None."""
@@ -140,8 +171,10 @@ class Revocations:
         wanted = Disconnect.from_message(message)
         if wanted is None:
             return
+        self.messages += 1
         if wanted.until is not None and wanted.sub is not None and wanted.until > now_ms():
             self._denied[wanted.sub] = wanted.until  # replaces an earlier entry, as Backend.revoke does
+            asyncio.get_running_loop().call_later(SWEEP_DELAY, self.sweep)
         closed = self.close_matching(wanted)
         log.info("disconnect %s: closed %d connection(s) with %d", wanted.message(), closed, wanted.code)
 
@@ -159,3 +192,19 @@ class Revocations:
             closed += 1
         self.closed += closed
         return closed
+
+
+class _Collector(Collector):
+    """``broadcaster_revocation_closes``, ``broadcaster_disconnect_messages``, ``broadcaster_denied_subjects``."""
+
+    def __init__(self, revocations: Revocations) -> None:
+        self._revocations = revocations
+
+    def collect(self) -> Iterator[Metric]:
+        r = self._revocations
+        yield CounterMetricFamily("broadcaster_revocation_closes", "Connections closed by a disconnect or a deny",
+                                  value=r.closed)
+        yield CounterMetricFamily("broadcaster_disconnect_messages", "Disconnect control messages received",
+                                  value=r.messages)
+        yield GaugeMetricFamily("broadcaster_denied_subjects", "Subjects in the deny list as this gateway knows it",
+                                value=len(r._denied))

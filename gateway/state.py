@@ -81,7 +81,7 @@ class Gateway:
         self.auth = Authenticator(settings.auth_secret, settings.auth_public_key, audience=settings.auth_audience,
                                   issuer=settings.auth_issuer)
         self.publish_keys = PublishKeys(settings.publish_key)
-        self.revocations = Revocations(self.backend, self.pool, self.auth)
+        self.revocations = Revocations(self.backend, self.pool, self.auth, registry=self.metrics.registry)
         self.join_leave = JoinLeave(self.backend, self.hub, self.policies)
         self.join_leave.listen()
         self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,

@@ -269,6 +269,20 @@ async def test_memory_backend_in_one_process_websocket_and_sse() -> None:
         await receives(u2_ws, seq)
         assert gw.gateway.revocations.closed == 2
         assert set(await gw.gateway.backend.revocations()) == {"u1"}
+        # A handshake that verified its token before the deny arrived is closed by the sweep.
+        revocations, auth = gw.gateway.revocations, gw.gateway.auth
+        auth.refuse_subject = None
+        try:
+            slipped = await connect(gw.ws_url(), "u1", "m")
+        finally:
+            auth.refuse_subject = revocations.refusal
+        assert revocations.sweep() == 1
+        assert await closed_with(slipped) == (4403, "revoked")
+        async with httpx.AsyncClient() as http:
+            scraped = (await http.get(gw.http_url + "/metrics")).text
+        assert "broadcaster_revocation_closes_total 3.0" in scraped, scraped
+        assert "broadcaster_disconnect_messages_total 1.0" in scraped
+        assert "broadcaster_denied_subjects 1.0" in scraped
 
 
 def test_disconnect_message_parsing() -> None:
