@@ -465,3 +465,42 @@ async def test_too_many_changes_between_flushes_make_a_full_report(monkeypatch: 
     finally:
         await hub.close()
         await backend.close()
+
+
+def test_every_presence_users_key_shares_the_conversations_slot() -> None:
+    from redis.crc import key_slot
+
+    from broadcaster.keys import KeyLayout
+
+    layout, conv = KeyLayout("bc"), "c-1"
+    names = [layout.meta(conv), layout.presence(conv), layout.presence_users(conv), layout.presence_announced(conv),
+             layout.presence_leaving(conv), layout.presence_gateways(conv), layout.presence_sweep(conv)]
+    assert len({key_slot(n.encode()) for n in names}) == 1
+
+
+async def test_user_reports_on_a_cluster_one_pipeline_over_every_shard() -> None:
+    import secrets
+
+    from redis.crc import key_slot
+
+    from tests.support.redis_server import RedisClusterNodes
+
+    with RedisClusterNodes(masters=3) as cluster:
+        b = RedisBackend(cluster.url, key_prefix="t" + secrets.token_hex(4))
+        await b.start()
+        try:
+            convs = [f"room-{i}" for i in range(12)]
+            slots = {key_slot(b.layout.presence_users(c).encode()) * 3 // 16384 for c in convs}
+            assert len(slots) == 3, "the conversations cover every shard"
+            reports = {conv: {"alice": (1, {"c": conv}), f"own-{conv}": (2, None)} for conv in convs}
+            found = await b.report_presence_users("g1", reports, 30, leave_delay=0, announce=set(convs))
+            assert all(kinds(found[c]) == [("join", "alice"), ("join", f"own-{c}")] for c in convs)
+            for conv in convs:
+                users = await b.presence_users(conv)
+                assert [(u.user, u.connections, u.info) for u in users.users] == [
+                    (f"own-{conv}", 2, None), ("alice", 1, {"c": conv})]
+            gone = await b.report_presence_users("g1", {c: {"alice": (0, None)} for c in convs}, 30, leave_delay=0,
+                                                 announce=set(convs))
+            assert all(kinds(gone[c]) == [("leave", "alice")] for c in convs)
+        finally:
+            await b.close()
