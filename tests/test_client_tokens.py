@@ -239,6 +239,19 @@ async def test_bad_refresh_and_a_raising_get_token_are_retried_before_exp() -> N
             assert len(fake.connections) == 1
 
 
+
+async def test_an_unanswered_refresh_counts_as_failed_and_is_retried() -> None:
+    exp0 = time.time() + 4
+    tokens = iter([fake_jwt(sub="u", exp=exp0)] + [fake_jwt(sub="u", exp=exp0 + 60, n=n) for n in range(5)])
+    async with FakeGateway(answering_refresh(lambda msg, n: None if n == 0 else refreshed(msg))) as fake:
+        client = client_for(fake.url, ["c1"], get_token=lambda: next(tokens))
+        async with running(client):
+            await async_wait_until(lambda: client.stats.refreshes == 1, timeout=10, message="the retried refresh")
+            assert time.time() < exp0
+            assert client.stats.refresh_failures == 1 and len(fake.connections) == 1
+            conn = await fake.connection(0)
+            assert len(conn.messages("ws.refresh")) == 2
+
 async def test_a_gateway_without_refresh_is_asked_once_then_the_expiry_reconnects() -> None:
     unknown = {"type": "ws.error", "code": "unknown_type", "message": "unknown message type 'ws.refresh'"}
     tokens: list[str] = []
@@ -459,3 +472,16 @@ async def test_real_gateway_a_revoked_user_stops_the_client_even_with_get_token(
             await publish(gw, "rv", 1)
             await kept.wait(lambda: kept.seqs() == [1], what="the other user's event")
             assert other.stats.connections == 1
+
+
+
+async def test_real_gateway_too_many_subscriptions_ends_that_subscription_only() -> None:
+    async with InProcessGateway(Settings(auth_secret=SECRET, max_subscriptions=1)) as gw:
+        client = client_for(gw.ws_url(), ["first", "second"], get_token=lambda: mint_token(SECRET, ttl=60))
+        async with following(client) as got:
+            await got.wait(lambda: any(isinstance(i, Unsubscribed) for i in got.items), what="the refusal")
+            dropped = [i for i in got.items if isinstance(i, Unsubscribed)]
+            assert [(u.conv_id, u.reason) for u in dropped] == [("second", "too_many_subscriptions")]
+            await publish(gw, "first", 1)
+            await got.wait(lambda: got.seqs("first") == [1], what="first's event")
+            assert client.stats.connections == 1 and got.error is None
