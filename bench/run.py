@@ -1,7 +1,7 @@
 """Benchmark harness: our gateway against encode/broadcaster, python-socketio, Node socket.io and a floor server.
 
-    python bench/run.py                 # every scenario, every server (~40 min on a quiet 2-core box)
-    python bench/run.py --quick         # fewer, shorter steps (~20 min)
+    python bench/run.py                 # every scenario, every server (~45 min on a quiet 2-core box, estimated)
+    python bench/run.py --quick         # fewer, shorter steps (~25 min, estimated)
     python bench/run.py --scenarios fanout,idle --servers ours,floor
     python bench/run.py --quick --scenarios fanout,idle --servers ours,socketio,sionode,floor
     python bench/run.py --no-venv --scenarios smoke --servers ours   # what tests/test_bench_smoke.py runs
@@ -41,8 +41,10 @@ Ladders: each capacity shape (fanout, chat, broadcast, profile) steps through it
 rates, then keeps doubling the rate until the server has failed ``--max-failures``
 steps, the publisher can no longer keep the rate (the step is then publisher-bound and
 higher rates would measure the publisher), or ``--max-dps``. Every step is bounded
-(publishing at most 2 x its duration + 5 s, 15 s to drain), so the run stops by itself;
-the durations above are for the five default servers. By default a
+(publishing at most 2 x its duration + 5 s, 15 s to drain; a step whose client or
+publisher stops answering ends that server's ladder), so the run stops by itself. The
+durations above are for the five default servers, estimated from the parts measured
+(connecting 10,000 idle python-socketio sockets alone takes 1-3 min). By default a
 private ``redis-server`` is started on a free loopback port (no persistence) and
 killed at the end; ``--redis-url`` uses an existing one (keys go under a random
 prefix and are deleted afterwards). All traffic stays on 127.0.0.1, every step is
