@@ -1,6 +1,6 @@
 """Start-up check of the uvicorn, websockets and Starlette internals the gateway uses.
 
-Five features reach below the public APIs (the mechanics are in
+Six features reach below the public APIs (the mechanics are in
 :mod:`broadcaster.compat`; the redis-py ones are there too):
 
 ``request_deadline`` (gateway.handshake)
@@ -13,6 +13,12 @@ Five features reach below the public APIs (the mechanics are in
 ``direct_send`` (gateway.server, gateway.connection)
     the synchronous text send. Fallback: every frame through the ASGI ``send`` and a
     writer task per connection (the slow path, see BENCHMARKS.md).
+``shared_frames`` (gateway.server, gateway.connection)
+    one frame built per payload and written as it is to every uncompressed socket
+    it goes to: websockets' server frames must be the unmasked RFC 6455 text frames
+    :func:`gateway.connection.text_frame` builds (the pause it watches is asyncio's own
+    ``pause_writing`` / ``resume_writing`` contract). Needs ``direct_send``.
+    Fallback: each socket's payload is framed on its own (direct send).
 ``handshake_release`` (gateway.server)
     dropping the handshake request and response once accepted. Fallback: they stay
     referenced for the life of the socket (a few KB per idle socket).
@@ -223,6 +229,35 @@ def _probe_direct_send() -> list[str]:
     return missing
 
 
+_FRAME_SIZES = (0, 1, 125, 126, 65535, 65536)
+"""Payload sizes at each edge of the frame header's three length forms."""
+
+
+def _probe_shared_frames() -> list[str]:
+    """websockets' server text frame of a payload (an accepted, uncompressed ServerProtocol) is exactly
+    :func:`text_frame` of it, for every form of the length field."""
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
+
+    from gateway.connection import text_frame
+
+    missing: list[str] = []
+    server = ServerProtocol(max_size=None)
+    server.receive_data(_UPGRADE)
+    requests = [event for event in server.events_received() if isinstance(event, Request)]
+    if len(requests) != 1:
+        return ["websockets ServerProtocol.events_received (the upgrade request)"]
+    server.send_response(server.accept(requests[0]))
+    server.data_to_send()
+    for size in _FRAME_SIZES:
+        payload = b"x" * size
+        server.send_text(payload)
+        if b"".join(server.data_to_send()) != text_frame(payload):
+            missing.append(f"websockets ServerProtocol.send_text (an unmasked text frame, {size}-byte payload)")
+            break
+    return missing
+
+
 def _probe_handshake_release() -> list[str]:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -359,6 +394,8 @@ FEATURES: tuple[Feature, ...] = (
             _probe_handshake_deadline, "no deadline once a request upgraded; refused upgrades get no answer", _WEB),
     Feature("direct_send", "the synchronous frame write of gateway.server", _probe_direct_send,
             "every frame goes through the ASGI send and a writer task (slower)", (*_WEB, "starlette")),
+    Feature("shared_frames", "one frame per payload written to every uncompressed socket", _probe_shared_frames,
+            "each socket frames its payloads itself (direct send)", _WEB),
     Feature("handshake_release", "freeing the handshake request and response of accepted sockets",
             _probe_handshake_release, "each socket keeps its handshake request and response (memory)", _WEB),
     Feature(SSE_DIRECT_WRITE, "the direct HTTP chunk write and connection reset of gateway.sse",

@@ -13,6 +13,14 @@ all of them, after the dispatch that filled their queues); when that send cannot
 write at once (socket paused, closing) or is absent, the connection's writer task
 sends through the ASGI ``send`` as before. Only one of them writes at a time, so
 frames never overtake each other.
+
+Shared frames. The hub queues the same bytes object to every member of a profile
+group, and a server frame is unmasked, so on every uncompressed socket that frame
+is the same bytes. In its flush pass the pool builds the frame of a payload once
+(:func:`text_frame`) and hands it to each connection whose queue holds just that
+payload, through the server's :data:`FrameWrite` (``scope["extensions"][DIRECT_FRAME]``,
+offered only to sockets without permessage-deflate); a connection that cannot take
+it as it is (paused, output pending, closing) goes its own way above, in order.
 """
 
 from __future__ import annotations
@@ -31,9 +39,27 @@ log = logging.getLogger("gateway.connection")
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 DirectSend = Callable[[bytes], bool]
 """Writes one text frame now and returns True, or returns False when it cannot without waiting."""
+FrameWrite = Callable[[bytes], bool]
+"""Writes one complete websocket frame (:func:`text_frame`) now and returns True, or returns False when
+the socket cannot take those exact bytes now (paused, closing, output of its own pending)."""
 CLOSE_TOO_SLOW = 4408
 DIRECT_SEND = "gateway.direct_send"
 """ASGI scope extension holding the server's :data:`DirectSend` for the socket."""
+DIRECT_FRAME = "gateway.direct_frame"
+"""ASGI scope extension holding the server's :data:`FrameWrite` for an uncompressed socket."""
+
+_HEADS = [bytes((0x81, size)) for size in range(126)]
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one final, unmasked websocket text frame (RFC 6455 §5.2): what a server writes,
+    the same bytes for every socket without extensions."""
+    size = len(payload)
+    if size < 126:
+        return _HEADS[size] + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 _direct_send_enabled = True
@@ -49,12 +75,22 @@ def enable_direct_send(enabled: bool) -> None:
 def direct_send_of(send: AsgiSend) -> DirectSend | None:
     """The synchronous send the server put in the scope of ``send``'s websocket (a Starlette
     ``WebSocket.send``), or None."""
+    return _writers_of(send)[0]
+
+
+def _writers_of(send: AsgiSend) -> tuple[DirectSend | None, FrameWrite | None]:
+    """The :data:`DirectSend` and :data:`FrameWrite` in the scope of ``send``'s websocket; the frame write
+    only with the direct send."""
     if not _direct_send_enabled or not isinstance(send, MethodType):
-        return None
+        return None, None
     websocket: Any = send.__self__  # Starlette's WebSocket: its ``scope`` is checked at start-up by gateway.compat
-    scope = websocket.scope
-    direct = (scope.get("extensions") or {}).get(DIRECT_SEND)  # extensions: optional in ASGI
-    return direct if callable(direct) else None
+    scope = getattr(websocket, "scope", None)
+    extensions = (scope.get("extensions") if isinstance(scope, dict) else None) or {}  # optional in ASGI
+    direct = extensions.get(DIRECT_SEND)
+    if not callable(direct):
+        return None, None
+    frame = extensions.get(DIRECT_FRAME)
+    return direct, frame if callable(frame) else None
 
 
 @dataclass(slots=True)
@@ -79,6 +115,7 @@ class Connection:
     __slots__ = (
         "_close",
         "_direct",
+        "_frame_write",
         "_gone",
         "_queue",
         "_queued",
@@ -110,7 +147,7 @@ class Connection:
         """The token's ``info`` claim, if any."""
         self.observe_wait = observe_wait
         self._send = send
-        self._direct = direct_send_of(send)
+        self._direct, self._frame_write = _writers_of(send)
         self._sending = False
         self._gone = False
         self._queue: list[bytes] = []
@@ -133,18 +170,21 @@ class Connection:
         if self._close is not None:
             self.pool.stats.drop("closing")
             return
-        if not self._queue:
-            self._waiting_since = time.monotonic()
+        queue = self._queue
+        if not queue:
             if self._direct is not None:
-                self.pool.flush_soon(self)
+                self._waiting_since = self.pool.flush_soon(self)
             else:
+                self._waiting_since = time.monotonic()
                 self.wake_writer()
-        self._queue.append(data)
-        self._queued += len(data)
-        self.pool.stats.queued_bytes += len(data)
+        queue.append(data)
+        size = len(data)
+        self._queued += size
+        pool = self.pool
+        pool.stats.queued_bytes += size
         if self._queued > self.max_queue_bytes:
-            self.pool.stats.slow_consumer_closes += 1
-            self.pool.stats.drop("slow_consumer", len(self._queue))
+            pool.stats.slow_consumer_closes += 1
+            pool.stats.drop("slow_consumer", len(queue))
             self.close(CLOSE_TOO_SLOW, "too slow: queue over max-queue-bytes")
 
     def close(self, code: int, reason: str = "") -> None:
@@ -152,6 +192,7 @@ class Connection:
         if self._close is not None:
             return
         self._close = (code, reason[:120])
+        self._frame_write = None
         self.pool.stats.queued_bytes -= self._queued
         self._queue, self._queued = [], 0
         self.wake_writer()
@@ -199,6 +240,7 @@ class Connection:
     def discard(self) -> None:
         """The socket is gone and its writer (if any) finished: drop what is queued, write nothing more."""
         self._gone = True
+        self._frame_write = None
         if self._queued:
             self.pool.stats.queued_bytes -= self._queued
         self._queue, self._queued = [], 0
@@ -251,17 +293,49 @@ class ConnectionPool:
         self.draining = False
         self._emptied = asyncio.Event()
         self._dirty: list[Connection] = []
+        self._dirty_since = 0.0
 
-    def flush_soon(self, conn: Connection) -> None:
-        """Have ``conn`` flushed in the next event-loop pass (one callback for every connection)."""
-        self._dirty.append(conn)
-        if len(self._dirty) == 1:
+    def flush_soon(self, conn: Connection) -> float:
+        """Have ``conn`` flushed in the next event-loop pass (one callback for every connection); returns
+        when the first connection of that pass was queued (its objects' wait is counted from there)."""
+        dirty = self._dirty
+        if not dirty:
+            self._dirty_since = time.monotonic()
             asyncio.get_running_loop().call_soon(self._flush_dirty)
+        dirty.append(conn)
+        return self._dirty_since
 
     def _flush_dirty(self) -> None:
+        """Write what each dirty connection queued; a lone payload goes out as the frame built once for
+        every connection it was queued to (module docstring), anything else through ``flush``."""
         dirty, self._dirty = self._dirty, []
+        frames: dict[bytes, bytes] = {}
+        wait = time.monotonic() - self._dirty_since
+        written = size = 0
         for conn in dirty:
+            write = conn._frame_write
+            queue = conn._queue
+            if write is not None and len(queue) == 1 and not conn._sending:
+                payload = queue[0]
+                frame = frames.get(payload)
+                if frame is None:
+                    frame = frames[payload] = text_frame(payload)
+                if write(frame):
+                    conn._queue = []
+                    size += conn._queued
+                    conn._queued = 0
+                    written += 1
+                    observe = conn.observe_wait
+                    if observe is not None:
+                        observe(wait)
+                    continue
             conn.flush()
+        if written:
+            stats = self.stats
+            stats.queued_bytes -= size
+            stats.frames_written += written
+            stats.objects_written += written
+            stats.bytes_written += size
 
     def __len__(self) -> int:
         return len(self.connections)

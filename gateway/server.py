@@ -17,7 +17,6 @@ import asyncio
 import logging
 import signal
 import socket
-import struct
 import sys
 import weakref
 from types import FrameType
@@ -33,7 +32,7 @@ from websockets.protocol import State
 
 from gateway import compat
 from gateway.compat import CompatCollector, CompatReport
-from gateway.connection import DIRECT_SEND, enable_direct_send
+from gateway.connection import DIRECT_FRAME, DIRECT_SEND, enable_direct_send, text_frame
 from gateway.handshake import http_protocol
 from gateway.protocol import CLOSE_DRAINING
 from gateway.settings import Settings
@@ -82,18 +81,36 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     sent, peer gone), so the caller falls back to the ASGI send. It saves the
     pool a writer-task wake-up and the Starlette / ASGI call chain per frame:
     the largest cost after the socket write itself in py-spy profiles (BENCHMARKS.md).
+
+    A socket without extensions (no permessage-deflate) also gets
+    ``scope["extensions"][DIRECT_FRAME]``: :meth:`write_frame`, which writes a frame the
+    pool built once for every socket it goes to, when nothing could come between.
     """
 
     direct_send: bool = True
     """Offer :meth:`send_text_now` (off when ``gateway.compat`` found what it needs missing)."""
+    shared_frames: bool = True
+    """Offer :meth:`write_frame` to uncompressed sockets (same; only with ``direct_send``)."""
+    paused = False
+    """The transport asked us to stop writing (``pause_writing``) and has not resumed yet."""
     release_handshake: bool = True
     """Drop the handshake request and response once accepted (same)."""
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if self.direct_send and not self.close_sent:  # close_sent: refused, uvicorn made no scope
-            scope: Any = self.scope
-            scope["extensions"][DIRECT_SEND] = self.send_text_now
+            extensions: Any = self.scope["extensions"]
+            extensions[DIRECT_SEND] = self.send_text_now
+            if self.shared_frames and not self.conn.extensions:  # negotiated by the accept above
+                extensions[DIRECT_FRAME] = self.write_frame
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        super().pause_writing()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        super().resume_writing()
 
     handshake_deadline: asyncio.TimerHandle | None = None
     """Closes the socket if the app neither accepts nor refuses in time (set by gateway.handshake)."""
@@ -135,14 +152,19 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
             return True
         if conn.state is not State.OPEN or conn.expect_continuation_frame:
             return False
-        size = len(data)
-        if size < 126:
-            header = bytes((0x81, size))
-        elif size < 65536:
-            header = struct.pack("!BBH", 0x81, 126, size)
-        else:
-            header = struct.pack("!BBQ", 0x81, 127, size)
-        self.transport.write(header + data)
+        self.transport.write(text_frame(data))
+        return True
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write ``frame`` (a whole text frame, :func:`gateway.connection.text_frame`) as it is now; False if
+        it cannot go out unchanged and at once: paused, closing or closed, or websockets has output pending
+        (the caller then sends the payload through :meth:`send_text_now` or the ASGI send, in order)."""
+        if self.paused or self.close_sent or self.disconnected:
+            return False
+        conn = self.conn
+        if conn.writes or conn.state is not State.OPEN or conn.expect_continuation_frame:
+            return False
+        self.transport.write(frame)
         return True
 
 
@@ -152,8 +174,9 @@ def protocol_classes(settings: Settings, report: CompatReport) -> tuple[type[Htt
     what it needs (``--compat``); without ``request_deadline``, uvicorn's own httptools protocol."""
     http = (http_protocol(settings.handshake_timeout, handshake_deadline=report.ok("handshake_deadline"))
             if report.ok("request_deadline") else HttpToolsProtocol)
-    ws = type("DirectSendProtocol", (DirectSendProtocol,), {"direct_send": report.ok("direct_send"),
-                                                             "release_handshake": report.ok("handshake_release")})
+    ws = type("DirectSendProtocol", (DirectSendProtocol,), {
+        "direct_send": report.ok("direct_send"), "release_handshake": report.ok("handshake_release"),
+        "shared_frames": report.ok("direct_send") and report.ok("shared_frames")})
     return http, ws
 
 
