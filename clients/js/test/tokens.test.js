@@ -148,6 +148,26 @@ test("bad_refresh and a throwing getToken are retried before exp", async () => {
   assert.equal(server.connections.length, 1);
 });
 
+test("an unanswered ws.refresh counts as failed and is retried before exp", async () => {
+  const server = await refreshingServer((conn, msg, n) => (n === 0 ? null : refreshed(msg)));
+  const exp0 = Date.now() / 1000 + 4;
+  let calls = 0;
+  const client = makeClient({
+    url: server.url,
+    getToken: () => fakeJwt({ sub: "u", exp: ++calls === 1 ? exp0 : exp0 + 60, n: calls }),
+  });
+  const errors = record(client, "error");
+  const ok = nextEmit(client, "refreshed", () => true, 10_000);
+  client.subscribe("c1");
+  const conn = await server.connection(0);
+  await ok;
+  assert.ok(Date.now() / 1000 < exp0, "refreshed before exp");
+  assert.equal(conn.messages("ws.refresh").length, 2);
+  assert.deepEqual(errors.map((e) => e.code), ["refresh_timeout"]);
+  assert.equal(client.stats.refreshFailures, 1);
+  assert.equal(server.connections.length, 1);
+});
+
 test("a gateway without ws.refresh (unknown_type): one try, then reconnect with a fresh token at exp", async () => {
   const server = await refreshingServer(() => ({ type: "ws.error", code: "unknown_type", message: "unknown message type 'ws.refresh'" }));
   const tokens = [];
