@@ -237,3 +237,29 @@ async def test_cluster_control_channel_is_sharded_and_shared(
     assert await two.revocations() == {"u1": until}
     await asyncio.wait_for(two.revoke("u1", 0), 5)
     assert await one.revocations() == {}
+
+
+async def test_cluster_control_channel_follows_its_slot(cluster: RedisClusterNodes, backends: list[Backend]) -> None:
+    """Resharding moves the control channel's slot: both backends subscribe it again on the new owner."""
+    from tests.test_redis_cluster_gateway import migrate_slot
+
+    prefix = "t" + secrets.token_hex(4)
+    one = await redis_backend(backends, cluster.url, prefix)
+    two = await redis_backend(backends, cluster.url, prefix)
+    box = Box()
+    two.add_control_listener(box)
+    channel = KeyLayout(prefix).control().encode()
+    slot = key_slot(channel)
+    src = cluster.node_for_slot(slot)
+    dst = next(n for n in cluster.nodes if n is not src)
+    await asyncio.to_thread(migrate_slot, cluster, slot, src, dst)
+
+    def subscribers_on_dst() -> object:
+        with contextlib.closing(dst.client()) as c:
+            return c.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+
+    await async_wait_until(subscribers_on_dst, until=lambda got: got == [channel, 2], timeout=15,
+                           message="both backends subscribed on the new owner")
+    await one.publish_control({"kind": "after-move"})
+    await async_wait_until(lambda: box.kinds() == ["after-move"], timeout=5, message="the message after the move")
+    assert one.stats.reconnects == two.stats.reconnects == 0
