@@ -251,17 +251,20 @@ class JoinLeave:
             self._backend.add_control_listener(self.on_control)
 
     async def announce(self, transitions: list[PresenceTransition]) -> None:
-        """Publish each transition to every gateway; one that fails is logged and dropped."""
-        for transition in transitions:
+        """Publish each transition to every gateway, in order. When one fails (after the backend's
+        retries) it and the rest of the batch are logged and dropped: the presence report loop
+        must not wait out a retry budget per transition."""
+        for index, transition in enumerate(transitions):
             message: dict[str, Any] = {"kind": transition.kind, "conv_id": transition.conv, "user": transition.user}
             if transition.kind == "join" and transition.info is not None:
                 message["info"] = transition.info
             try:
                 await self._backend.publish_control(message)
-                self.announced += 1
             except Exception as exc:
-                log.warning("could not announce %s of %r in %s: %s", transition.kind, transition.user,
-                            transition.conv, exc)
+                log.warning("could not announce %s of %r in %s (%s); %d joins/leaves dropped", transition.kind,
+                            transition.user, transition.conv, exc, len(transitions) - index)
+                return
+            self.announced += 1
 
     def on_control(self, message: dict[str, Any]) -> None:
         """A control message: send a join or leave to the local subscribers; ignore every other kind."""

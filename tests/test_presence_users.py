@@ -504,3 +504,38 @@ async def test_user_reports_on_a_cluster_one_pipeline_over_every_shard() -> None
             assert all(kinds(gone[c]) == [("leave", "alice")] for c in convs)
         finally:
             await b.close()
+
+
+async def test_join_leave_drops_a_failed_batch_and_ignores_other_messages() -> None:
+    policies = PolicyTable(BackendSettings().default_policy(),
+                           parse_namespaces({"namespaces": {"jl-*": {"join_leave": True}}}))
+    backend = MemoryBackend()
+    await backend.start()
+    hub = Hub(backend, gateway_id="g")
+    calls = 0
+
+    async def failing(message: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("redis down")
+
+    backend.publish_control = failing  # type: ignore[method-assign]
+    join_leave = JoinLeave(backend, hub, policies)
+    try:
+        await join_leave.announce([PresenceTransition("join", "jl-1", f"u{i}") for i in range(50)])
+        assert calls == 1 and join_leave.announced == 0, "the first failure drops the batch"
+        watcher = FakeSub("w", "walt")
+        await hub.subscribe(watcher, "jl-1", Profile("default"))
+        await hub.subscribe(watcher, "off-1", Profile("default"))
+        before = len(watcher.sent)
+        ignored: list[dict[str, Any]] = [
+            {"kind": "disconnect", "conv_id": "jl-1", "user": "x"}, {"kind": "join", "conv_id": "jl-1"},
+            {"kind": "join", "conv_id": "off-1", "user": "x"}, {"kind": "leave", "conv_id": 5, "user": "x"}]
+        for message in ignored:
+            join_leave.on_control(message)
+        assert len(watcher.sent) == before
+        join_leave.on_control({"kind": "leave", "conv_id": "jl-1", "user": "x", "info": {"ignored": True}})
+        assert watcher.sent[-1] == b'{"type":"ws.leave","conv_id":"jl-1","user":"x"}'
+    finally:
+        await hub.close()
+        await backend.close()
