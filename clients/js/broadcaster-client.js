@@ -96,9 +96,9 @@ export function backoffDelay(attempt, backoff, random = Math.random) {
 export function tokenExpiry(token) {
   if (typeof token !== "string") return null;
   const parts = token.split(".");
-  if (parts.length !== 3 || !/^[A-Za-z0-9_-]+$/.test(parts[1])) return null;
+  if (parts.length !== 3 || !/^[A-Za-z0-9_-]+={0,2}$/.test(parts[1])) return null; // padding tolerated
   try {
-    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const b64 = parts[1].replace(/=+$/, "").replace(/-/g, "+").replace(/_/g, "/");
     const binary = atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4));
     const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
     const payload = JSON.parse(new TextDecoder().decode(bytes));

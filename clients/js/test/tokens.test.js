@@ -66,6 +66,9 @@ const badRefresh = { type: "ws.error", code: "bad_refresh", message: "token refu
 test("tokenExpiry reads exp from the payload, without verifying; null when it cannot", () => {
   assert.equal(tokenExpiry(fakeJwt({ sub: "é", exp: 1_900_000_000 })), 1_900_000_000);
   assert.equal(tokenExpiry(fakeJwt({ exp: 17.5 })), 17.5);
+  const padded = `x.${Buffer.from(JSON.stringify({ exp: 55 })).toString("base64").replace(/\+/g, "-").replace(/\//g, "_")}.y`;
+  assert.ok(padded.includes("="), padded);
+  assert.equal(tokenExpiry(padded), 55);
   assert.equal(tokenExpiry(fakeJwt({ sub: "no exp" })), null);
   assert.equal(tokenExpiry(fakeJwt({ exp: "1900000000" })), null);
   for (const bad of [null, undefined, 42, "", "opaque-api-key", "a.b", "a.!!!.c", "a.b.c.d", `x.${b64([1])}.y`]) {
