@@ -12,8 +12,8 @@ With ``until`` (ms since the epoch) and ``sub``, the subject is also denied unti
 refused (4403 / HTTP 403) at connect and at refresh. The deny map is the backend's
 :meth:`Backend.revocations`, loaded at start, after every reconnect of the backend's
 pub/sub and every ``reload_interval`` seconds (messages sent while this gateway was cut
-from Redis are lost; the persisted list is not). After each reload, and one second after
-each deny message, a sweep closes (4403) every local connection of a denied subject: a
+from Redis are lost; the persisted list is not). After a reload that found new entries, and one
+second after each deny message, a sweep closes (4403) the local connections of those subjects: a
 missed message still takes effect, and so does a deny that arrived while a handshake
 that had verified its token was not in the pool yet.
 
@@ -134,21 +134,24 @@ class Revocations:
 
     async def reload(self) -> None:
         """Replace the deny map with the backend's; close the connections of subjects newly denied."""
-        self._denied = dict(await self._backend.revocations())
-        self.sweep()
+        found = dict(await self._backend.revocations())
+        known, self._denied = self._denied, found
+        fresh = {sub for sub, until in found.items() if known.get(sub) != until}
+        if fresh:  # a scan of the pool only when the list changed
+            self.sweep(fresh)
 
-    def sweep(self) -> int:
-        """Close (4403) every local connection of a denied subject; returns how many.
+    def sweep(self, subs: set[str] | None = None) -> int:
+        """Close (4403) every local connection of a denied subject (of ``subs``, when given); returns how many.
 
         Catches what a message could not: one missed while cut from Redis, a handshake
-        that verified its token just before the deny arrived.
+        that verified its token just before the deny arrived. One scan of the pool.
         """
         now, denied, closed = now_ms(), self._denied, 0
         if not denied:
             return 0
         for conn in list(self._pool.connections.values()):
             user = conn.user
-            if user is not None and not conn.closing and denied.get(user, 0) > now:
+            if user is not None and not conn.closing and denied.get(user, 0) > now and (subs is None or user in subs):
                 conn.close(DEFAULT_CODE, DEFAULT_REASON)
                 closed += 1
         self.closed += closed
@@ -174,7 +177,7 @@ class Revocations:
         self.messages += 1
         if wanted.until is not None and wanted.sub is not None and wanted.until > now_ms():
             self._denied[wanted.sub] = wanted.until  # replaces an earlier entry, as Backend.revoke does
-            asyncio.get_running_loop().call_later(SWEEP_DELAY, self.sweep)
+            asyncio.get_running_loop().call_later(SWEEP_DELAY, self.sweep, {wanted.sub})
         closed = self.close_matching(wanted)
         log.info("disconnect %s: closed %d connection(s) with %d", wanted.message(), closed, wanted.code)
 
