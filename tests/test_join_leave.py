@@ -194,3 +194,30 @@ async def test_users_joins_and_leaves_across_three_gateways(redis_url: str, key_
                 await watcher.close()
         for g in gateways:
             g.stop()
+
+
+async def test_one_gateway_on_the_memory_backend(tmp_path: Path) -> None:
+    """No Redis: the embedded backend keeps users and announces joins and leaves in process."""
+    from broadcaster.backend import BackendSettings
+    from broadcaster.backends.memory import MemoryBackend
+    from broadcaster.namespaces import parse_namespaces
+    from gateway.settings import Settings
+    from tests.support.gateway import InProcessGateway
+
+    namespaces = tuple(parse_namespaces({"namespaces": {"jl-*": {"presence_users": True, "join_leave": True}}}))
+    path = tmp_path / "namespaces.toml"
+    path.write_text('[namespaces."jl-*"]\npresence_users = true\njoin_leave = true\n')
+    settings = Settings(auth_secret=SECRET, namespaces=str(path), presence_ttl=TTL, join_leave_delay=0.3,
+                        drain_seconds=0.5)
+    async with InProcessGateway(settings, backend=MemoryBackend(BackendSettings(namespaces=namespaces))) as gw:
+        w = await WsClient.connect(gw.ws_url(f"conv_id=jl-1&token={token('watch')}"))
+        u = await WsClient.connect(gw.ws_url(f"conv_id=jl-1&token={token('u1', {'n': 1})}"))
+        got = await w.until(lambda objs: bool(objs), 10,
+                            keep=lambda o: o["type"] == "ws.join" and o["user"] == "u1")
+        assert got[0]["info"] == {"n": 1}
+        async with httpx.AsyncClient(base_url=gw.http_url) as http:
+            body = (await http.get("/v1/conversations/jl-1/presence", params={"token": token("r")})).json()
+        assert {x["user"]: x["connections"] for x in body["users"]} == {"u1": 1, "watch": 1}
+        await u.close()
+        await w.until(lambda objs: bool(objs), 10, keep=lambda o: o["type"] == "ws.leave" and o["user"] == "u1")
+        await w.close()
