@@ -50,6 +50,7 @@ from scenario_support import (
     machine,
     private_redis,
     raise_nofile,
+    renice,
     rss_bytes,
     table,
     write_outputs,
@@ -103,6 +104,9 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
     publisher = await Child("publisher", [py, str(BENCH / "loadpub.py")], logdir / "publisher.log").start()
     out: dict[str, Any] = {"client_procs": procs, "client_nofile": clients[0].hello.get("nofile")}
     gpid = gateway.pid
+    if args.nice:
+        for pid in (gpid, redis_pid, publisher.pid, *(c.pid for c in clients)):
+            renice(pid, args.nice)
     try:
         await publisher.call({"cmd": "init", "url": redis_url, "prefix": prefix, "convs": convs,
                               "history_size": 100, "history_ttl": 600, "payload_bytes": 100, "json_copy": False})
@@ -266,6 +270,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, help="default 30 (smoke 2)")
     parser.add_argument("--rates", help="fan-out steps, events/s (default 500,1000,2000,4000,8000; smoke 200,500)")
     parser.add_argument("--step-seconds", type=float, help="default 5 (smoke 2)")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="niceness of the gateway, Redis, clients and publisher (e.g. -5 on a shared box; root)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)

@@ -43,6 +43,14 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def renice(pid: int, niceness: int) -> None:
+    """Give ``pid`` priority ``niceness`` (negative: ahead of other work on the box; needs root)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, niceness)
+    except OSError as exc:
+        log(f"warning: cannot renice {pid} to {niceness}: {exc}")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` (0 once it is gone)."""
     try:

@@ -56,6 +56,7 @@ from scenario_support import (
     private_redis,
     quantiles,
     raise_nofile,
+    renice,
     table,
     write_outputs,
 )
@@ -77,13 +78,6 @@ def nginx_conf(directory: Path, connections: int) -> Path:
     path = directory / "nginx-storm.conf"
     path.write_text(text)
     return path
-
-
-def renice(pid: int, niceness: int) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, niceness)
-    except OSError as exc:
-        log(f"warning: cannot renice {pid} to {niceness}: {exc}")
 
 
 def nginx_pids(master: int) -> list[int]:
