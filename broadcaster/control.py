@@ -103,6 +103,8 @@ def now_ms() -> int:
 
 DISCONNECT = "disconnect"
 """``kind`` of a disconnect message: ``{"kind", "sub"?, "conv_id"?, "code", "reason", "until"?}``."""
+LIFT = "lift"
+"""``kind`` of ``{"kind": "lift", "sub"}``: ``sub`` left the deny list (``Backend.revoke`` with a past until)."""
 DEFAULT_CLOSE_CODE = 4403
 """Our clients stop reconnecting on 4403: right for a revoked user."""
 DEFAULT_CLOSE_REASON = "revoked"

@@ -1,5 +1,8 @@
 """``POST /v1/disconnect``: close connections on every gateway, and deny a user for a while.
 
+Also ``GET /v1/revocations`` (the deny list) and ``DELETE /v1/revocations/{sub}`` (lift a
+revocation on every gateway at once). All three need the publish key, as publishing does.
+
 Body (JSON object, ``Content-Type: application/json``)::
 
     {"sub"?: str, "conv_id"?: str, "code"?: int, "reason"?: str, "until"?: str | int}
@@ -8,7 +11,7 @@ At least one of ``sub`` / ``conv_id`` (both: connections matching both). ``code`
 1008 or 4000-4999 (default 4403: our clients stop reconnecting). ``reason``: at most 120
 bytes (default ``revoked``). ``until`` (needs ``sub``): an ISO-8601 time with a UTC offset
 (``2026-12-01T19:00:00Z``) or an integer of seconds from now (1 to one year); the user's
-tokens are refused on every gateway until then. Needs the publish key, as publishing does.
+tokens are refused on every gateway until then.
 
 Answers 202 ``{"sent": <the control message>, "until": <ISO time> | null}``: the message
 went out to every gateway of the backend (each closes its own connections at once); the
@@ -25,7 +28,14 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from broadcaster.control import DEFAULT_CLOSE_CODE, DEFAULT_CLOSE_REASON, disconnect_message, now_ms
+from broadcaster.control import (
+    DEFAULT_CLOSE_CODE,
+    DEFAULT_CLOSE_REASON,
+    LIFT,
+    disconnect_message,
+    now_ms,
+    validate_subject,
+)
 from broadcaster.errors import ValidationError
 from gateway.auth import AuthError
 from gateway.http_api import ApiError, _backend_call, _json_error, _read_body
@@ -86,13 +96,42 @@ def parse_disconnect(body: object, now: int) -> Disconnect:
     return Disconnect(message.get("sub"), message.get("conv_id"), code, reason, until)
 
 
-@router.post("/v1/disconnect", status_code=202)
-async def disconnect(request: Request) -> Response:
+def _operator(request: Request) -> Gateway:
+    """The gateway, once the request showed the publish key (when one is set)."""
     gw: Gateway = request.app.state.gateway
     try:
         gw.publish_keys.check(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
+    return gw
+
+
+@router.get("/v1/revocations")
+async def revocations(request: Request) -> Response:
+    """The deny list: ``{"revocations": {sub: {"until": ms, "until_iso": str}}}`` (publish key)."""
+    gw = _operator(request)
+    found = await _backend_call(gw.backend.revocations())
+    return JSONResponse({"revocations": {sub: {"until": until, "until_iso": iso_ms(until)}
+                                         for sub, until in sorted(found.items())}})
+
+
+@router.delete("/v1/revocations/{sub}")
+async def lift(sub: str, request: Request) -> Response:
+    """Take ``sub`` off the deny list on every gateway (publish key); 200 ``{"sub", "lifted": bool}``."""
+    gw = _operator(request)
+    try:
+        sub = validate_subject(sub)
+    except ValidationError as exc:
+        raise _invalid(exc.field, exc.message) from None
+    was = sub in await _backend_call(gw.backend.revocations())
+    await _backend_call(gw.backend.revoke(sub, 0))
+    await _backend_call(gw.backend.publish_control({"kind": LIFT, "sub": sub}))
+    return JSONResponse({"sub": sub, "lifted": was})
+
+
+@router.post("/v1/disconnect", status_code=202)
+async def disconnect(request: Request) -> Response:
+    gw = _operator(request)
     media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
     if media != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as Content-Type: application/json")

@@ -41,6 +41,7 @@ from broadcaster.control import (
     DEFAULT_CLOSE_CODE,
     DEFAULT_CLOSE_REASON,
     DISCONNECT,
+    LIFT,
     MAX_REASON_BYTES,
     disconnect_message,
     now_ms,
@@ -168,8 +169,14 @@ class Revocations:
         return f"user revoked until {iso_ms(until)}"
 
     def on_control(self, message: dict[str, Any]) -> None:
-        """The control listener: act on ``disconnect`` messages, ignore every other kind."""
-        if message.get("kind") != KIND:
+        """The control listener: act on ``disconnect`` and ``lift`` messages, ignore every other kind."""
+        kind = message.get("kind")
+        if kind == LIFT:
+            sub = message.get("sub")
+            if isinstance(sub, str) and self._denied.pop(sub, None) is not None:
+                log.info("revocation of %r lifted", sub)
+            return
+        if kind != KIND:
             return
         wanted = Disconnect.from_message(message)
         if wanted is None:

@@ -207,6 +207,16 @@ async def test_until_refuses_on_every_gateway_then_admits(three: list[GatewayPro
         late.wait_healthy(timeout=60)
         assert (await refused_at_connect(late.ws_url(), "u9"))[0] == 4403
         assert (await refused_at_connect(late.ws_url(), "u2"))[1] == "ws.hello"
+        async with httpx.AsyncClient(timeout=10, headers=AUTH) as http:
+            listed = (await http.get(f"{three[2].http_url}/v1/revocations")).json()["revocations"]
+            assert set(listed) >= {"u9"} and listed["u9"]["until_iso"].endswith("Z")
+            lifted = await http.delete(f"{three[2].http_url}/v1/revocations/u9")
+            assert lifted.status_code == 200 and lifted.json() == {"sub": "u9", "lifted": True}
+            assert (await http.delete(f"{late.http_url}/v1/revocations/u9")).json()["lifted"] is False
+        for g in [*three, late]:  # lifted everywhere at once (the lift message), not at the next reload
+            await async_wait_until(lambda g=g: refused_at_connect(g.ws_url(), "u9"),
+                                   until=lambda got: got == (None, "ws.hello"), timeout=5,
+                                   message="u9 admitted after the lift")
         # After until, u1 is admitted on every gateway, the late one included.
         for g in [*three, late]:
             await async_wait_until(lambda g=g: refused_at_connect(g.ws_url(), "u1"),
@@ -247,6 +257,12 @@ async def test_http_errors(redis_url: str, key_prefix: str) -> None:
         r = await post(url, b'{"sub": "' + b"x" * 9000 + b'"}', headers=json_headers)
         assert r.status_code == 413
         assert await gw.gateway.backend.revocations() == {}  # nothing refused wrote to the deny list
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(f"{url}/v1/revocations")).status_code == 401
+            assert (await http.delete(f"{url}/v1/revocations/u1")).status_code == 401
+            wrong = {"Authorization": "Bearer nope"}
+            assert (await http.delete(f"{url}/v1/revocations/u1", headers=wrong)).status_code == 403
+            assert (await http.get(f"{url}/v1/revocations", headers=AUTH)).json() == {"revocations": {}}
 
 
 async def test_memory_backend_in_one_process_websocket_and_sse() -> None:
