@@ -276,7 +276,8 @@ class Hub:
     def take_user_changes(self, conv: str) -> dict[str, tuple[int, Any]] | None:
         """The users of ``conv`` whose subscription count changed since the last call, with their
         ``(subscriptions, info)`` now (0 and None: gone); None when more than ``MAX_USER_CHANGES``
-        changed (take :meth:`presence_users` instead)."""
+        changed (take :meth:`presence_users` instead). Kept until taken: the gateway's presence
+        reporter takes them for every conversation it reports (those of :meth:`take_dirty`)."""
         if conv not in self._user_changes:
             return {}
         changed = self._user_changes.pop(conv)
