@@ -203,6 +203,7 @@ async def test_one_gateway_on_the_memory_backend(tmp_path: Path) -> None:
     from broadcaster.namespaces import parse_namespaces
     from gateway.settings import Settings
     from tests.support.gateway import InProcessGateway
+    from tests.support.sseclient import SseClient, SseEvent
 
     namespaces = tuple(parse_namespaces({"namespaces": {"jl-*": {"presence_users": True, "join_leave": True}}}))
     path = tmp_path / "namespaces.toml"
@@ -220,4 +221,21 @@ async def test_one_gateway_on_the_memory_backend(tmp_path: Path) -> None:
         assert {x["user"]: x["connections"] for x in body["users"]} == {"u1": 1, "watch": 1}
         await u.close()
         await w.until(lambda objs: bool(objs), 10, keep=lambda o: o["type"] == "ws.leave" and o["user"] == "u1")
+        # an SSE stream is a subscriber like any other: it gets them as events without an id
+        async with await SseClient.open(gw.settings.port, f"/sse?conv_id=jl-1&token={token('streamer')}") as sse:
+            async def next_of(kind: str) -> SseEvent:
+                while True:  # every read has its own deadline
+                    event = await sse.next(10)
+                    if event.event == kind:
+                        return event
+
+            await next_of("ws.subscribed")
+            u2 = await WsClient.connect(gw.ws_url(f"conv_id=jl-1&token={token('u2')}"))
+            event = await next_of("ws.join")
+            while event.json()["user"] != "u2":  # the stream's own user joins first
+                event = await next_of("ws.join")
+            assert event.id is None and event.json() == {"type": "ws.join", "conv_id": "jl-1", "user": "u2"}
+            await u2.close()
+            event = await next_of("ws.leave")
+            assert event.json() == {"type": "ws.leave", "conv_id": "jl-1", "user": "u2"}
         await w.close()
