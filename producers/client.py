@@ -100,7 +100,7 @@ REFRESH_LEAD_MAX = 5.0
 REFRESH_RETRIES = 3
 """Failed refreshes retried (spread over the remaining life) before letting the token expire."""
 REFRESH_ANSWER_TIMEOUT = 10.0
-"""Seconds (at most; a third of the remaining life when less) to wait for ``ws.refreshed``."""
+"""Seconds (at most; half the remaining life when less) to wait for ``ws.refreshed``."""
 
 TokenSource = Callable[[], str | Awaitable[str]]
 """``get_token``: returns a fresh token, directly or as an awaitable."""
@@ -566,7 +566,7 @@ class BroadcasterClient:
         self._refresh_answer = answer
         try:
             await ws.send(orjson.dumps({"type": "ws.refresh", "token": token}).decode())
-            timeout = max(0.2, min(REFRESH_ANSWER_TIMEOUT, self._token_remaining() / 3))
+            timeout = max(0.2, min(REFRESH_ANSWER_TIMEOUT, self._token_remaining() / 2))
             try:
                 outcome = await asyncio.wait_for(answer, timeout)
             except TimeoutError:

@@ -45,7 +45,7 @@ export const TOKEN_EXPIRED_REASON = "token expired";
 const REFRESH_LEAD_MAX_MS = 5_000;
 /** Failed refreshes (bad_refresh, getToken throwing, no answer) retried before the token's exp. */
 const REFRESH_RETRIES = 3;
-/** A refresh unanswered this long (or a third of the token's remaining life) counts as failed. */
+/** A refresh unanswered this long (or half the token's remaining life, when less) counts as failed. */
 const REFRESH_ANSWER_TIMEOUT_MS = 10_000;
 
 /** The longest delay setTimeout honours. */
@@ -641,7 +641,7 @@ export class BroadcasterClient extends EventTarget {
     const pending = { token, failures };
     this._refreshPending = pending;
     this._send({ type: "ws.refresh", token });
-    const answerMs = Math.max(200, Math.min(REFRESH_ANSWER_TIMEOUT_MS, this._tokenRemainingMs() / 3));
+    const answerMs = Math.max(200, Math.min(REFRESH_ANSWER_TIMEOUT_MS, this._tokenRemainingMs() / 2));
     this._timers.refresh = setTimeout(() => {
       this._timers.refresh = null;
       if (socket !== this._socket || this._refreshPending !== pending) return;
