@@ -1,14 +1,17 @@
 """``BroadcasterClient``: a resuming asyncio consumer of the gateway's ``/ws`` protocol.
 
 ```python
-from producers.client import BroadcasterClient, Event, Reset, State
+from producers.client import BroadcasterClient, Event, Reset, State, Unsubscribed
 
-async with BroadcasterClient(["ws://gw1:8000", "ws://gw2:8000"], ["conv-1", "conv-2"]) as client:
+async with BroadcasterClient(["ws://gw1:8000", "ws://gw2:8000"], ["conv-1", "conv-2"],
+                             get_token=fetch_jwt) as client:   # or token="..." (never refreshed)
     async for item in client:
         if isinstance(item, Event):
             handle(item.conv_id, item.seq, item.type, item.data)
         elif isinstance(item, Reset):      # the stream started over: reload what you show
             reload(item.conv_id)
+        elif isinstance(item, Unsubscribed):  # e.g. the refreshed token no longer allows it
+            hide(item.conv_id, item.reason)
 ```
 
 What it does for you (docs/delivery.md has the why):
