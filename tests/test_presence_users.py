@@ -539,3 +539,32 @@ async def test_join_leave_drops_a_failed_batch_and_ignores_other_messages() -> N
     finally:
         await hub.close()
         await backend.close()
+
+
+async def test_redis_scripts_and_memory_backend_agree_on_random_reports(redis_url: str, key_prefix: str) -> None:
+    """The same random reports (3 gateways, 6 users, partial and full, no expiry, delay 0) on both backends:
+    the same transitions at every step, the same users read."""
+    import random
+
+    memory, redis_backend = MemoryBackend(), RedisBackend(redis_url, key_prefix=key_prefix)
+    await memory.start()
+    await redis_backend.start()
+    rng = random.Random(16)
+    seen: set[str] = set()
+    try:
+        for step in range(150):
+            gateway = f"g{rng.randrange(3)}"
+            users = {f"u{i}": (rng.choice([0, 0, 1, 2]), {"i": i} if i % 2 else None)
+                     for i in rng.sample(range(6), rng.randrange(1, 4))}
+            args: dict[str, Any] = {"leave_delay": 0, "announce": {"room"}, "sweep": rng.choice([None, ()])}
+            a = (await memory.report_presence_users(gateway, {"room": users}, 600, **args))["room"]
+            b = (await redis_backend.report_presence_users(gateway, {"room": users}, 600, **args))["room"]
+            assert sorted((t.kind, t.user, repr(t.info)) for t in a.transitions) == \
+                sorted((t.kind, t.user, repr(t.info)) for t in b.transitions), step
+            seen |= {t.kind for t in a.transitions}
+            ra, rb = await memory.presence_users("room"), await redis_backend.presence_users("room")
+            assert [(u.user, u.connections) for u in ra.users] == [(u.user, u.connections) for u in rb.users], step
+        assert seen == {"join", "leave"}
+    finally:
+        await memory.close()
+        await redis_backend.close()
