@@ -1,6 +1,6 @@
 """Start-up check of the uvicorn, websockets and Starlette internals the gateway uses.
 
-Six features reach below the public APIs (the mechanics are in
+Seven features reach below the public APIs (the mechanics are in
 :mod:`broadcaster.compat`; the redis-py ones are there too):
 
 ``request_deadline`` (gateway.handshake)
@@ -19,6 +19,11 @@ Six features reach below the public APIs (the mechanics are in
     :func:`gateway.connection.text_frame` builds (the pause it watches is asyncio's own
     ``pause_writing`` / ``resume_writing`` contract). Needs ``direct_send``.
     Fallback: each socket's payload is framed on its own (direct send).
+``light_waits`` (gateway.server, gateway.inbox)
+    the per-socket ``queue`` (an ``asyncio.Queue``) and ``writable`` (an ``asyncio.Event``)
+    of uvicorn's sans-I/O protocol, replaced by lighter objects with the methods the
+    protocol's source calls on them (checked: no other). Fallback: uvicorn's own (~4 KB
+    more per socket).
 ``handshake_release`` (gateway.server)
     dropping the handshake request and response once accepted. Fallback: they stay
     referenced for the life of the socket (a few KB per idle socket).
@@ -258,6 +263,32 @@ def _probe_shared_frames() -> list[str]:
     return missing
 
 
+def _probe_light_waits() -> list[str]:
+    """uvicorn's protocol has ``queue`` and ``writable`` per instance, and its source calls on them only
+    methods gateway.inbox's replacements have."""
+    import inspect
+    import re
+
+    from uvicorn.protocols.websockets import websockets_sansio_impl
+
+    from gateway.inbox import Inbox, WriteGate
+
+    _, ws, _ = _protocols()
+    missing = lacking(ws, "uvicorn WebSocketsSansIOProtocol", "queue", "writable")
+    try:
+        source = inspect.getsource(websockets_sansio_impl)
+    except (OSError, TypeError):
+        return [*missing, "uvicorn websockets_sansio_impl source (to check how queue and writable are used)"]
+    for field, replacement in (("queue", Inbox), ("writable", WriteGate)):
+        used = set(re.findall(rf"\bself\.{field}\.(\w+)", source))
+        passed_on = re.findall(rf"\bself\.{field}\b(?!\s*[.=:])", source)  # handed to something else
+        unknown = sorted(name for name in used if not hasattr(replacement, name))
+        if unknown or passed_on or not used:
+            missing.append(f"uvicorn WebSocketsSansIOProtocol.{field} (used as: {sorted(used)}"
+                           f"{', passed on' if passed_on else ''})")
+    return missing
+
+
 def _probe_handshake_release() -> list[str]:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -396,6 +427,8 @@ FEATURES: tuple[Feature, ...] = (
             "every frame goes through the ASGI send and a writer task (slower)", (*_WEB, "starlette")),
     Feature("shared_frames", "one frame per payload written to every uncompressed socket", _probe_shared_frames,
             "each socket frames its payloads itself (direct send)", _WEB),
+    Feature("light_waits", "lighter per-socket receive queue and write gate", _probe_light_waits,
+            "each socket keeps uvicorn's asyncio.Queue and asyncio.Event (~4 KB)", ("uvicorn",)),
     Feature("handshake_release", "freeing the handshake request and response of accepted sockets",
             _probe_handshake_release, "each socket keeps its handshake request and response (memory)", _WEB),
     Feature(SSE_DIRECT_WRITE, "the direct HTTP chunk write and connection reset of gateway.sse",

@@ -34,6 +34,7 @@ from gateway import compat
 from gateway.compat import CompatCollector, CompatReport
 from gateway.connection import DIRECT_FRAME, DIRECT_SEND, enable_direct_send, text_frame
 from gateway.handshake import http_protocol
+from gateway.inbox import Inbox, WriteGate
 from gateway.protocol import CLOSE_DRAINING
 from gateway.settings import Settings
 from gateway.state import Gateway
@@ -71,6 +72,15 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+_SLOTTED = ("config", "app", "loop", "logger", "root_path", "asgi_version", "app_state", "connections", "tasks",
+            "default_headers", "server", "client", "scheme", "close_timeout", "ping_interval", "ping_timeout",
+            "pending_ping_payload", "ping_sent_at", "last_ping_rtt", "curr_msg_data_type", "handshake_initiated",
+            "read_paused")
+"""Fields uvicorn's protocol sets per socket that go to slots of our subclass instead of its ``__dict__``: with
+more than 30 keys CPython gives each instance a dict of its own (~1.6 KB) instead of one sharing the class's keys.
+Only names that are no class attribute of uvicorn's (a property there stays a property)."""
+
+
 class DirectSendProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websocket protocol, plus a synchronous text send for the connection pool.
 
@@ -87,14 +97,24 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     pool built once for every socket it goes to, when nothing could come between.
     """
 
+    __slots__ = tuple(name for name in _SLOTTED if not hasattr(WebSocketsSansIOProtocol, name))
+
     direct_send: bool = True
     """Offer :meth:`send_text_now` (off when ``gateway.compat`` found what it needs missing)."""
+    light_waits: bool = True
+    """Replace uvicorn's per-socket ``asyncio.Queue`` and ``asyncio.Event`` with gateway.inbox's (same)."""
     shared_frames: bool = True
     """Offer :meth:`write_frame` to uncompressed sockets (same; only with ``direct_send``)."""
     paused = False
     """The transport asked us to stop writing (``pause_writing``) and has not resumed yet."""
     release_handshake: bool = True
     """Drop the handshake request and response once accepted (same)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.light_waits:
+            self.queue = Inbox()  # type: ignore[assignment]
+            self.writable = WriteGate(self.writable.is_set())  # type: ignore[assignment]
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -176,7 +196,8 @@ def protocol_classes(settings: Settings, report: CompatReport) -> tuple[type[Htt
             if report.ok("request_deadline") else HttpToolsProtocol)
     ws = type("DirectSendProtocol", (DirectSendProtocol,), {
         "direct_send": report.ok("direct_send"), "release_handshake": report.ok("handshake_release"),
-        "shared_frames": report.ok("direct_send") and report.ok("shared_frames")})
+        "shared_frames": report.ok("direct_send") and report.ok("shared_frames"),
+        "light_waits": report.ok("light_waits")})
     return http, ws
 
 
