@@ -31,6 +31,7 @@ Delivery contract towards listeners:
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -360,9 +361,14 @@ class Backend(abc.ABC):
 
         At most once, to the processes connected at the time (nothing is stored); raises
         ValidationError for a message that is not a JSON object or is over
-        ``broadcaster.control.MAX_CONTROL_BYTES``.
+        ``broadcaster.control.MAX_CONTROL_BYTES``. This default and the three methods after it
+        serve this process only (listeners called soon, by ``call_soon``; a dict of denials):
+        a backend that several processes share overrides all four.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no control channel")
+        from broadcaster.control import encode_control  # broadcaster.control imports this module
+
+        payload = encode_control(message)
+        asyncio.get_running_loop().call_soon(self._local_control().dispatch, payload)
 
     def add_control_listener(self, listener: ControlListener) -> None:
         """Call ``listener(message)`` on the event loop with every control message received.
@@ -372,15 +378,39 @@ class Backend(abc.ABC):
         Messages sent while this process was disconnected are lost: the reconnect
         callbacks tell when to reload what :meth:`revocations` keeps.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no control channel")
+        self._local_control().add(listener)
 
     async def revoke(self, sub: str, until_ms: int) -> None:
         """Deny subject ``sub`` until ``until_ms`` (ms since the epoch), replacing any earlier entry.
 
         An ``until_ms`` in the past removes the entry (lifts the revocation).
         """
-        raise NotImplementedError(f"{type(self).__name__} has no deny list")
+        from broadcaster.control import now_ms, validate_subject
+
+        denied = self._local_denied()
+        if until_ms > now_ms():
+            denied[validate_subject(sub)] = int(until_ms)
+        else:
+            denied.pop(validate_subject(sub), None)
 
     async def revocations(self) -> dict[str, int]:
         """The deny list ``sub -> until (ms since the epoch)``, shared by every process; expired entries pruned."""
-        raise NotImplementedError(f"{type(self).__name__} has no deny list")
+        from broadcaster.control import now_ms
+
+        denied, now = self._local_denied(), now_ms()
+        for sub in [sub for sub, until in denied.items() if until <= now]:
+            del denied[sub]
+        return dict(denied)
+
+    def _local_control(self) -> Any:
+        """The listeners of the in-process defaults above (a ``broadcaster.control.ControlListeners``)."""
+        found = self.__dict__.get("_default_control")
+        if found is None:
+            from broadcaster.control import ControlListeners
+
+            found = self.__dict__["_default_control"] = ControlListeners(self.stats)
+        return found
+
+    def _local_denied(self) -> dict[str, int]:
+        denied: dict[str, int] = self.__dict__.setdefault("_default_denied", {})
+        return denied

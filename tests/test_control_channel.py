@@ -114,6 +114,22 @@ async def test_memory_deny_list_expires_and_lifts() -> None:
         await b.close()
 
 
+async def test_a_backend_without_its_own_control_channel_serves_this_process() -> None:
+    """Backend's defaults (a backend written for tests, no control code of its own): in-process delivery."""
+    from tests.test_hub_races import GatedBackend
+
+    b = GatedBackend()
+    box = Box()
+    b.add_control_listener(box)
+    await b.publish_control({"kind": "disconnect", "sub": "u1"})
+    await async_wait_until(lambda: box.messages, timeout=5, message="the message")
+    assert box.messages == [{"kind": "disconnect", "sub": "u1"}]
+    until = now_ms() + 60_000
+    await b.revoke("u1", until)
+    await b.revoke("u2", now_ms() - 1)
+    assert await b.revocations() == {"u1": until}
+
+
 # --- Redis ---------------------------------------------------------------------------
 
 
