@@ -45,13 +45,17 @@ def wrapper(directory: Path, python: str, workers: int, token: str) -> Path:
 
 
 class CpuWatch(threading.Thread):
-    """Adds up the CPU of the gateway processes (those with ``TOKEN_ENV=token``) while a run goes on,
-    sampled every half second (the last half second of a process that exits is missed)."""
+    """Adds up the CPU of the gateway processes (those with ``TOKEN_ENV=token``) from the moment the
+    load clients run (run.py starts them once the gateway answers: imports and start-up are not
+    counted) to the end, sampled every half second (the last half second of an exiting process is
+    missed)."""
 
     def __init__(self, token: str) -> None:
         super().__init__(daemon=True)
         self.marker, self.done = f"{TOKEN_ENV}={token}".encode(), threading.Event()
+        self.client = str(BENCH / "client.py").encode()
         self.total = 0.0
+        self.counting = False
         self._last: dict[int, float] = {}
 
     def run(self) -> None:
@@ -61,19 +65,24 @@ class CpuWatch(threading.Thread):
 
     def sample(self) -> None:
         tick = os.sysconf("SC_CLK_TCK")
+        gateways: dict[int, float] = {}
+        clients = False
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 if self.marker not in (entry / "environ").read_bytes():
+                    clients = clients or self.client in (entry / "cmdline").read_bytes()
                     continue
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            cpu = (int(fields[11]) + int(fields[12])) / tick
-            pid = int(entry.name)
-            self.total += cpu - self._last.get(pid, 0.0)
+            gateways[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+        for pid, cpu in gateways.items():
+            if self.counting:
+                self.total += cpu - self._last.get(pid, 0.0)
             self._last[pid] = cpu
+        self.counting = self.counting or clients
 
 
 def measure(python: str, workers: int, scenario: str, extra: list[str], directory: Path) -> dict[str, Any]:
