@@ -180,8 +180,8 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
             got, last, changed = 0, -1, time.monotonic()
             deadline = time.monotonic() + 20
             while True:
-                reports = await gather_calls(clients, {"cmd": "report"})
-                got = sum(r["counts"].get(f"{phase}/stay", 0) for r in reports)
+                counts = await gather_calls(clients, {"cmd": "counts"})
+                got = sum(r["counts"].get(f"{phase}/stay", 0) for r in counts)
                 now = time.monotonic()
                 if got != last:
                     last, changed = got, now
@@ -189,6 +189,7 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
                     break
                 await asyncio.sleep(0.2)
             wall = time.monotonic() - t0
+            reports = await gather_calls(clients, {"cmd": "report", "keys": [f"{phase}/stay"]})
             lat = latency([r["latency"] for r in reports], f"{phase}/stay")
             step = {"events_per_s": rate, "target_dps": round(rate * connected / args.convs),
                     "dps": round(got / published["elapsed"]) if published["elapsed"] else None,

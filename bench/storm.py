@@ -216,11 +216,10 @@ async def _measure(args: argparse.Namespace, backoff: str, cluster: LoopbackClus
         deadline = time.monotonic() + args.recover_timeout
         recovered = 0
         while time.monotonic() < deadline:
-            statuses = await gather_calls(clients, {"cmd": "status"})
-            recovered = sum(s["recovered"] for s in statuses)
+            recovered = sum(c["recovered"] for c in await gather_calls(clients, {"cmd": "counts"}))
             if recovered >= moved:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         all_recovered_at = time.time()
         await gather_calls(clients, {"cmd": "phase", "name": "after"})
         log(f"[{backoff}] {recovered}/{moved} moved clients recovered {all_recovered_at - killed_at:.2f}s "

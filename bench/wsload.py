@@ -23,12 +23,14 @@ Driven by a harness over stdin / stdout, one JSON object per line each way:
 * ``{"cmd": "phase", "name": P}``: latency samples from now on go to phase ``P``.
 * ``{"cmd": "victim", "gateway_id": G}``: clients now on gateway ``G`` form the group ``moved``
   (the others ``stay``); samples are kept per (phase, group).
+* ``{"cmd": "counts"}`` -> ``{"counts": {"phase/group": events}, "recovered": moved followers recovered}``:
+  cheap (no walk over the followers), for polling while load runs.
 * ``{"cmd": "status"}`` -> ``{"open", "subscribed", "gateways", "lost", "reconnected",
   "recovered", "attempts", "closes", "events", "failed_handshakes"}``.
 * ``{"cmd": "subscribers"}`` -> ``{conv: open subscribed sockets}``.
 * ``{"cmd": "check", "final": {conv: seq}}`` -> ``{"complete", "incomplete", "gaps", "dups",
   "missing", "resets", "examples"}``: does each client end at its conversation's final seq?
-* ``{"cmd": "report"}`` -> ``{"latency": {"phase/group": bucket map}, "counts", "recovery": [...],
+* ``{"cmd": "report", "keys": [...] | null}`` -> ``{"latency": {"phase/group": bucket map}, "counts", "recovery": [...],
   "reconnect_delay": [...], "attempts": [...]}`` (times in seconds after the loss).
 * ``{"cmd": "close"}`` -> ``{"closed"}``, then exit.
 
@@ -84,6 +86,7 @@ class State:
         self.failed_handshakes: Counter[str] = Counter()
         self.events = 0
         self.bad = 0
+        self.recovered = 0
 
     def set_phase(self, phase: str) -> None:
         """Samples from now on go to ``phase`` (``self.current``: the arrays of this phase, by group)."""
@@ -142,6 +145,7 @@ class Follower:
                     self.target = obj["seq"]
                     if self.last_seq >= self.target:
                         self.recovered_at = now
+                        STATE.recovered += 1
                 self.subscribed.set()
                 if self.wire is not None and not self.wire.ready.done():
                     self.wire.ready.set_result(None)
@@ -170,6 +174,7 @@ class Follower:
         STATE.current[self.group].append(int(now * 1_000_000) - sent)
         if self.target >= 0 and self.recovered_at is None and seq >= self.target:
             self.recovered_at = now
+            STATE.recovered += 1
 
 
 class Wire(asyncio.Protocol):
@@ -414,9 +419,9 @@ class Driver:
                                         "gateway": f.gateway, "lost": f.lost_at is not None})
         return out
 
-    def report(self) -> dict[str, Any]:
+    def report(self, keys: list[str] | None = None) -> dict[str, Any]:
         moved = [f for f in self.followers if f.lost_at is not None]
-        return {"latency": {k: hist.buckets(v) for k, v in STATE.samples.items()},
+        return {"latency": {k: hist.buckets(v) for k, v in STATE.samples.items() if keys is None or k in keys},
                 "counts": {k: len(v) for k, v in STATE.samples.items()},
                 "recovery": [round(f.recovered_at - f.lost_at, 4) if f.recovered_at and f.lost_at else None
                              for f in moved],
@@ -470,6 +475,8 @@ async def main() -> None:
             reply({"phase": STATE.phase})
         elif cmd == "victim":
             reply({"moved": driver.set_victim(msg["gateway_id"])})
+        elif cmd == "counts":
+            reply({"counts": {k: len(v) for k, v in STATE.samples.items()}, "recovered": STATE.recovered})
         elif cmd == "status":
             reply(driver.status())
         elif cmd == "subscribers":
@@ -477,7 +484,7 @@ async def main() -> None:
         elif cmd == "check":
             reply(driver.check(msg["final"]))
         elif cmd == "report":
-            reply(driver.report())
+            reply(driver.report(msg.get("keys")))
         elif cmd == "close":
             reply({"closed": await driver.close()})
             break
