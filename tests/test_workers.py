@@ -237,3 +237,18 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(workers2: GatewayP
     workers2.kill()  # SIGKILL the supervisor: the kernel SIGTERMs its workers (PR_SET_PDEATHSIG)
     pids = [pid for pid, _ in workers.values()]
     wait_until(lambda: not any(alive(pid) for pid in pids), DRAIN + 10, f"workers {pids} to exit")
+
+
+def test_a_worker_that_keeps_dying_makes_the_supervisor_give_up(workers2: GatewayProcess) -> None:
+    gw = workers2
+    survivor_pid = current_workers(gw, 2)[0][0]
+    killed: list[int] = []
+    for _ in range(5):  # each exit within 30 s of its start: the 5th in a row is the last
+        pid = wait_until(lambda: [p for i, p, _ in ready_workers(gw) if i == 1 and p not in killed], 30,
+                         "worker 1 ready (again)")[-1]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    code = gw.wait(DRAIN + 15)
+    assert code == 70, log_text(gw)[-3000:]
+    assert "5 exits in a row" in log_text(gw)
+    assert f"worker 0 (pid {survivor_pid}) exited with status 0" in log_text(gw)  # drained, not killed
