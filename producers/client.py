@@ -1,7 +1,7 @@
 """``BroadcasterClient``: a resuming asyncio consumer of the gateway's ``/ws`` protocol.
 
 ```python
-from producers.client import BroadcasterClient, Event, Reset, State, Unsubscribed
+from producers.client import BroadcasterClient, Event, Joined, Left, Reset, State, Unsubscribed
 
 async with BroadcasterClient(["ws://gw1:8000", "ws://gw2:8000"], ["conv-1", "conv-2"],
                              get_token=fetch_jwt) as client:   # or token="..." (never refreshed)
@@ -12,6 +12,8 @@ async with BroadcasterClient(["ws://gw1:8000", "ws://gw2:8000"], ["conv-1", "con
             reload(item.conv_id)
         elif isinstance(item, Unsubscribed):  # e.g. the refreshed token no longer allows it
             hide(item.conv_id, item.reason)
+        elif isinstance(item, Joined | Left):  # who comes and goes (namespaces with join_leave)
+            show_presence(item)
 ```
 
 What it does for you (docs/delivery.md has the why):
@@ -47,6 +49,11 @@ What it does for you (docs/delivery.md has the why):
   ``too_many_subscriptions``) or a ``ws.unsubscribed`` with a reason (``forbidden`` after a
   refresh narrowed the token) drops it - no resubscribe on reconnect - and yields an
   :class:`Unsubscribed` item in stream order, like :class:`Reset` and :class:`State`;
+* surfaces ``ws.join`` / ``ws.leave`` (sent where the conversation's namespace has
+  ``join_leave = true``, docs/namespaces.md) as :class:`Joined` / :class:`Left` items in
+  stream order, for subscribed conversations only. They carry no seq: they are not
+  replayed after a reconnect, so a client away at the time misses them (read
+  ``GET .../presence`` to know who is there now);
 * stops for good on what a retry cannot cure - the close codes 4400, 4401 (other than the
   ``token expired`` above), 4403 (a revoked user, a token that lost the profile), 4404, and
   a ``ws.error`` ``bad_subscribe`` answering one of its subscriptions
@@ -202,7 +209,28 @@ class Unsubscribed:
     message: str = ""
 
 
-Item = Event | Reset | State | Unsubscribed
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """A user's first connection (over every gateway) subscribed to the conversation (``ws.join``).
+
+    ``info`` is the user's token ``info`` claim, None when it had none. At most once, never
+    replayed (no seq): only for conversations whose namespace has ``join_leave = true``.
+    """
+
+    conv_id: str
+    user: str
+    info: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    """A user's last connection left the conversation and stayed away ``--join-leave-delay`` seconds (``ws.leave``)."""
+
+    conv_id: str
+    user: str
+
+
+Item = Event | Reset | State | Unsubscribed | Joined | Left
 
 
 class ClientClosed(Exception):
@@ -719,6 +747,10 @@ class BroadcasterClient:
             if conv.hydrate:  # reload the state rather than leave the caller with a hole
                 conv.seq = None
                 await self._send_subscribe(conv)
+        elif kind in ("ws.join", "ws.leave") and conv is not None and isinstance(obj.get("user"), str):
+            user = obj["user"]
+            await self._emit(Joined(conv.conv_id, user, obj.get("info")) if kind == "ws.join"
+                             else Left(conv.conv_id, user))
         elif kind == "ws.refreshed":
             self._refresh_answered("ok", obj.get("exp"))
         elif kind == "ws.unsubscribed":
@@ -819,5 +851,5 @@ def _ws_url(url: str, profile: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
 
 
-__all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Entity", "EntityMap", "Event", "Item", "Reset", "State",
-           "SubscribeRefused", "TokenSource", "Unsubscribed", "refresh_delay", "token_expiry"]
+__all__ = ["BroadcasterClient", "ClientClosed", "ClientStats", "Entity", "EntityMap", "Event", "Item", "Joined", "Left",
+           "Reset", "State", "SubscribeRefused", "TokenSource", "Unsubscribed", "refresh_delay", "token_expiry"]
