@@ -70,9 +70,10 @@ def convs_by_master(cluster: RedisClusterNodes, layout: KeyLayout, tag: str, per
 
 
 def shard_channels(node: RedisServer, prefix: str) -> set[str]:
-    """Our prefix's channels with a sharded subscriber on ``node`` (PUBSUB SHARDCHANNELS)."""
+    """Our prefix's conversation channels with a sharded subscriber on ``node`` (PUBSUB SHARDCHANNELS; not the
+    control channel ``prefix:control``, subscribed from start)."""
     with contextlib.closing(node.client()) as c:
-        reply: list[bytes] = c.execute_command("PUBSUB", "SHARDCHANNELS", f"{prefix}:*")  # type: ignore[no-untyped-call]
+        reply: list[bytes] = c.execute_command("PUBSUB", "SHARDCHANNELS", f"{prefix}:{{*")  # type: ignore[no-untyped-call]
     return {ch.decode() for ch in reply}
 
 
