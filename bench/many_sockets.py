@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,28 @@ from scenario_support import (
 from devtools.procs import Supervised, free_port, http_status
 
 P99_LIMIT_MS = 100.0
+
+
+def gateway_waits(port: int) -> dict[str, float]:
+    """Sums and counts of the gateway's publish-to-dispatch and queue-wait histograms (its /metrics)."""
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith(("broadcaster_publish_to_dispatch_seconds_", "broadcaster_queue_wait_seconds_")) and \
+                name.endswith(("_sum", "_count")):
+            out[name] = float(value)
+    return out
+
+
+def mean_ms(before: dict[str, float], after: dict[str, float], family: str) -> float | None:
+    count = after.get(f"{family}_count", 0.0) - before.get(f"{family}_count", 0.0)
+    total = after.get(f"{family}_sum", 0.0) - before.get(f"{family}_sum", 0.0)
+    return round(1000 * total / count, 2) if count > 0 else None
 
 
 def open_files_limit(pid: int) -> int | None:
@@ -171,7 +194,7 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
         for index, rate in enumerate(args.rates, start=1):
             phase = f"step{index}"
             await gather_calls(clients, {"cmd": "phase", "name": phase})
-            cpu0, t0 = cpu_seconds(gpid), time.monotonic()
+            cpu0, t0, waits0 = cpu_seconds(gpid), time.monotonic(), gateway_waits(port)
             published = await publisher.call({"cmd": "run", "step": index, "rate": rate,
                                               "duration": args.step_seconds}, timeout=args.step_seconds + 120)
             expected = sum(n * subs.get(c, 0) for c, n in zip(convs, published["per_conv"], strict=True))
@@ -196,6 +219,9 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
                     "expected": expected, "received": got, "lost": expected - got,
                     "gateway_cpu_pct": round(100 * (cpu_seconds(gpid) - cpu0) / wall, 1),
                     "publisher_behind_ms": published["behind_ms"], **lat}
+            waits1 = gateway_waits(port)
+            step["gateway_dispatch_mean_ms"] = mean_ms(waits0, waits1, "broadcaster_publish_to_dispatch_seconds")
+            step["gateway_queue_wait_mean_ms"] = mean_ms(waits0, waits1, "broadcaster_queue_wait_seconds")
             step["pass"] = step["lost"] == 0 and lat["p99_ms"] < P99_LIMIT_MS
             steps.append(step)
             log(f"fan-out {rate:,} events/s ({step['target_dps']:,} d/s): lost {step['lost']}, "
@@ -248,9 +274,10 @@ def markdown(r: dict[str, Any]) -> str:
                        w["rss_mb"], w["open_files"]) for w in r.get("ramp", []))])
     lines += ["", "Fan-out over every conversation (pass: nothing lost, p99 < 100 ms):", ""]
     lines += table([("events/s", "target d/s", "achieved d/s", "lost", "p50 ms", "p99 ms", "max ms", "gateway CPU %",
-                     "pass"),
+                     "publish to dispatch, mean ms", "queue wait, mean ms", "pass"),
                     *((s["events_per_s"], s["target_dps"], s["dps"], s["lost"], s["p50_ms"], s["p99_ms"], s["max_ms"],
-                       s["gateway_cpu_pct"], "yes" if s["pass"] else "NO") for s in r.get("fanout", []))])
+                       s["gateway_cpu_pct"], s.get("gateway_dispatch_mean_ms"), s.get("gateway_queue_wait_mean_ms"),
+                       "yes" if s["pass"] else "NO") for s in r.get("fanout", []))])
     check = r.get("check", {})
     lines += ["", f"Check: {check.get('complete')} sockets complete, {check.get('incomplete')} not "
               f"(gaps {check.get('gaps')}, duplicates {check.get('dups')}, missing {check.get('missing')}).",
