@@ -84,7 +84,7 @@ def _node_major(node: str) -> int:
     return int(match.group(1))
 
 
-GATEWAY_TEST_FILES = ("gateway.test.js", "tokens.test.js")
+GATEWAY_TEST_FILES = ("gateway.test.js", "tokens.test.js", "join-leave.test.js")
 """Node test files whose top-level ``describe`` suites drive real gateways."""
 
 

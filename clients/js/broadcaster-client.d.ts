@@ -79,6 +79,17 @@ export interface ResetMessage {
   rehydrate: boolean;
 }
 
+/** A user's first connection (over every gateway) subscribed (`ws.join`), or its last one left and
+ * stayed away the gateway's join/leave delay (`ws.leave`): only where the conversation's namespace
+ * has `join_leave = true`. No seq: never replayed after a reconnect. */
+export interface JoinLeaveDetail {
+  conv_id: string;
+  /** The token's `sub`. */
+  user: string;
+  /** "join" only: the token's `info` claim, when it had one. */
+  info?: unknown;
+}
+
 export interface PongMessage {
   type: "ws.pong";
   server_time: number;
@@ -125,6 +136,10 @@ export interface BroadcasterEventMap {
   subscribed: SubscribedMessage;
   /** The answer to unsubscribe(), or (with `reason`) a subscription the server ended. */
   unsubscribed: UnsubscribedMessage;
+  /** A user joined a subscribed conversation (ws.join, namespaces with join_leave). */
+  join: JoinLeaveDetail;
+  /** A user left a subscribed conversation (ws.leave, namespaces with join_leave). */
+  leave: JoinLeaveDetail;
   /** The open socket's token was refreshed (getToken). */
   refreshed: RefreshedMessage;
   status: StatusDetail;

@@ -27,6 +27,11 @@
  * reconnects with a fresh token and resumes; a 4401 on that new connection is fatal.
  * Per-subscription refusals (`ws.error` forbidden with a conv_id, `ws.unsubscribed` reason
  * forbidden) drop that one subscription and emit "unsubscribed" with the reason.
+ *
+ * Presence. Where a conversation's namespace has `join_leave = true`, the gateway sends
+ * `ws.join` / `ws.leave`; the client emits "join" / "leave" `{conv_id, user, info?}` for the
+ * conversations it is subscribed to, in stream order. They carry no seq: not replayed after a
+ * reconnect (a client away at the time misses them).
  */
 
 /** Close codes after which reconnecting cannot help: the request itself is refused. */
@@ -790,6 +795,10 @@ export class BroadcasterClient extends EventTarget {
       case "ws.reset":
         this._onReset(msg);
         return;
+      case "ws.join":
+      case "ws.leave":
+        this._onJoinLeave(msg);
+        return;
       default:
         return; // unknown control objects are ignored (forward compatibility)
     }
@@ -829,6 +838,15 @@ export class BroadcasterClient extends EventTarget {
       sub.needsState = true;
       if (this._isOpen()) this._sendSubscribe(sub);
     }
+  }
+
+  /** ws.join / ws.leave (namespaces with join_leave): "join" / "leave" {conv_id, user, info?}; no seq, never replayed. */
+  _onJoinLeave(/** @type {any} */ msg) {
+    if (!this._subs.has(msg.conv_id) || typeof msg.user !== "string") return;
+    /** @type {{conv_id: string, user: string, info?: unknown}} */
+    const detail = { conv_id: msg.conv_id, user: msg.user };
+    if (msg.type === "ws.join" && msg.info !== undefined) detail.info = msg.info;
+    this._emit(msg.type === "ws.join" ? "join" : "leave", detail);
   }
 
   _onEvent(/** @type {any} */ msg) {
