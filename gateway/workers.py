@@ -146,12 +146,26 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class WorkerTag(logging.Filter):
+    """Starts every log message of a worker with ``[worker N]``: the workers share the supervisor's stderr."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.prefix = f"[worker {index}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.prefix + record.getMessage(), None
+        return True
+
+
 class Worker:
     """One worker's side of the supervisor: its socket, its readiness report and the merged ``/metrics``."""
 
     def __init__(self, slot: WorkerSlot, settings: Settings) -> None:
         self.slot = slot
         self.settings = settings
+        for handler in logging.getLogger().handlers:  # gateway.logs.configure's one handler
+            handler.addFilter(WorkerTag(slot.index))
 
     def prepare(self, app: Any) -> list[socket.socket]:
         """Wire ``app`` (the gateway's FastAPI app, not started) for this slot; the sockets to serve.
