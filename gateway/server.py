@@ -72,6 +72,8 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+_OPEN = State.OPEN  # an Enum member lookup per frame is not free
+
 _SLOTTED = ("config", "app", "loop", "logger", "root_path", "asgi_version", "app_state", "connections", "tasks",
             "default_headers", "server", "client", "scheme", "close_timeout", "ping_interval", "ping_timeout",
             "pending_ping_payload", "ping_sent_at", "last_ping_rtt", "curr_msg_data_type", "handshake_initiated",
@@ -139,13 +141,17 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         # Called once the handshake response is written: the handshake's request and response
         # objects (headers and all) are never read again; let them go (memory of idle sockets).
         # The request also lives on in websockets' parser generator (a local of its suspended
-        # frame), so its headers are emptied in place rather than only dropped here.
+        # frame), so its headers are emptied in place rather than only dropped here; so are the
+        # ASGI scope's (about 1 KB of tuples per socket).
         self._cancel_handshake_deadline()
         if self.release_handshake:
             if self.request is not None:
                 self.request.headers.clear()
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
+            headers = self.scope.get("headers") if isinstance(getattr(self, "scope", None), dict) else None
+            if isinstance(headers, list):  # Starlette's WebSocket.headers is this same list: the app reads
+                headers.clear()  # its headers before it accepts (gateway.ws_endpoint does), never after
         super().start_keepalive()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -170,7 +176,7 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
                 return False
             self.transport.write(b"".join(conn.data_to_send()))
             return True
-        if conn.state is not State.OPEN or conn.expect_continuation_frame:
+        if conn.state is not _OPEN or conn.expect_continuation_frame:
             return False
         self.transport.write(text_frame(data))
         return True
@@ -182,7 +188,7 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         if self.paused or self.close_sent or self.disconnected:
             return False
         conn = self.conn
-        if conn.writes or conn.state is not State.OPEN or conn.expect_continuation_frame:
+        if conn.writes or conn.state is not _OPEN or conn.expect_continuation_frame:
             return False
         self.transport.write(frame)
         return True

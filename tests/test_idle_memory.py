@@ -1,0 +1,149 @@
+"""Memory of idle sockets: gateway.inbox's light waits, the protocol's slotted fields, the handshake's
+headers let go once accepted, and the compat fallback of light_waits (#20 point 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import tracemalloc
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from gateway import compat
+from gateway.inbox import Inbox, WriteGate
+from gateway.server import DirectSendProtocol, protocol_classes
+from gateway.settings import Settings
+from tests.support.gateway import InProcessGateway
+from tests.support.polling import async_wait_until
+from tests.support.wsclient import WsClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_inbox_is_a_fifo_whose_cancelled_get_loses_nothing() -> None:
+    inbox = Inbox()
+    assert inbox.empty()
+    waiting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    inbox.put_nowait("a")
+    inbox.put_nowait("b")
+    assert await asyncio.wait_for(waiting, 5) == "a"
+    assert await inbox.get() == "b" and inbox.empty()
+    cancelled = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    inbox.put_nowait("c")
+    assert inbox.qsize() == 1
+    assert await asyncio.wait_for(inbox.get(), 5) == "c"
+
+
+async def test_write_gate_waits_while_closed_and_set_wakes_every_waiter() -> None:
+    gate = WriteGate()
+    assert gate.is_set() and await gate.wait() is True
+    gate.clear()
+    waiters = [asyncio.ensure_future(gate.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    gate.set()
+    gate.clear()  # cleared again at once: who was woken still returns, like asyncio.Event
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [True, True, True]
+    late = asyncio.ensure_future(gate.wait())
+    await asyncio.sleep(0)
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late
+    gate.set()
+    assert gate.is_set() and gate._waiters is None
+
+
+def _protocol_bytes(ws_cls: type[Any], count: int = 300) -> float:
+    """Bytes allocated per protocol object of ``ws_cls`` that received an upgrade (compat's stand-ins)."""
+    config = uvicorn.Config(compat._app, ws="websockets-sansio", lifespan="off", log_config=None)
+    config.load()
+    state, loop = ServerState(), compat._Loop()
+
+    def make() -> Any:
+        proto = ws_cls(config, state, {}, _loop=loop)
+        proto.connection_made(compat._Transport())
+        proto.data_received(compat._UPGRADE)
+        return proto
+
+    keep = [make() for _ in range(5)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        keep += [make() for _ in range(count)]
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return (after - before) / count
+
+
+def test_light_waits_and_slots_cut_several_kb_per_socket() -> None:
+    report = compat.check(allow_fallback=False)
+    _, light = protocol_classes(Settings(), report)
+    heavy = type("Heavy", (light,), {"light_waits": False})
+    saved = _protocol_bytes(heavy) - _protocol_bytes(light)
+    assert saved > 3000, f"only {saved:.0f} bytes per socket saved"
+    plain = _protocol_bytes(uvicorn.protocols.websockets.websockets_sansio_impl.WebSocketsSansIOProtocol)
+    assert plain - _protocol_bytes(light) > 4000
+
+
+async def test_an_accepted_socket_holds_light_waits_and_no_handshake_headers() -> None:
+    async with InProcessGateway() as gw:
+        client = await WsClient.connect(gw.ws_url("conv_id=idle"), additional_headers={"X-Big": "h" * 2000})
+        await client.expect("ws.subscribed")
+        (conn,) = gw.gateway.pool.connections.values()
+        direct: Any = conn._direct
+        proto = direct.__self__
+        assert isinstance(proto, DirectSendProtocol)
+        assert isinstance(proto.queue, Inbox) and isinstance(proto.writable, WriteGate)
+        assert len(vars(proto)) <= 30, sorted(vars(proto))  # a dict sharing the class's keys
+        assert proto.scope["headers"] == [] and proto.request is None
+        for _ in range(10):  # client messages still go through the inbox, reads paused and resumed
+            await client.send_json({"type": "ws.ping"})
+        pongs = await client.until(lambda got: len(got) >= 10, keep=lambda o: o["type"] == "ws.pong")
+        assert len(pongs) == 10
+        await gw.gateway.backend.publish("idle", "chat.msg", {"n": 1})
+        assert (await client.events(1))[0]["data"] == {"n": 1}
+        await client.close()
+        await async_wait_until(lambda: len(gw.gateway.pool) == 0, timeout=10, message="the socket to be gone")
+
+
+async def test_the_compat_fallback_keeps_uvicorns_queue_and_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = inspect.getsource
+
+    def source(obj: Any) -> str:
+        text = original(obj)
+        if getattr(obj, "__name__", "") == "uvicorn.protocols.websockets.websockets_sansio_impl":
+            text += "\n        self.queue.task_done()\n"  # a method Inbox does not have
+        return text
+
+    with monkeypatch.context() as patched:
+        patched.setattr(inspect, "getsource", source)
+        with pytest.raises(compat.CompatError, match="light_waits"):
+            compat.check(allow_fallback=False)
+        report = compat.check(allow_fallback=True)
+        assert set(report.missing) == {"light_waits"}
+        _, ws = protocol_classes(Settings(), report)
+        assert ws.light_waits is False
+        gw = InProcessGateway(Settings(compat=True))
+    async with gw:
+        client = await WsClient.connect(gw.ws_url("conv_id=fallback"))
+        await client.expect("ws.subscribed")
+        (conn,) = gw.gateway.pool.connections.values()
+        direct: Any = conn._direct
+        assert isinstance(direct.__self__.queue, asyncio.Queue)
+        await client.send_json({"type": "ws.ping"})
+        await client.expect("ws.pong")
+        await client.close()
+    compat.check(allow_fallback=False)
