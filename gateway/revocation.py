@@ -186,7 +186,7 @@ class Revocations:
             self._denied[wanted.sub] = wanted.until  # replaces an earlier entry, as Backend.revoke does
             asyncio.get_running_loop().call_later(SWEEP_DELAY, self.sweep, {wanted.sub})
         closed = self.close_matching(wanted)
-        log.info("disconnect %s: closed %d connection(s) with %d", wanted.message(), closed, wanted.code)
+        log.info("disconnect %.200r: closed %d connection(s) with %d", message, closed, wanted.code)
 
     def close_matching(self, wanted: Disconnect) -> int:
         """Close every local connection ``wanted`` names; returns how many."""

@@ -372,3 +372,20 @@ async def test_producer_disconnect_over_redis_and_http(redis_url: str, key_prefi
         for sub in ("u3", "u4"):
             assert (await refused_at_connect(gw.ws_url(), sub))[0] == 4403
         assert set(await gw.gateway.backend.revocations()) == {"u3", "u4"}
+
+
+async def test_raw_disconnect_messages_from_other_producers() -> None:
+    """A Go or Node producer PUBLISHes its own JSON: malformed ones are ignored, odd but valid ones obeyed."""
+    async with InProcessGateway(Settings(auth_secret=SECRET)) as gw:
+        backend, revocations = gw.gateway.backend, gw.gateway.revocations
+        long_sub = "s" * 600  # over what the HTTP API accepts; a token may still carry it
+        odd = await connect(gw.ws_url(), long_sub, "raw")
+        other = await connect(gw.ws_url(), "u2", "raw")
+        for junk in ({"kind": "disconnect"}, {"kind": "disconnect", "sub": 5}, {"kind": "disconnect", "sub": "u2",
+                     "code": 1001}, {"kind": "join", "conv": "raw", "user": "u2"}, {"kind": "lift", "sub": 3}):
+            await backend.publish_control(junk)
+        await backend.publish_control({"kind": "disconnect", "sub": long_sub})
+        assert await closed_with(odd) == (4403, "revoked")
+        assert revocations.messages == 1  # the malformed disconnects and the join ignored
+        seq = (await backend.publish("raw", "chat.msg", {"still": True})).seq
+        await receives(other, seq)
