@@ -238,6 +238,11 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
         check = {k: sum(c[k] for c in checks) for k in ("complete", "incomplete", "gaps", "dups", "missing",
                                                        "resets")}
         check["examples"] = [e for c in checks for e in c["examples"]][:5]
+        reasons: dict[str, int] = {}
+        for status in await gather_calls(clients, {"cmd": "status"}):
+            for reason, n in status["reset_reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        check["reset_reasons"] = reasons
         out["check"] = check
         out["ok"] = connected == args.sockets and check["incomplete"] == 0 and bool(steps)
     finally:
@@ -280,7 +285,9 @@ def markdown(r: dict[str, Any]) -> str:
                        "yes" if s["pass"] else "NO") for s in r.get("fanout", []))])
     check = r.get("check", {})
     lines += ["", f"Check: {check.get('complete')} sockets complete, {check.get('incomplete')} not "
-              f"(gaps {check.get('gaps')}, duplicates {check.get('dups')}, missing {check.get('missing')}).",
+              f"(gaps {check.get('gaps')}, duplicates {check.get('dups')}, missing {check.get('missing')}, "
+              f"resets {check.get('resets')} {check.get('reset_reasons') or ''}).",
+              "Gateway log (last lines): " + " / ".join(r.get("gateway_log_tail", [])[-4:]),
               f"Capacity: {r.get('capacity_dps')} deliveries/s ({r.get('capacity_events_per_s')} events/s)."]
     return "\n".join(lines) + "\n"
 

@@ -87,6 +87,7 @@ class State:
         self.events = 0
         self.bad = 0
         self.recovered = 0
+        self.reset_reasons: Counter[str] = Counter()
 
     def set_phase(self, phase: str) -> None:
         """Samples from now on go to ``phase`` (``self.current``: the arrays of this phase, by group)."""
@@ -151,6 +152,7 @@ class Follower:
                     self.wire.ready.set_result(None)
             elif kind == "ws.reset":
                 self.resets += 1
+                STATE.reset_reasons[str(obj.get("reason"))] += 1
                 self.epoch = obj["epoch"]
                 self.last_seq = obj["seq"]
             return
@@ -392,6 +394,7 @@ class Driver:
                 "recovered": sum(1 for f in fs if f.recovered_at is not None),
                 "attempts": sum(f.attempts for f in fs), "closes": dict(STATE.closes),
                 "failed_handshakes": dict(STATE.failed_handshakes.most_common(5)), "events": STATE.events,
+                "reset_reasons": dict(STATE.reset_reasons),
                 "bad": STATE.bad}
 
     def subscribers(self) -> dict[str, int]:
