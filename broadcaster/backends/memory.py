@@ -3,6 +3,7 @@
 Same semantics as the Redis backend (seq, epoch, history window and TTL,
 idempotency, keyed state, presence expiry), kept in dicts. Live delivery is
 scheduled with ``loop.call_soon`` so a listener that publishes is never re-entered.
+The control channel and the deny list are the base class's in-process defaults.
 
 Each conversation gets its namespace's policy (``settings.namespaces``, see
 :mod:`broadcaster.namespaces`), resolved here as the Redis function library resolves it.
@@ -43,7 +44,6 @@ from broadcaster.backend import (
     Backend,
     BackendSettings,
     BackendStats,
-    ControlListener,
     Head,
     HistoryPage,
     Listener,
@@ -59,7 +59,6 @@ from broadcaster.backend import (
 )
 from broadcaster.backends.base import ChannelRegistry, PreparedPublish, prepare_all
 from broadcaster.codec import dumps, encode_envelope, loads
-from broadcaster.control import ControlListeners, encode_control, now_ms, validate_subject
 from broadcaster.envelope import Envelope, PublishRequest, PublishResult, apply_append
 
 EPOCH_PERIOD = 86400
@@ -117,8 +116,6 @@ class MemoryBackend(Backend):
         self._registry = ChannelRegistry(self._noop, self._noop, self.stats, self.settings.unsubscribe_delay)
         self._started = False
         self._sweeper: asyncio.Task[None] | None = None
-        self._control = ControlListeners(self.stats)
-        self._denied: dict[str, int] = {}  # the deny list: sub -> until (ms since the epoch)
 
     @staticmethod
     async def _noop(conv: str) -> None:
@@ -352,27 +349,6 @@ class MemoryBackend(Backend):
                     entries.pop(field_name, None)
             if not entries:
                 del self._presence[conv]
-
-    async def publish_control(self, message: Mapping[str, Any]) -> None:
-        """Hand ``message`` to the control listeners soon (``call_soon``: a listener is never re-entered)."""
-        payload = encode_control(message)  # the same round trip as over Redis: listeners get a fresh dict
-        asyncio.get_running_loop().call_soon(self._control.dispatch, payload)
-
-    def add_control_listener(self, listener: ControlListener) -> None:
-        self._control.add(listener)
-
-    async def revoke(self, sub: str, until_ms: int) -> None:
-        sub = validate_subject(sub)
-        if until_ms > now_ms():
-            self._denied[sub] = int(until_ms)
-        else:
-            self._denied.pop(sub, None)
-
-    async def revocations(self) -> dict[str, int]:
-        now = now_ms()
-        for sub in [sub for sub, until in self._denied.items() if until <= now]:
-            del self._denied[sub]
-        return dict(self._denied)
 
     async def presence(self, conv: str) -> Presence:
         now = self._clock()
