@@ -1,6 +1,6 @@
 """Start-up check of the uvicorn, websockets and Starlette internals the gateway uses.
 
-Seven features reach below the public APIs (the mechanics are in
+Eight features reach below the public APIs (the mechanics are in
 :mod:`broadcaster.compat`; the redis-py ones are there too):
 
 ``request_deadline`` (gateway.handshake)
@@ -24,8 +24,13 @@ Seven features reach below the public APIs (the mechanics are in
     of uvicorn's sans-I/O protocol, replaced by lighter objects with the methods the
     protocol's source calls on them (checked: no other). Fallback: uvicorn's own (~4 KB
     more per socket).
+``shared_ping_timer`` (gateway.server, gateway.keepalive)
+    the protocol's keepalive: ``schedule_ping`` arms ``ping_timer`` for
+    ``send_keepalive_ping`` after ``ping_interval - last_ping_rtt``, and nothing but
+    ``cancel`` is called on ``ping_timer``. Fallback: a TimerHandle per socket (~0.5 KB).
 ``handshake_release`` (gateway.server)
-    dropping the handshake request and response once accepted. Fallback: they stay
+    dropping the handshake request and response once accepted (and the extension
+    factories websockets' accept read). Fallback: they stay
     referenced for the life of the socket (a few KB per idle socket).
 ``sse_direct_write`` (gateway.sse)
     the synchronous HTTP chunk write of an SSE stream straight to the transport of
@@ -289,12 +294,39 @@ def _probe_light_waits() -> list[str]:
     return missing
 
 
+def _probe_shared_ping_timer() -> list[str]:
+    """The keepalive fields and methods our ``schedule_ping`` replaces or calls, and uvicorn's source calling
+    only ``cancel`` on ``ping_timer``."""
+    import inspect
+    import re
+
+    from uvicorn.protocols.websockets import websockets_sansio_impl
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    missing = lacking(WebSocketsSansIOProtocol, "uvicorn WebSocketsSansIOProtocol", "schedule_ping",
+                      "send_keepalive_ping", "stop_keepalive")
+    _, ws, _ = _protocols()
+    missing += lacking(ws, "uvicorn WebSocketsSansIOProtocol", "ping_timer", "ping_interval", "last_ping_rtt", "loop")
+    try:
+        source = inspect.getsource(websockets_sansio_impl)
+    except (OSError, TypeError):
+        return [*missing, "uvicorn websockets_sansio_impl source (to check how ping_timer is used)"]
+    used = set(re.findall(r"\bself\.ping_timer\.(\w+)", source))
+    passed_on = re.findall(r"\bself\.ping_timer\b(?!\s*(?:[.=:]|is\b))", source)
+    if used != {"cancel"} or passed_on:
+        missing.append(f"uvicorn WebSocketsSansIOProtocol.ping_timer (used as: {sorted(used)}"
+                       f"{', passed on' if passed_on else ''})")
+    return missing
+
+
 def _probe_handshake_release() -> list[str]:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     missing = lacking(WebSocketsSansIOProtocol, "uvicorn WebSocketsSansIOProtocol", "start_keepalive")
     _, ws, _ = _protocols()
-    missing += lacking(ws, "uvicorn WebSocketsSansIOProtocol", "request", "response")
+    missing += lacking(ws, "uvicorn WebSocketsSansIOProtocol", "request", "response", "conn")
+    if hasattr(ws, "conn"):
+        missing += lacking(ws.conn, "websockets ServerProtocol", "available_extensions")
     if hasattr(ws, "request"):
         missing += lacking(ws.request, "websockets Request", "headers")
         if hasattr(ws.request, "headers"):
@@ -429,6 +461,8 @@ FEATURES: tuple[Feature, ...] = (
             "each socket frames its payloads itself (direct send)", _WEB),
     Feature("light_waits", "lighter per-socket receive queue and write gate", _probe_light_waits,
             "each socket keeps uvicorn's asyncio.Queue and asyncio.Event (~4 KB)", ("uvicorn",)),
+    Feature("shared_ping_timer", "one timer per tick for every socket's keepalive ping", _probe_shared_ping_timer,
+            "a TimerHandle per socket for its next ping (~0.5 KB)", ("uvicorn",)),
     Feature("handshake_release", "freeing the handshake request and response of accepted sockets",
             _probe_handshake_release, "each socket keeps its handshake request and response (memory)", _WEB),
     Feature(SSE_DIRECT_WRITE, "the direct HTTP chunk write and connection reset of gateway.sse",

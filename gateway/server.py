@@ -35,6 +35,7 @@ from gateway.compat import CompatCollector, CompatReport
 from gateway.connection import DIRECT_FRAME, DIRECT_SEND, enable_direct_send, text_frame
 from gateway.handshake import http_protocol
 from gateway.inbox import Inbox, WriteGate
+from gateway.keepalive import wheel_of
 from gateway.protocol import CLOSE_DRAINING
 from gateway.settings import Settings
 from gateway.state import Gateway
@@ -105,6 +106,8 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     """Offer :meth:`send_text_now` (off when ``gateway.compat`` found what it needs missing)."""
     light_waits: bool = True
     """Replace uvicorn's per-socket ``asyncio.Queue`` and ``asyncio.Event`` with gateway.inbox's (same)."""
+    shared_ping_timer: bool = True
+    """Arm the next keepalive ping on gateway.keepalive's wheel rather than a TimerHandle per socket (same)."""
     shared_frames: bool = True
     """Offer :meth:`write_frame` to uncompressed sockets (same; only with ``direct_send``)."""
     paused = False
@@ -149,10 +152,18 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
                 self.request.headers.clear()
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
+            self.conn.available_extensions = None  # the permessage-deflate factory: read by the accept only
             headers = self.scope.get("headers") if isinstance(getattr(self, "scope", None), dict) else None
             if isinstance(headers, list):  # Starlette's WebSocket.headers is this same list: the app reads
                 headers.clear()  # its headers before it accepts (gateway.ws_endpoint does), never after
         super().start_keepalive()
+
+    def schedule_ping(self) -> None:
+        if not self.shared_ping_timer or self.ping_interval is None:
+            super().schedule_ping()
+            return
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        self.ping_timer = wheel_of(self.loop).call_later(delay, self)  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_handshake_deadline()
@@ -203,7 +214,7 @@ def protocol_classes(settings: Settings, report: CompatReport) -> tuple[type[Htt
     ws = type("DirectSendProtocol", (DirectSendProtocol,), {
         "direct_send": report.ok("direct_send"), "release_handshake": report.ok("handshake_release"),
         "shared_frames": report.ok("direct_send") and report.ok("shared_frames"),
-        "light_waits": report.ok("light_waits")})
+        "light_waits": report.ok("light_waits"), "shared_ping_timer": report.ok("shared_ping_timer")})
     return http, ws
 
 

@@ -1,5 +1,5 @@
 """Memory of idle sockets: gateway.inbox's light waits, the protocol's slotted fields, the handshake's
-headers let go once accepted, and the compat fallback of light_waits (#20 point 3)."""
+headers let go once accepted, the keepalive wheel, and the compat fallbacks (#20 point 3)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from uvicorn.server import ServerState
 
 from gateway import compat
 from gateway.inbox import Inbox, WriteGate
+from gateway.keepalive import RESOLUTION, PingEntry, PingWheel, wheel_of
 from gateway.server import DirectSendProtocol, protocol_classes
 from gateway.settings import Settings
 from tests.support.gateway import InProcessGateway
@@ -146,4 +147,52 @@ async def test_the_compat_fallback_keeps_uvicorns_queue_and_event(monkeypatch: p
         await client.send_json({"type": "ws.ping"})
         await client.expect("ws.pong")
         await client.close()
+    compat.check(allow_fallback=False)
+
+
+class Pinged:
+    def __init__(self, log: list[str], name: str, fail: bool = False) -> None:
+        self.log, self.name, self.fail = log, name, fail
+
+    def send_keepalive_ping(self) -> None:
+        self.log.append(self.name)
+        if self.fail:
+            raise RuntimeError("boom")
+
+
+async def test_ping_wheel_fires_each_entry_once_on_its_tick_and_skips_cancelled_ones() -> None:
+    loop = asyncio.get_running_loop()
+    wheel = PingWheel(loop)
+    log: list[str] = []
+    started = loop.time()
+    entries = [wheel.call_later(0.05, Pinged(log, name, fail=name == "a")) for name in "abc"]
+    late = wheel.call_later(0.05 + RESOLUTION, Pinged(log, "late"))
+    entries[2].cancel()
+    assert len(wheel) == 3
+    await async_wait_until(lambda: sorted(log) == ["a", "b"], timeout=5, message="the first tick")
+    assert loop.time() - started <= 0.05 + RESOLUTION + 0.5
+    await async_wait_until(lambda: "late" in log, timeout=5, message="the later tick")
+    assert sorted(log) == ["a", "b", "late"] and len(wheel) == 0  # one failing ping cost the others nothing
+    late.cancel()  # after it fired: nothing happens
+
+
+async def test_an_accepted_socket_waits_for_its_ping_on_the_wheel() -> None:
+    async with InProcessGateway(Settings(ping_interval=0.2)) as gw:
+        client = await WsClient.connect(gw.ws_url("conv_id=pings"))
+        await client.expect("ws.subscribed")
+        (conn,) = gw.gateway.pool.connections.values()
+        direct: Any = conn._direct
+        proto = direct.__self__
+        assert isinstance(proto.ping_timer, PingEntry)
+        await async_wait_until(lambda: proto.ping_sent_at > 0 and proto.pending_ping_payload is None, timeout=10,
+                               message="a ping sent and answered")
+        await gw.gateway.backend.publish("pings", "chat.msg", {"n": 1})
+        assert (await client.events(1))[0]["data"] == {"n": 1}
+        await client.close()
+        await async_wait_until(lambda: len(wheel_of(asyncio.get_running_loop())) == 0, timeout=10,
+                               message="the closed socket's ping taken off the wheel")
+    report = compat.check(allow_fallback=False)
+    report.missing["shared_ping_timer"] = ["(test)"]
+    _, ws = protocol_classes(Settings(), report)
+    assert ws.shared_ping_timer is False
     compat.check(allow_fallback=False)
