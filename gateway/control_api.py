@@ -37,10 +37,8 @@ from broadcaster.control import (
     validate_subject,
 )
 from broadcaster.errors import ValidationError
-from gateway.auth import AuthError
-from gateway.http_api import ApiError, _backend_call, _json_error, _read_body
+from gateway.http_api import ApiError, backend_call, json_error, publisher_gateway, read_body, require_json
 from gateway.revocation import Disconnect, iso_ms
-from gateway.state import Gateway
 
 router = APIRouter()
 
@@ -96,21 +94,11 @@ def parse_disconnect(body: object, now: int) -> Disconnect:
     return Disconnect(message.get("sub"), message.get("conv_id"), code, reason, until)
 
 
-def _operator(request: Request) -> Gateway:
-    """The gateway, once the request showed the publish key (when one is set)."""
-    gw: Gateway = request.app.state.gateway
-    try:
-        gw.publish_keys.check(request.headers.get("authorization"))
-    except AuthError as exc:
-        raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
-    return gw
-
-
 @router.get("/v1/revocations")
 async def revocations(request: Request) -> Response:
     """The deny list: ``{"revocations": {sub: {"until": ms, "until_iso": str}}}`` (publish key)."""
-    gw = _operator(request)
-    found = await _backend_call(gw.backend.revocations())
+    gw = publisher_gateway(request)
+    found = await backend_call(gw.backend.revocations())
     return JSONResponse({"revocations": {sub: {"until": until, "until_iso": iso_ms(until)}
                                          for sub, until in sorted(found.items())}})
 
@@ -118,32 +106,30 @@ async def revocations(request: Request) -> Response:
 @router.delete("/v1/revocations/{sub}")
 async def lift(sub: str, request: Request) -> Response:
     """Take ``sub`` off the deny list on every gateway (publish key); 200 ``{"sub", "lifted": bool}``."""
-    gw = _operator(request)
+    gw = publisher_gateway(request)
     try:
         sub = validate_subject(sub)
     except ValidationError as exc:
         raise _invalid(exc.field, exc.message) from None
-    was = sub in await _backend_call(gw.backend.revocations())
-    await _backend_call(gw.backend.revoke(sub, 0))
-    await _backend_call(gw.backend.publish_control({"kind": LIFT, "sub": sub}))
+    was = sub in await backend_call(gw.backend.revocations())
+    await backend_call(gw.backend.revoke(sub, 0))
+    await backend_call(gw.backend.publish_control({"kind": LIFT, "sub": sub}))
     return JSONResponse({"sub": sub, "lifted": was})
 
 
 @router.post("/v1/disconnect", status_code=202)
 async def disconnect(request: Request) -> Response:
-    gw = _operator(request)
-    media = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send the body as Content-Type: application/json")
-    body = await _read_body(request, MAX_BODY_BYTES)
+    gw = publisher_gateway(request)
+    require_json(request)
+    body = await read_body(request, MAX_BODY_BYTES)
     try:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _invalid("body", _json_error(body, exc)) from None
+        raise _invalid("body", json_error(body, exc)) from None
     wanted = parse_disconnect(parsed, now_ms())
     if wanted.until is not None and wanted.sub is not None:
-        await _backend_call(gw.backend.revoke(wanted.sub, wanted.until))  # first: a gateway reloading sees it
+        await backend_call(gw.backend.revoke(wanted.sub, wanted.until))  # first: a gateway reloading sees it
     message = wanted.message()
-    await _backend_call(gw.backend.publish_control(message))
+    await backend_call(gw.backend.publish_control(message))
     return JSONResponse({"sent": message, "until": iso_ms(wanted.until) if wanted.until is not None else None},
                         status_code=202)

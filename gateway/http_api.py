@@ -82,7 +82,7 @@ def _reader(request: Request, gw: Gateway, conv: str) -> tuple[Profile, GlobSet 
     return profile, types
 
 
-async def _backend_call(coro: Any) -> Any:
+async def backend_call(coro: Any) -> Any:
     try:
         return await coro
     except BackendUnavailable as exc:
@@ -91,7 +91,7 @@ async def _backend_call(coro: Any) -> Any:
         raise ApiError(503, "unavailable", f"backend unreachable: {exc.__class__.__name__}") from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The request body, read chunk by chunk and refused (413) as soon as it passes ``limit`` bytes.
 
     A chunked body has no Content-Length to check up front: reading it whole first
@@ -110,7 +110,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _json_error(body: bytes, exc: orjson.JSONDecodeError) -> str:
+def json_error(body: bytes, exc: orjson.JSONDecodeError) -> str:
     """``body is not valid JSON: <what> at line L column C (byte B)``, with the text around it."""
     if not body.strip():
         return "body is not valid JSON: it is empty (send {\"type\": ..., \"data\": ...})"
@@ -121,7 +121,7 @@ def _json_error(body: bytes, exc: orjson.JSONDecodeError) -> str:
     return f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {pos}), near {near!r}"
 
 
-def _require_json(request: Request) -> None:
+def require_json(request: Request) -> None:
     """415 unless the request declares ``Content-Type: application/json`` (parameters such as charset allowed).
 
     A cross-site page can send a "simple" POST (text/plain, form types) with no CORS preflight;
@@ -129,28 +129,34 @@ def _require_json(request: Request) -> None:
     """
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "publish bodies must be sent with "
+        raise ApiError(415, "unsupported_media_type", "the body must be sent with "
                        f"Content-Type: application/json (got {media_type[:64] or 'none'!r})", "content-type")
 
 
-@router.post("/v1/conversations/{conv_id}/events")
-async def publish(conv_id: str, request: Request) -> Response:
+def publisher_gateway(request: Request) -> Gateway:
+    """The gateway, once the request showed the publish key (when one is set): 401 / 403 otherwise."""
     gw = _gateway(request)
     try:
         gw.publish_keys.check(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(exc.status, "unauthorized" if exc.status == 401 else "forbidden", exc.message) from None
-    _require_json(request)
+    return gw
+
+
+@router.post("/v1/conversations/{conv_id}/events")
+async def publish(conv_id: str, request: Request) -> Response:
+    gw = publisher_gateway(request)
+    require_json(request)
     conv = _conv(conv_id)
     declared = request.headers.get("content-length")
     limit = gw.policies.resolve(conv).policy.max_data_bytes + JSON_OVERHEAD
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"body over {limit} bytes")
-    body = await _read_body(request, limit)
+    body = await read_body(request, limit)
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(422, "invalid", _json_error(body, exc), "body") from None
+        raise ApiError(422, "invalid", json_error(body, exc), "body") from None
     if not isinstance(parsed, dict) or "type" not in parsed:
         raise ApiError(422, "invalid", 'body must be a JSON object with "type" (and "data", "id", "key", "op")',
                        "body")
@@ -162,7 +168,7 @@ async def publish(conv_id: str, request: Request) -> Response:
         raise ApiError(422, "invalid", "id must be a string", "id")
     try:
         wanted = PublishRequest(conv, parsed["type"], parsed.get("data"), event_id, key, op)
-        result = (await _backend_call(gw.publisher.publish_many([wanted])))[0]
+        result = (await backend_call(gw.publisher.publish_many([wanted])))[0]
     except PayloadTooLarge as exc:
         raise ApiError(413, "too_large", exc.message, exc.field) from None
     except ValidationError as exc:
@@ -178,7 +184,7 @@ async def history(conv_id: str, request: Request) -> Response:
     profile, types = _reader(request, gw, conv)
     since = _int_param(request, "since", 0, 0, 10**18)
     limit = _int_param(request, "limit", 100, 1, MAX_HISTORY_LIMIT)
-    page = await _backend_call(gw.backend.history(conv, since=since, limit=limit))
+    page = await backend_call(gw.backend.history(conv, since=since, limit=limit))
     events = json_array(raw for env in page.events if (raw := gw.hub.render(env, profile, types)) is not None)
     head = {"conv_id": conv, "epoch": page.epoch, "seq": page.seq, "truncated": page.truncated}
     return Response(embed(head, "events", events), media_type="application/json")
@@ -189,7 +195,7 @@ async def state(conv_id: str, request: Request) -> Response:
     gw = _gateway(request)
     conv = _conv(conv_id)
     profile, types = _reader(request, gw, conv)
-    snapshot = await _backend_call(gw.backend.state(conv))
+    snapshot = await backend_call(gw.backend.state(conv))
     entities = gw.hub.render_entities(snapshot.entities, profile, types)
     head = {"conv_id": conv, "epoch": snapshot.epoch, "seq": snapshot.seq}
     return Response(embed(head, "entities", entities), media_type="application/json")
@@ -200,11 +206,11 @@ async def presence(conv_id: str, request: Request) -> Response:
     gw = _gateway(request)
     conv = _conv(conv_id)
     _reader(request, gw, conv)
-    found = await _backend_call(gw.backend.presence(conv))
+    found = await backend_call(gw.backend.presence(conv))
     body: dict[str, Any] = {"conv_id": conv, "connections": found.connections, "by_profile": found.by_profile}
     if gw.policies.resolve(conv).presence_users:  # docs/namespaces.md: at most users_limit (default 100, max 1000)
         limit = _int_param(request, "users_limit", 100, 1, 1000)
-        users = await _backend_call(gw.presence.read_users(conv, limit))  # at most one read per second
+        users = await backend_call(gw.presence.read_users(conv, limit))  # at most one read per second
         body["users"] = [{"user": u.user, "connections": u.connections,
                           **({"info": u.info} if u.info is not None else {})} for u in users.users]
         body["users_total"] = users.total
@@ -218,7 +224,7 @@ async def policy(conv_id: str, request: Request) -> Response:
     gw = _gateway(request)
     conv = _conv(conv_id)
     _reader(request, gw, conv)
-    found = await _backend_call(gw.backend.policy(conv))
+    found = await backend_call(gw.backend.policy(conv))
     return JSONResponse({"conv_id": conv, "namespace": found.namespace or None, "policy": found.policy.as_dict(),
                          "fingerprint": found.fingerprint, "conflict": found.conflict})
 
