@@ -170,17 +170,21 @@ class Connection:
         if self._close is not None:
             self.pool.stats.drop("closing")
             return
-        queue = self._queue
+        queue, pool = self._queue, self.pool
         if not queue:
             if self._direct is not None:
-                self._waiting_since = self.pool.flush_soon(self)
+                dirty = pool._dirty  # ConnectionPool.flush_soon, inlined: this runs once per delivery
+                if not dirty:
+                    pool._dirty_since = time.monotonic()
+                    asyncio.get_running_loop().call_soon(pool._flush_dirty)
+                dirty.append(self)
+                self._waiting_since = pool._dirty_since
             else:
                 self._waiting_since = time.monotonic()
                 self.wake_writer()
         queue.append(data)
         size = len(data)
         self._queued += size
-        pool = self.pool
         pool.stats.queued_bytes += size
         if self._queued > self.max_queue_bytes:
             pool.stats.slow_consumer_closes += 1
