@@ -52,19 +52,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.settings import Settings
+from gateway.worker_metrics import MergedCollector, MergedMetrics
 
 log = logging.getLogger("gateway.workers")
 
@@ -180,7 +179,7 @@ class Worker:
             raise SystemExit(EXIT_STARTUP_FAILED) from None
         registry: CollectorRegistry = app.state.gateway.metrics.registry
         app.router.lifespan_context = self._lifespan(app.router.lifespan_context, registry)
-        app.add_middleware(MergedMetrics, worker=self, registry=registry)
+        app.add_middleware(MergedMetrics, merged=lambda: self.merged(registry))
         return [sock]
 
     def _lifespan(self, inner: Callable[[Any], AbstractAsyncContextManager[Any]], registry: CollectorRegistry
@@ -255,50 +254,6 @@ class Worker:
             return {int(k): int(v) for k, v in raw.items()}
         except (OSError, ValueError):
             return {self.slot.index: self.slot.restarts}
-
-
-class MergedCollector(Collector):
-    """The families of every worker, merged by name, each sample labelled with its worker's index."""
-
-    def __init__(self, parts: dict[int, list[Metric] | None], restarts: dict[int, int]) -> None:
-        self._parts, self._restarts = parts, restarts
-
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        for index in sorted(self._parts):
-            for family in self._parts[index] or ():
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
-                label = str(index)
-                merged.samples.extend(s._replace(labels={**s.labels, "worker": label}) for s in family.samples)
-        yield from families.values()
-        up = GaugeMetricFamily("broadcaster_worker_up", "1 when this --workers worker answered this scrape",
-                               labels=["worker"])
-        restarts = CounterMetricFamily("broadcaster_worker_restarts",
-                                       "Times the supervisor started this --workers slot again", labels=["worker"])
-        for index in sorted(self._parts):
-            up.add_metric([str(index)], 0 if self._parts[index] is None else 1)
-            restarts.add_metric([str(index)], self._restarts.get(index, 0))
-        yield up
-        yield restarts
-
-
-class MergedMetrics:
-    """ASGI middleware: ``GET /metrics`` answers the merged exposition of every worker."""
-
-    def __init__(self, app: ASGIApp, worker: Worker, registry: CollectorRegistry) -> None:
-        self.app, self.worker, self.registry = app, worker, registry
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/metrics" or scope["method"] != "GET":
-            await self.app(scope, receive, send)
-            return
-        body = await self.worker.merged(self.registry)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------------------- the supervisor side
