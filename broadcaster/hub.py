@@ -23,7 +23,9 @@ Guarantees, per subscription (CONTRACT §3):
   another epoch stops there and is reset by the feed, like everyone else.
 * Repairs read history through one :class:`BatchedHistory`: however many feeds
   repair at once (every feed after a pub/sub reconnect), a few batched reads run at
-  a time. When the gap cannot be filled because history no longer holds it,
+  a time. Resumes read through another one (many clients resuming at once after a
+  gateway died share a few batched reads; they never queue behind an all-feeds
+  repair). When the gap cannot be filled because history no longer holds it,
   ``ws.reset`` ``history_truncated`` and live from the latest seq.
 * Each event is intercepted once and rendered once per profile (filter,
   drop_fields, enrich, JSON encode) no matter how many connections use it.
@@ -180,7 +182,8 @@ class Hub:
     ) -> None:
         """``repair_batch`` / ``repair_concurrency``: feeds repairing from history read it in
         batches of that many conversations, that many batches at a time (see
-        :class:`broadcaster.batched_reads.BatchedHistory`)."""
+        :class:`broadcaster.batched_reads.BatchedHistory`); resumes' history reads likewise,
+        in a queue of their own."""
         self.backend = backend
         self.gateway_id = gateway_id
         self.hooks = hooks
@@ -191,6 +194,7 @@ class Hub:
         self._dirty: set[str] = set()
         self._user_changes: dict[str, set[str] | None] = {}  # conv -> users whose count changed (None: too many)
         self._repair_reads = BatchedHistory(backend, batch_size=repair_batch, concurrency=repair_concurrency)
+        self._resume_reads = BatchedHistory(backend, batch_size=repair_batch, concurrency=repair_concurrency)
         backend.add_resubscribe_callback(self.repair)
 
     # ---- subscriptions -------------------------------------------------------------------
@@ -335,6 +339,7 @@ class Hub:
                 feed.sync_task.cancel()
             await self.backend.unsubscribe(conv, feed.listener)
         await self._repair_reads.close()
+        await self._resume_reads.close()
 
     async def _join(
         self, sub: Subscriber, conv: str, profile: Profile, types: GlobSet | None, delta: bool = False
@@ -450,7 +455,7 @@ class Hub:
         """
         position = since
         while True:
-            page = await self.backend.history(feed.conv, since=position, limit=REPAIR_PAGE)
+            page = await self._resume_reads.history(feed.conv, position, REPAIR_PAGE)
             if page.epoch != member.epoch:
                 if feed.epoch == member.epoch:
                     self._notice_epoch(feed)
