@@ -198,9 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if slot is not None:
         workers.die_with_supervisor(slot)
     from gateway.app import create_app
+    from gateway.fdlimit import fit_open_files
     from gateway.server import serve
     from gateway.state import StartupError
 
+    fit_open_files(settings)
     try:
         app = create_app(settings)
     except (StartupError, ValueError) as exc:

@@ -39,6 +39,10 @@ class MetricSources:
     """Conversations this process watches."""
     draining: Callable[[], bool]
     backend_connected: Callable[[], bool]
+    handshakes_pending: Callable[[], int] = lambda: 0
+    """Websocket handshakes in progress (gateway.admission)."""
+    handshakes_refused: Callable[[], int] = lambda: 0
+    """Handshakes refused with 503 because that many were in progress."""
 
 
 class GatewayCollector(Collector):
@@ -63,6 +67,10 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily("broadcaster_policy_conflict",
                                 "1 while Redis applies another gateway's namespace policy (docs/namespaces.md)",
                                 value=backend.policy_conflict)
+        yield GaugeMetricFamily("broadcaster_handshakes_pending", "Websocket handshakes in progress",
+                                value=src.handshakes_pending())
+        yield CounterMetricFamily("broadcaster_handshakes_refused",
+                                  "Handshakes refused 503 at --max-pending-handshakes", value=src.handshakes_refused())
         counters = {
             "broadcaster_connections_opened": ("Websocket connections accepted", pool.connections_opened),
             "broadcaster_events_in": ("Live payloads received from the backend", hub.events_in),

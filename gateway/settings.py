@@ -40,6 +40,7 @@ class Settings:
     max_event_bytes: int = 1024 * 1024
     max_subscriptions: int = 100
     max_connections: int = 50_000
+    max_pending_handshakes: int = 128
     client_messages_per_second: float = 50.0
     drain_seconds: float = 10.0
     ping_interval: float = 20.0
@@ -92,7 +93,11 @@ HELP: dict[str, str] = {
     "max_client_message_bytes": "largest websocket message accepted from a client (bigger: close 1009)",
     "max_event_bytes": "largest event data accepted for publishing (JSON bytes; bigger: 413)",
     "max_subscriptions": "conversations one connection may subscribe to (more: ws.error too_many_subscriptions)",
-    "max_connections": "open websockets per gateway (more: HTTP 503 before the upgrade)",
+    "max_connections": "open websockets per gateway (more: HTTP 503 before the upgrade); lowered at start-up "
+                       "to the open-files limit less 256 when above it",
+    "max_pending_handshakes": "websocket handshakes (upgrade, auth, initial subscribe with its history replay) in "
+                              "progress at once; more: HTTP 503 with Retry-After: 1 before the upgrade, so a "
+                              "reconnect storm is admitted in turns (0: no limit)",
     "client_messages_per_second": "sustained client message rate (burst: 4x); faster: close 4429",
     "drain_seconds": "on SIGTERM, time to close every connection with 1012 before exiting",
     "ping_interval": "seconds between websocket pings; a client that does not answer one within the same time "
@@ -177,7 +182,7 @@ def check(settings: Settings) -> None:
     if settings.ws_compression not in ("deflate", "off"):
         raise ValueError("--ws-compression must be deflate or off")
     for name in ("ping_interval", "handshake_timeout", "drain_seconds", "sse_ping_interval", "sse_retry_ms",
-                 "redis_wait_replicas", "redis_wait_timeout_ms", "join_leave_delay"):
+                 "redis_wait_replicas", "redis_wait_timeout_ms", "join_leave_delay", "max_pending_handshakes"):
         if getattr(settings, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
     if settings.auth_secret and settings.auth_public_key:

@@ -21,6 +21,7 @@ from broadcaster.importing import import_callable
 from broadcaster.namespaces import load_namespaces
 from broadcaster.presence import JoinLeave, PresenceReporter
 from broadcaster.profiles import ProfileRegistry
+from gateway.admission import Admission
 from gateway.auth import Authenticator, PublishKeys
 from gateway.connection import ConnectionPool
 from gateway.metrics import Metrics, MetricSources
@@ -77,6 +78,8 @@ class Gateway:
         self.hub = Hub(self.backend, gateway_id=self.gateway_id, hooks=self.plugins,
                        on_dispatch=self._observe_dispatch)
         self.pool = ConnectionPool()
+        self.admission = Admission(settings.max_pending_handshakes)
+        """Websocket handshakes in progress (gateway.admission)."""
         self.metrics = Metrics(self._metric_sources())
         self.auth = Authenticator(settings.auth_secret, settings.auth_public_key, audience=settings.auth_audience,
                                   issuer=settings.auth_issuer)
@@ -91,14 +94,15 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
 
     def _metric_sources(self) -> MetricSources:
-        pool, hub, backend = self.pool, self.hub, self.backend
+        pool, hub, backend, admission = self.pool, self.hub, self.backend, self.admission
         return MetricSources(
             pool=pool.stats, hub=hub.stats, backend=backend.stats,
             connections=pool.__len__,
             subscriptions=lambda: sum(len(c.convs) for c in pool.connections.values()),
             conversations=lambda: len(hub.conversations()),
             draining=lambda: pool.draining,
-            backend_connected=lambda: backend.connected)
+            backend_connected=lambda: backend.connected,
+            handshakes_pending=lambda: admission.pending, handshakes_refused=lambda: admission.refused)
 
     def _observe_dispatch(self, env: Envelope) -> None:
         self.metrics.dispatch_latency.observe(max(0.0, time.time() - env.ts / 1000))

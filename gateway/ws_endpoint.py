@@ -24,6 +24,7 @@ from broadcaster.codec import dumps
 from broadcaster.errors import BackendUnavailable
 from broadcaster.hub import server_time_ms
 from broadcaster.profiles import Profile
+from gateway.admission import AdmissionSlot
 from gateway.auth import AuthError, Grant, bearer
 from gateway.connection import Connection
 from gateway.protocol import (
@@ -44,6 +45,19 @@ from gateway.state import Gateway
 
 log = logging.getLogger("gateway.ws")
 CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class _DenialIsNoError(logging.Filter):
+    """uvicorn's websockets (sansio) protocol logs "ASGI callable returned without completing handshake."
+    at ERROR after every denial response it sent (``send_denial_response``: a 503 or 403 before the
+    upgrade); this endpoint always accepts or denies, so here that line only says a refusal went out.
+    Dropped: a reconnect storm refused in turns would log thousands of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "ASGI callable returned without completing handshake."
+
+
+logging.getLogger("uvicorn.error").addFilter(_DenialIsNoError())
 
 
 class RateLimiter:
@@ -225,7 +239,12 @@ def _origin_allowed(gw: Gateway, websocket: WebSocket) -> bool:
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
-    """Serve one websocket from handshake to disconnect."""
+    """Serve one websocket from handshake to disconnect.
+
+    The handshake (checks, accept, the initial ``subscribe`` with its history replay) holds
+    an admission slot (gateway.admission); with ``--max-pending-handshakes`` in progress a new
+    one gets HTTP 503 with ``Retry-After: 1`` before the upgrade.
+    """
     gw: Gateway = websocket.app.state.gateway
     if gw.pool.draining:
         await _refuse(websocket, CLOSE_DRAINING, "gateway draining; reconnect elsewhere")
@@ -233,6 +252,19 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if len(gw.pool) >= gw.settings.max_connections:
         await websocket.send_denial_response(JSONResponse({"error": "too many connections"}, status_code=503))
         return
+    slot = gw.admission.enter()
+    if slot is None:
+        await websocket.send_denial_response(JSONResponse(
+            {"error": "too many handshakes in progress; retry"}, status_code=503, headers={"Retry-After": "1"}))
+        return
+    try:
+        await _serve(websocket, gw, slot)
+    finally:
+        slot.release()
+
+
+async def _serve(websocket: WebSocket, gw: Gateway, slot: AdmissionSlot) -> None:
+    """The handshake's checks, then the connection's life; ``slot`` is released once the initial subscribe ended."""
     if not _origin_allowed(gw, websocket):
         await websocket.send_denial_response(JSONResponse({"error": "origin not allowed"}, status_code=403))
         return
@@ -271,6 +303,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         if request.subscribe is not None:
             await session.subscribe(request.subscribe, initial=True)
+        slot.release()
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
