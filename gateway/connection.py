@@ -288,6 +288,19 @@ class Connection:
                 self._queue, self._queued = [], 0
 
 
+def _observe(observe: Callable[[float], None] | None, wait: float, count: int) -> None:
+    """``count`` observations of ``wait``: in one call when ``observe`` is a bound method of something with
+    ``observe_many`` (gateway.metrics.LoopHistogram), else one by one."""
+    if observe is None or count <= 0:
+        return
+    many = getattr(getattr(observe, "__self__", None), "observe_many", None)
+    if many is not None and getattr(observe, "__name__", None) == "observe":
+        many(wait, count)
+        return
+    for _ in range(count):
+        observe(wait)
+
+
 class ConnectionPool:
     """Every open connection of this gateway, and the drain that closes them."""
 
@@ -315,7 +328,8 @@ class ConnectionPool:
         dirty, self._dirty = self._dirty, []
         frames: dict[bytes, bytes] = {}
         wait = time.monotonic() - self._dirty_since
-        written = size = 0
+        written = size = same = 0
+        observe: Callable[[float], None] | None = None  # the last connection's, seen ``same`` times in a row
         for conn in dirty:
             write = conn._frame_write
             queue = conn._queue
@@ -329,11 +343,14 @@ class ConnectionPool:
                     size += conn._queued
                     conn._queued = 0
                     written += 1
-                    observe = conn.observe_wait
-                    if observe is not None:
-                        observe(wait)
+                    if conn.observe_wait == observe:  # the same histogram's bound method: counted, observed once
+                        same += 1
+                    else:
+                        _observe(observe, wait, same)
+                        observe, same = conn.observe_wait, 1
                     continue
             conn.flush()
+        _observe(observe, wait, same)
         if written:
             stats = self.stats
             stats.queued_bytes -= size

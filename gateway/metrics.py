@@ -169,6 +169,11 @@ class LoopHistogram(Collector):
         self._counts[bisect_left(self._bounds, value)] += 1  # bucket "le" bound: value <= bound
         self._sum += value
 
+    def observe_many(self, value: float, count: int) -> None:
+        """``count`` observations of ``value`` (the pool's flush pass: every frame of a pass waited as long)."""
+        self._counts[bisect_left(self._bounds, value)] += count
+        self._sum += value * count
+
     def collect(self) -> Iterator[Metric]:
         counts, cumulative, buckets = list(self._counts), 0, []
         for bound, count in zip((*map(str, self._bounds), "+Inf"), counts, strict=True):

@@ -120,6 +120,7 @@ async def test_many_sockets_of_one_profile_get_one_shared_frame_per_event(frames
         writes = [record_writes(conn) for conn in conns]
         frames_before = gw.gateway.pool.stats.frames_written
         built_before = frames_built.built
+        waits_before = sum(gw.gateway.metrics.queue_wait._counts)
         for i in range(events):  # one at a time: each pass queues a lone event per socket
             await gw.gateway.backend.publish("shared", "chat.msg", {"i": i, "text": "y" * (i * 5)})
             await async_wait_until(lambda i=i: all(len(w) > i for w in writes), timeout=10,
@@ -134,6 +135,8 @@ async def test_many_sockets_of_one_profile_get_one_shared_frame_per_event(frames
             assert all(w[index] is first for w in writes), f"event {index}: not the same frame object"
             assert first == server_frame(json_payload(first))
         assert gw.gateway.pool.stats.frames_written - frames_before == events * clients_count
+        # one queue-wait observation per frame, though the pass observes them in one call
+        assert sum(gw.gateway.metrics.queue_wait._counts) - waits_before == events * clients_count
         for client in clients:
             await client.close()
 
@@ -292,3 +295,18 @@ async def test_the_compat_fallback_turns_shared_frames_off(monkeypatch: pytest.M
 def test_payload_helper_reads_long_frames() -> None:
     payload = orjson.dumps({"x": "y" * 70000})
     assert json_payload(text_frame(payload)) == payload
+
+
+def test_waits_of_a_pass_are_observed_once_per_histogram_and_one_by_one_otherwise() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.connection import _observe
+    from gateway.metrics import LATENCY_BUCKETS, LoopHistogram
+
+    histogram = LoopHistogram("t_wait", "t", LATENCY_BUCKETS, CollectorRegistry())
+    _observe(histogram.observe, 0.002, 7)
+    assert sum(histogram._counts) == 7 and histogram._sum == pytest.approx(0.014)
+    seen: list[float] = []
+    _observe(seen.append, 0.5, 3)  # anything else: called once per frame
+    _observe(None, 0.5, 3)
+    assert seen == [0.5, 0.5, 0.5]
