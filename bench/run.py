@@ -86,6 +86,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(ROOT))  # devtools (standard library only: this may run in the tools venv)
 
 import hist  # noqa: E402
+from scenario_support import Child  # noqa: E402
 
 from devtools.procs import Supervised, free_port, http_status, redis_ping  # noqa: E402
 
@@ -222,57 +223,6 @@ def ephemeral_ports() -> int:
         return high - low + 1
     except (OSError, ValueError):
         return 28232
-
-
-class Child:
-    """A helper process spoken to in JSON lines over its stdin / stdout."""
-
-    def __init__(self, name: str, argv: Sequence[str], logdir: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.argv, self.env = name, list(argv), env
-        self.logfile = logdir / f"{name}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    async def start(self, niceness: int = 0) -> dict[str, Any]:
-        with self.logfile.open("ab") as err:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                env=self.env, cwd=str(ROOT), limit=256 * 1024 * 1024)
-        renice(self.proc.pid, niceness)
-        return await self._read(60)
-
-    async def call(self, message: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(orjson.dumps(message) + b"\n")
-        await self.proc.stdin.drain()
-        return await self._read(timeout)
-
-    async def _read(self, timeout: float) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            tail = self.logfile.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited (code {await self.proc.wait()}): {tail}")
-        reply: dict[str, Any] = orjson.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{self.name}: {reply['error']}")
-        return reply
-
-    async def stop(self) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
 
 
 @dataclass
@@ -458,14 +408,16 @@ class Load:
         procs = max(1, min(ctx.args.client_procs, shape.clients))
         impl = ["--impl", ctx.args.client_impl]
         self.clients = [Child(f"client-{shape.name}-{server.kind}-{i}",
-                              [ctx.tools_python, str(BENCH / "client.py"), *impl], ctx.logdir) for i in range(procs)]
+                              [ctx.tools_python, str(BENCH / "client.py"), *impl],
+                              ctx.logdir / f"client-{shape.name}-{server.kind}-{i}.log") for i in range(procs)]
         if server.kind == "socketio":
             feeder = [ctx.peer_python["socketio"], str(BENCH / "emit_socketio.py")]
         elif server.kind == "sionode":
             feeder = [ctx.peer_python["sionode"], str(NODE_DIR / "emitter.js")]
         else:
             feeder = [ctx.project_python, str(BENCH / "loadpub.py")]
-        self.publisher = Child(f"publisher-{shape.name}-{server.kind}", feeder, ctx.logdir)
+        self.publisher = Child(f"publisher-{shape.name}-{server.kind}", feeder,
+                               ctx.logdir / f"publisher-{shape.name}-{server.kind}.log")
         self.impl = ""
 
     async def __aenter__(self) -> Load:
@@ -473,8 +425,8 @@ class Load:
         await self.publisher.call({"cmd": "init", "url": self.ctx.redis_url, "prefix": self.prefix,
                                    "convs": self.convs, "history_size": 100, "history_ttl": 600,
                                    "payload_bytes": self.ctx.args.payload_bytes, "json_copy": True})
-        hellos = await asyncio.gather(*(c.start(self.ctx.args.nice) for c in self.clients))
-        self.impl = hellos[0].get("hello", "?")
+        started = await asyncio.gather(*(c.start(self.ctx.args.nice) for c in self.clients))
+        self.impl = started[0].hello.get("hello", "?")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

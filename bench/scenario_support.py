@@ -1,6 +1,7 @@
-"""What ``storm.py`` and ``many_sockets.py`` share: JSON-line child processes, /proc sampling, Redis INFO, tables.
+"""What ``storm.py``, ``many_sockets.py`` and ``run.py`` share: JSON-line children, /proc sampling, Redis INFO, tables.
 
-Runs with the project's python (psutil is optional: /proc is read directly).
+Runs with the project's python or bench's tools venv (``run.py``): it needs only orjson, the
+standard library, ``hist`` and ``devtools.procs`` (psutil is optional: /proc is read directly).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def machine() -> dict[str, Any]:
 class Child:
     """A helper process spoken to in JSON lines over its stdin / stdout (stderr to ``logfile``)."""
 
-    def __init__(self, name: str, argv: Sequence[str], logfile: Path) -> None:
-        self.name, self.argv, self.logfile = name, list(argv), logfile
+    def __init__(self, name: str, argv: Sequence[str], logfile: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.argv, self.logfile, self.env = name, list(argv), logfile, env
         self.proc: asyncio.subprocess.Process | None = None
         self.hello: dict[str, Any] = {}
 
@@ -96,11 +97,14 @@ class Child:
         assert self.proc is not None
         return self.proc.pid
 
-    async def start(self) -> Child:
+    async def start(self, niceness: int = 0) -> Child:
+        """Start it (reniced to ``niceness`` unless 0) and read its first line into ``hello``."""
         with self.logfile.open("ab") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                cwd=str(ROOT), limit=256 * 1024 * 1024)
+                env=self.env, cwd=str(ROOT), limit=256 * 1024 * 1024)
+        if niceness:
+            renice(self.proc.pid, niceness)
         self.hello = await self._read(60)
         return self
 
