@@ -35,3 +35,12 @@ export function nextEmit(client, name, predicate = () => true, timeoutMs = 5000)
     });
   });
 }
+
+/** Subscribe `client` to each of `convs`; resolves once every one has had its "subscribed". */
+export function subscribeAll(client, convs, timeoutMs = 10_000) {
+  return Promise.all(convs.map((conv) => {
+    const done = nextEmit(client, "subscribed", (m) => m.conv_id === conv, timeoutMs);
+    client.subscribe(conv);
+    return done;
+  }));
+}

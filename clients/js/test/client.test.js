@@ -1,35 +1,16 @@
 // Unit tests of the client against a scripted fake server (no gateway needed).
 
-import { test, afterEach } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import WebSocket from "ws";
 
 import { BroadcasterClient } from "../broadcaster-client.js";
-import { FakeServer, ev } from "../test-support/fake-server.js";
+import { ev } from "../test-support/fake-server.js";
+import { fakeServerFixture } from "../test-support/fixtures.js";
 import { nextEmit, record, sleep, waitFor } from "../test-support/util.js";
 
-const cleanups = [];
-afterEach(async () => {
-  while (cleanups.length) await cleanups.pop()();
-});
-
-async function startServer(options) {
-  const server = await FakeServer.start(options);
-  cleanups.push(() => server.close());
-  return server;
-}
-
-function makeClient(options) {
-  const client = new BroadcasterClient({
-    WebSocket,
-    backoff: { initialMs: 20, maxMs: 100 },
-    pingIntervalMs: 0,
-    ...options,
-  });
-  cleanups.push(() => client.close());
-  return client;
-}
+const { startServer, makeClient } = fakeServerFixture();
 
 const seqs = (events) => events.map((e) => e.seq);
 

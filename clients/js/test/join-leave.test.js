@@ -4,7 +4,7 @@
 // namespaces file turns join_leave on for jsjl-* (and off for jsplain-*), with a short
 // --join-leave-delay. Every wait polls with a deadline.
 
-import { after, afterEach, before, describe, test } from "node:test";
+import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { writeFileSync } from "node:fs";
@@ -13,20 +13,12 @@ import { join } from "node:path";
 import WebSocket from "ws";
 
 import { BroadcasterClient } from "../broadcaster-client.js";
-import { FakeServer, ev } from "../test-support/fake-server.js";
+import { ev } from "../test-support/fake-server.js";
 import { Gateway, findGateway } from "../test-support/gateway.js";
-import { nextEmit, record, waitFor } from "../test-support/util.js";
+import { fakeServerFixture } from "../test-support/fixtures.js";
+import { nextEmit, record, subscribeAll, waitFor } from "../test-support/util.js";
 
-const cleanups = [];
-afterEach(async () => {
-  while (cleanups.length) await cleanups.pop()();
-});
-
-function makeClient(options) {
-  const client = new BroadcasterClient({ WebSocket, backoff: { initialMs: 20, maxMs: 100 }, pingIntervalMs: 0, ...options });
-  cleanups.push(() => client.close());
-  return client;
-}
+const { startServer, makeClient } = fakeServerFixture();
 
 /** Every "event", "join" and "leave" in the order emitted, as [name, detail]. */
 function recordStream(client) {
@@ -59,13 +51,10 @@ const EXPECTED = (conv) => [
 const summary = (seen) => seen.map(([name, detail]) => [name, name === "event" ? detail.seq : detail]);
 
 test("websocket: join and leave in stream order, for subscribed conversations only", async () => {
-  const server = await FakeServer.start();
-  cleanups.push(() => server.close());
+  const server = await startServer();
   const client = makeClient({ url: server.url });
   const seen = recordStream(client);
-  const subscribed = nextEmit(client, "subscribed", (m) => m.conv_id === "c1");
-  client.subscribe("c1");
-  await subscribed;
+  await subscribeAll(client, ["c1"]);
   const conn = await server.connection(0);
   conn.send(...SCRIPT("c1"));
   await waitFor(() => seen.length === 6, { what: "three events, two joins, one leave" });
@@ -132,13 +121,6 @@ describe("join and leave against a real gateway", { timeout: 90_000 }, () => {
     clients.push(c);
     return c;
   };
-  /** Subscribe `c` to every conversation of `convs` and wait for each ws.subscribed. */
-  const subscribeAll = (c, convs) =>
-    Promise.all(convs.map((conv) => {
-      const done = nextEmit(c, "subscribed", (m) => m.conv_id === conv, 10_000);
-      c.subscribe(conv);
-      return done;
-    }));
 
   before(async () => {
     const namespaces = join(tmpdir(), `broadcaster-js-join-leave-${process.pid}.toml`);

@@ -5,15 +5,16 @@
 // Short-lived tokens (exp a few seconds ahead) keep the tests short; every wait polls with a
 // deadline (waitFor / nextEmit), no sleep stands for a condition.
 
-import { after, afterEach, before, describe, test } from "node:test";
+import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import WebSocket from "ws";
 
 import { BroadcasterClient, refreshDelay, tokenExpiry } from "../broadcaster-client.js";
-import { FakeServer, ev } from "../test-support/fake-server.js";
+import { ev } from "../test-support/fake-server.js";
 import { Gateway, findGateway } from "../test-support/gateway.js";
-import { nextEmit, record, sleep, waitFor } from "../test-support/util.js";
+import { fakeServerFixture } from "../test-support/fixtures.js";
+import { nextEmit, record, sleep, subscribeAll, waitFor } from "../test-support/util.js";
 
 const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
 /** An unsigned JWT-shaped token (the fake server does not verify; the client never does). */
@@ -29,22 +30,7 @@ function signedJwt({ ttlS, sub = "u1", convs = ["*"] }) {
 const seqs = (events) => events.map((e) => e.seq);
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
 
-const cleanups = [];
-afterEach(async () => {
-  while (cleanups.length) await cleanups.pop()();
-});
-
-async function startServer(options) {
-  const server = await FakeServer.start(options);
-  cleanups.push(() => server.close());
-  return server;
-}
-
-function makeClient(options) {
-  const client = new BroadcasterClient({ WebSocket, backoff: { initialMs: 20, maxMs: 100 }, pingIntervalMs: 0, ...options });
-  cleanups.push(() => client.close());
-  return client;
-}
+const { startServer, makeClient } = fakeServerFixture();
 
 /** A fake server answering ws.refresh as `answer(conn, msg, n)` says (n: 0-based count of refreshes so far). */
 function refreshingServer(answer) {
@@ -414,17 +400,20 @@ describe("tokens against a real gateway", { timeout: 90_000, concurrency: true }
     return published;
   }
 
+  /** Publish steadily to `conv` (subscribed, its events recorded in `events`): every one arrives once, in order. */
+  async function publishAndCheck(conv, events, count, everyMs) {
+    const published = await publishSteadily(conv, count, everyMs);
+    await waitFor(() => events.length === published.length, { what: "every event", timeoutMs: 10_000 });
+    assert.deepEqual(seqs(events), published);
+  }
+
   test("a 3 s token refreshed on the open socket: events for 10 s over one connection", async () => {
     const conv = newConv();
     const c = client({ getToken: () => signedJwt({ ttlS: 3 }) });
     const events = record(c, "event");
     const hellos = record(c, "hello");
-    const subscribed = nextEmit(c, "subscribed", (m) => m.conv_id === conv, 10_000);
-    c.subscribe(conv);
-    await subscribed;
-    const published = await publishSteadily(conv, 50, 200);
-    await waitFor(() => events.length === published.length, { what: "every event", timeoutMs: 10_000 });
-    assert.deepEqual(seqs(events), published);
+    await subscribeAll(c, [conv]);
+    await publishAndCheck(conv, events, 50, 200);
     assert.equal(hellos.length, 1, "one connection for the whole time");
     assert.ok(c.stats.refreshes >= 3, `refreshes: ${c.stats.refreshes}`);
     assert.equal(c.stats.refreshFailures, 0);
@@ -448,13 +437,9 @@ describe("tokens against a real gateway", { timeout: 90_000, concurrency: true }
     const events = record(c, "event");
     const hellos = record(c, "hello");
     const statuses = record(c, "status");
-    const subscribed = nextEmit(c, "subscribed", (m) => m.conv_id === conv, 10_000);
-    c.subscribe(conv);
-    await subscribed;
-    const published = await publishSteadily(conv, 40, 150);
-    await waitFor(() => events.length === published.length, { what: "every event", timeoutMs: 10_000 });
+    await subscribeAll(c, [conv]);
+    await publishAndCheck(conv, events, 40, 150);
     assert.ok(Date.now() / 1000 > firstExp + 1, "the test outlived the first token");
-    assert.deepEqual(seqs(events), published);
     assert.equal(hellos.length, 2, JSON.stringify(statuses));
     const closes = statuses.filter((s) => s.status === "closed");
     assert.deepEqual(closes.map((s) => [s.code, s.reason]), [[4401, "token expired"]]);
@@ -469,9 +454,7 @@ describe("tokens against a real gateway", { timeout: 90_000, concurrency: true }
     const c = client({ getToken: () => signedJwt({ ttlS: 3, convs: narrow ? [keep] : ["*"] }) });
     const events = record(c, "event");
     const gone = record(c, "unsubscribed");
-    const both = Promise.all([keep, lose].map((conv) => nextEmit(c, "subscribed", (m) => m.conv_id === conv, 10_000)));
-    c.subscribe(keep).subscribe(lose);
-    await both;
+    await subscribeAll(c, [keep, lose]);
     narrow = true;
     await waitFor(() => gone.length === 1, { what: "the narrowed subscription ended", timeoutMs: 10_000 });
     assert.deepEqual([gone[0].conv_id, gone[0].reason], [lose, "forbidden"]);
@@ -495,12 +478,8 @@ describe("tokens against a real gateway", { timeout: 90_000, concurrency: true }
     const c = client({ transport: "sse", getToken: () => signedJwt({ ttlS: 2 }) });
     const events = record(c, "event");
     const statuses = record(c, "status");
-    const subscribed = nextEmit(c, "subscribed", (m) => m.conv_id === conv, 10_000);
-    c.subscribe(conv);
-    await subscribed;
-    const published = await publishSteadily(conv, 30, 150);
-    await waitFor(() => events.length === published.length, { what: "every event", timeoutMs: 10_000 });
-    assert.deepEqual(seqs(events), published);
+    await subscribeAll(c, [conv]);
+    await publishAndCheck(conv, events, 30, 150);
     const closes = statuses.filter((s) => s.status === "closed");
     assert.ok(closes.length >= 1 && closes.every((s) => s.code === 4401 && s.reason === "token expired"),
               JSON.stringify(closes));
