@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 
+from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -269,7 +270,8 @@ async def _serve(websocket: WebSocket, gw: Gateway, slot: AdmissionSlot) -> None
         await websocket.send_denial_response(JSONResponse({"error": "origin not allowed"}, status_code=403))
         return
     try:
-        request = parse_connect_query(websocket.query_params)
+        # parsed from the scope, not websocket.query_params: Starlette would keep that copy for the socket's life
+        request = parse_connect_query(QueryParams(websocket.scope.get("query_string", b"")))
     except ProtocolError as exc:
         await _refuse(websocket, int(exc.code), exc.message)
         return
