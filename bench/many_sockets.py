@@ -44,11 +44,14 @@ from scenario_support import (
     ROOT,
     Child,
     cpu_seconds,
+    drain,
     fd_count,
+    finish_all,
     gather_calls,
     latency,
     log,
     machine,
+    merge_checks,
     private_redis,
     raise_nofile,
     renice,
@@ -200,17 +203,12 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
             expected = sum(n * subs.get(c, 0) for c, n in zip(convs, published["per_conv"], strict=True))
             for i, n in enumerate(published["per_conv"]):
                 totals[i] += n
-            got, last, changed = 0, -1, time.monotonic()
-            deadline = time.monotonic() + 20
-            while True:
+
+            async def stayed(phase: str = phase) -> int:
                 counts = await gather_calls(clients, {"cmd": "counts"})
-                got = sum(r["counts"].get(f"{phase}/stay", 0) for r in counts)
-                now = time.monotonic()
-                if got != last:
-                    last, changed = got, now
-                if got >= expected or now - changed > 2.0 or now > deadline:
-                    break
-                await asyncio.sleep(0.2)
+                return sum(r["counts"].get(f"{phase}/stay", 0) for r in counts)
+
+            got = await drain(stayed, expected, limit=20, interval=0.2)
             wall = time.monotonic() - t0
             reports = await gather_calls(clients, {"cmd": "report", "keys": [f"{phase}/stay"]})
             lat = latency([r["latency"] for r in reports], f"{phase}/stay")
@@ -235,9 +233,7 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
                    capacity_events_per_s=max((s["events_per_s"] for s in passing), default=None))
         final = {c: totals[i] for i, c in enumerate(convs)}
         checks = await gather_calls(clients, {"cmd": "check", "final": final})
-        check = {k: sum(c[k] for c in checks) for k in ("complete", "incomplete", "gaps", "dups", "missing",
-                                                       "resets")}
-        check["examples"] = [e for c in checks for e in c["examples"]][:5]
+        check = merge_checks(checks, ("complete", "incomplete", "gaps", "dups", "missing", "resets"))
         reasons: dict[str, int] = {}
         for status in await gather_calls(clients, {"cmd": "status"}):
             for reason, n in status["reset_reasons"].items():
@@ -246,17 +242,7 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
         out["check"] = check
         out["ok"] = connected == args.sockets and check["incomplete"] == 0 and bool(steps)
     finally:
-        for c in clients:
-            try:
-                await c.call({"cmd": "close"}, timeout=60)
-            except (RuntimeError, TimeoutError, OSError):
-                pass
-            await c.stop()
-        try:
-            await publisher.call({"cmd": "quit"}, timeout=30)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        await publisher.stop()
+        await finish_all(clients, publisher, close_timeout=60)
     return out
 
 

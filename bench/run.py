@@ -86,7 +86,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(ROOT))  # devtools (standard library only: this may run in the tools venv)
 
 import hist  # noqa: E402
-from scenario_support import Child  # noqa: E402
+from scenario_support import Child, drain, gather_calls  # noqa: E402
 
 from devtools.procs import Supervised, free_port, http_status, redis_ping  # noqa: E402
 
@@ -531,17 +531,12 @@ class Load:
                                               timeout=3 * self.shape.duration + 120)
         after, wall = self.samplers(), time.monotonic() - wall0
         expected = sum(n * s for n, s in zip(published["per_conv"], self.subs, strict=True))
-        got, last_change, last_got = 0, time.monotonic(), -1
-        deadline = time.monotonic() + 15
-        while True:
-            counts = await asyncio.gather(*(c.call({"cmd": "count", "step": index}) for c in self.clients))
-            got = sum(r["count"] for r in counts)
-            now = time.monotonic()
-            if got != last_got:
-                last_got, last_change = got, now
-            if got >= expected or now - last_change > 2.0 or now > deadline:
-                break
-            await asyncio.sleep(0.1)
+
+        async def counted() -> int:
+            counts = await gather_calls(self.clients, {"cmd": "count", "step": index})
+            return sum(r["count"] for r in counts)
+
+        await drain(counted, expected, limit=15, interval=0.1)  # the step's deliveries in, or stalled
         frames1, objects1 = self.server.frames()
         takes = await asyncio.gather(*(c.call({"cmd": "take", "step": index}) for c in self.clients))
         received = sum(t["count"] for t in takes)

@@ -13,7 +13,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,42 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
+
+    async def finish(self, message: dict[str, Any], timeout: float) -> None:
+        """Send ``message`` (its goodbye: close / quit), then stop it; a child already gone is not an error."""
+        try:
+            await self.call(message, timeout=timeout)
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        await self.stop()
+
+
+async def finish_all(clients: Sequence[Child], publisher: Child, close_timeout: float) -> None:
+    """Close every load client (``close``, ``close_timeout`` each), then the publisher (``quit``)."""
+    for c in clients:
+        await c.finish({"cmd": "close"}, close_timeout)
+    await publisher.finish({"cmd": "quit"}, 30)
+
+
+def merge_checks(checks: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """The clients' ``check`` answers summed over ``keys``, with the first five examples."""
+    merged: dict[str, Any] = {k: sum(c[k] for c in checks) for k in keys}
+    merged["examples"] = [e for c in checks for e in c["examples"]][:5]
+    return merged
+
+
+async def drain(count: Callable[[], Awaitable[int]], expected: int, limit: float, interval: float) -> int:
+    """Poll ``count()`` until it reaches ``expected``, stays put for 2 s or ``limit`` s pass; its last value."""
+    got, last, changed = 0, -1, time.monotonic()
+    deadline = time.monotonic() + limit
+    while True:
+        got = await count()
+        now = time.monotonic()
+        if got != last:
+            last, changed = got, now
+        if got >= expected or now - changed > 2.0 or now > deadline:
+            return got
+        await asyncio.sleep(interval)
 
 
 async def gather_calls(children: Sequence[Child], message: dict[str, Any], timeout: float = 120) -> list[

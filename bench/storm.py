@@ -49,10 +49,12 @@ from scenario_support import (
     Child,
     RedisInfo,
     cpu_seconds,
+    finish_all,
     gather_calls,
     latency,
     log,
     machine,
+    merge_checks,
     private_redis,
     quantiles,
     raise_nofile,
@@ -230,9 +232,8 @@ async def _measure(args: argparse.Namespace, backoff: str, cluster: LoopbackClus
         settle = time.monotonic() + args.settle
         while True:
             checks = await gather_calls(clients, {"cmd": "check", "final": final})
-            check = {k: sum(c[k] for c in checks) for k in ("complete", "incomplete", "gaps", "gap_events", "dups",
-                                                           "missing", "resets", "received")}
-            check["examples"] = [e for c in checks for e in c["examples"]][:5]
+            check = merge_checks(checks, ("complete", "incomplete", "gaps", "gap_events", "dups", "missing", "resets",
+                                          "received"))
             if check["incomplete"] == 0 or time.monotonic() > settle:
                 break
             await asyncio.sleep(0.2)
@@ -242,17 +243,7 @@ async def _measure(args: argparse.Namespace, backoff: str, cluster: LoopbackClus
         reports = await gather_calls(clients, {"cmd": "report"})
         statuses = await gather_calls(clients, {"cmd": "status"})
     finally:
-        for c in clients:
-            try:
-                await c.call({"cmd": "close"}, timeout=30)
-            except (RuntimeError, TimeoutError, OSError):
-                pass
-            await c.stop()
-        try:
-            await publisher.call({"cmd": "quit"}, timeout=30)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        await publisher.stop()
+        await finish_all(clients, publisher, close_timeout=30)
 
     maps = [r["latency"] for r in reports]
     from_loss = [x for r in reports for x in r["recovery"] if x is not None]
