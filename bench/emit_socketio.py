@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from typing import Any
 
 import socketio
+from cmdloop import serve
 
 EVENT_TYPE = "bench.e"
 MAX_OUTSTANDING_SECONDS = 0.5
@@ -114,37 +114,25 @@ class Emitter:
 
 
 async def main() -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    out = sys.stdout
-
-    def reply(obj: dict[str, Any]) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
     emitter: Emitter | None = None
-    reply({"hello": "socketio-emitter"})
-    while True:
-        line = await reader.readline()
-        if not line:
-            break
-        msg = json.loads(line)
+
+    async def handle(msg: dict[str, Any]) -> dict[str, Any] | None:
+        nonlocal emitter
         cmd = msg["cmd"]
         if cmd == "init":
             emitter = Emitter(msg)
             await emitter.connect()
-            reply({"ok": True})
-        elif cmd == "probe" and emitter is not None:
-            reply(await emitter.probe(msg["step"]))
-        elif cmd == "run" and emitter is not None:
+            return {"ok": True}
+        if cmd == "probe" and emitter is not None:
+            return await emitter.probe(msg["step"])
+        if cmd == "run" and emitter is not None:
             duration = msg["duration"]
-            reply(await emitter.run(msg["step"], msg["rate"], duration, msg.get("max_seconds", duration * 2 + 5)))
-        elif cmd == "quit":
-            reply({"bye": True, "deleted": 0})
-            break
-        else:
-            reply({"error": f"bad command {cmd!r}"})
+            return await emitter.run(msg["step"], msg["rate"], duration, msg.get("max_seconds", duration * 2 + 5))
+        if cmd == "quit":
+            return {"bye": True, "deleted": 0}
+        return None
+
+    await serve({"hello": "socketio-emitter"}, handle, last=("quit",))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Event ``data``: ``{"t": publish time (wall-clock µs), "s": step id, "p": paddin
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections import deque
 from typing import Any
@@ -35,6 +34,7 @@ from urllib.parse import urlparse
 
 import hiredis
 import orjson
+from cmdloop import serve
 
 from broadcaster.backend import BackendSettings
 from broadcaster.backends import scripts
@@ -197,37 +197,25 @@ def cleanup(publisher: Publisher) -> int:
 
 
 async def main() -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    out = sys.stdout.buffer
-
-    def reply(obj: dict[str, Any]) -> None:
-        out.write(orjson.dumps(obj) + b"\n")
-        out.flush()
-
     publisher: Publisher | None = None
-    reply({"hello": "loadpub"})
-    while True:
-        line = await reader.readline()
-        if not line:
-            break
-        msg = orjson.loads(line)
+
+    async def handle(msg: dict[str, Any]) -> dict[str, Any] | None:
+        nonlocal publisher
         cmd = msg["cmd"]
         if cmd == "init":
             publisher = Publisher(msg)
             await publisher.connect()
-            reply({"ok": True})
-        elif cmd == "probe" and publisher is not None:
-            reply(await publisher.probe(msg["step"]))
-        elif cmd == "run" and publisher is not None:
-            reply(await publisher.run(msg["step"], msg["rate"], msg["duration"]))
-        elif cmd == "quit":
+            return {"ok": True}
+        if cmd == "probe" and publisher is not None:
+            return await publisher.probe(msg["step"])
+        if cmd == "run" and publisher is not None:
+            return await publisher.run(msg["step"], msg["rate"], msg["duration"])
+        if cmd == "quit":
             deleted = cleanup(publisher) if publisher is not None and msg.get("cleanup") else 0
-            reply({"bye": True, "deleted": deleted})
-            break
-        else:
-            reply({"error": f"bad command {cmd!r}"})
+            return {"bye": True, "deleted": deleted}
+        return None
+
+    await serve({"hello": "loadpub"}, handle, last=("quit",), dumps=orjson.dumps, loads=orjson.loads)
 
 
 if __name__ == "__main__":

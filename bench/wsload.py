@@ -54,6 +54,7 @@ import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hist
+from cmdloop import serve
 
 _loads = orjson.loads
 _now = time.time
@@ -454,45 +455,33 @@ class Driver:
 
 
 async def main() -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     driver = Driver()
-    out = sys.stdout.buffer
 
-    def reply(obj: dict[str, Any]) -> None:
-        out.write(orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS) + b"\n")
-        out.flush()
-
-    reply({"hello": "wsload", "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
-    while True:
-        line = await reader.readline()
-        if not line:
-            break
-        msg = orjson.loads(line)
+    async def handle(msg: dict[str, Any]) -> dict[str, Any] | None:
         cmd = msg["cmd"]
         if cmd == "connect":
-            reply(await driver.connect(msg))
-        elif cmd == "phase":
+            return await driver.connect(msg)
+        if cmd == "phase":
             STATE.set_phase(msg["name"])
-            reply({"phase": STATE.phase})
-        elif cmd == "victim":
-            reply({"moved": driver.set_victim(msg["gateway_id"])})
-        elif cmd == "counts":
-            reply({"counts": {k: len(v) for k, v in STATE.samples.items()}, "recovered": STATE.recovered})
-        elif cmd == "status":
-            reply(driver.status())
-        elif cmd == "subscribers":
-            reply(driver.subscribers())
-        elif cmd == "check":
-            reply(driver.check(msg["final"]))
-        elif cmd == "report":
-            reply(driver.report(msg.get("keys")))
-        elif cmd == "close":
-            reply({"closed": await driver.close()})
-            break
-        else:
-            reply({"error": f"unknown command {cmd!r}"})
+            return {"phase": STATE.phase}
+        if cmd == "victim":
+            return {"moved": driver.set_victim(msg["gateway_id"])}
+        if cmd == "counts":
+            return {"counts": {k: len(v) for k, v in STATE.samples.items()}, "recovered": STATE.recovered}
+        if cmd == "status":
+            return driver.status()
+        if cmd == "subscribers":
+            return driver.subscribers()
+        if cmd == "check":
+            return driver.check(msg["final"])
+        if cmd == "report":
+            return driver.report(msg.get("keys"))
+        if cmd == "close":
+            return {"closed": await driver.close()}
+        return None
+
+    await serve({"hello": "wsload", "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, handle, last=("close",),
+                dumps=lambda obj: orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS), loads=orjson.loads)
 
 
 def raise_nofile() -> int:
