@@ -53,11 +53,14 @@ class Collector:
 
 
 @contextlib.asynccontextmanager
-async def following(client: BroadcasterClient, timeout: float = 10.0) -> AsyncIterator[Collector]:
-    """Start ``client``, wait until every conversation is subscribed, collect its items; close after."""
+async def following(client: BroadcasterClient, timeout: float = 10.0, *,
+                    wait_subscribed: bool = True) -> AsyncIterator[Collector]:
+    """Start ``client``, wait until every conversation is subscribed (unless not ``wait_subscribed``), collect its
+    items; close after."""
     async with client:
         collector = Collector(client)
-        await client.wait_subscribed(timeout)
+        if wait_subscribed:
+            await client.wait_subscribed(timeout)
         try:
             yield collector
         finally:

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,17 +153,9 @@ def client_for(url: str, convs: list[str], **options: Any) -> BroadcasterClient:
     return BroadcasterClient(url, convs, **settings)
 
 
-@contextlib.asynccontextmanager
-async def running(client: BroadcasterClient) -> AsyncIterator[Collector]:
+def running(client: BroadcasterClient) -> contextlib.AbstractAsyncContextManager[Collector]:
     """Collect ``client``'s items without waiting for its subscriptions; close after."""
-    async with client:
-        collector = Collector(client)
-        try:
-            yield collector
-        finally:
-            await client.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(collector.task, 5)
+    return following(client, wait_subscribed=False)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
