@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 import pytest
 import redis
 
@@ -42,6 +41,7 @@ from tests.backend_suite import wait_for
 from tests.support.gateway import InProcessGateway
 from tests.support.polling import async_wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.sink import Sink
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.wsclient import WsClient
 
@@ -60,22 +60,6 @@ assert DEFAULT is not None
 # --- the hub alone --------------------------------------------------------------------------
 
 
-class Sink:
-    """A subscriber that keeps every object the hub queues for it."""
-
-    def __init__(self, name: str = "sink") -> None:
-        self.connection_id = name
-        self.objects: list[dict[str, Any]] = []
-
-    def send(self, data: bytes) -> None:
-        self.objects.append(orjson.loads(data))
-
-    @property
-    def seqs(self) -> list[int]:
-        return [o["seq"] for o in self.objects if not o["type"].startswith("ws.")]
-
-    def controls(self, kind: str) -> list[dict[str, Any]]:
-        return [o for o in self.objects if o["type"] == kind]
 
 
 class ControlledBackend(MemoryBackend):

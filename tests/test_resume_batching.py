@@ -13,9 +13,7 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextvars import ContextVar
-from typing import Any
 
-import orjson
 import pytest
 
 from broadcaster.backend import Backend, BackendSettings, HistoryPage, HistoryRead
@@ -25,6 +23,7 @@ from broadcaster.errors import BackendUnavailable
 from broadcaster.hub import Hub
 from broadcaster.profiles import ProfileRegistry
 from tests.support.polling import async_wait_until
+from tests.support.sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,19 +71,6 @@ class Reads:
         backend.history_many = history_many  # type: ignore[method-assign]
 
 
-class Sink:
-    """A subscriber keeping every object the hub queues for it."""
-
-    def __init__(self, name: str) -> None:
-        self.connection_id = name
-        self.objects: list[dict[str, Any]] = []
-
-    def send(self, data: bytes) -> None:
-        self.objects.append(orjson.loads(data))
-
-    @property
-    def seqs(self) -> list[int]:
-        return [o["seq"] for o in self.objects if not o["type"].startswith("ws.")]
 
 
 @contextlib.asynccontextmanager
