@@ -343,36 +343,44 @@ async def test_reporter_reports_users_schedules_leaves_and_announces() -> None:
         await backend.close()
 
 
-async def test_a_report_without_sweep_leaves_expired_fields_to_a_later_one(redis_url: str, key_prefix: str) -> None:
+@pytest.fixture
+async def redis_b(redis_url: str, key_prefix: str) -> AsyncIterator[RedisBackend]:
+    """A started RedisBackend under the test's key prefix, closed after."""
     b = RedisBackend(redis_url, key_prefix=key_prefix)
     await b.start()
     try:
-        args: dict[str, Any] = {"leave_delay": 0, "announce": {"room"}}
-        await b.report_presence_users("g1", {"room": {"gone": (1, None)}}, 0.3, **args)
-        await b.report_presence_users("g2", {"room": {"stay": (1, None)}}, 30, **args)
-        end = time.monotonic() + 0.5
-        await async_wait_until(lambda: time.monotonic() >= end, timeout=5, message="g1's report to expire")
-        partial = await b.report_presence_users("g2", {"room": {}}, 30, sweep=(), **args)
-        assert kinds(partial["room"]) == [], "no sweep: the expired field is not looked at"
-        swept = await b.report_presence_users("g2", {"room": {}}, 30, **args)
-        assert kinds(swept["room"]) == [("leave", "gone")]
+        yield b
     finally:
         await b.close()
 
 
-async def test_every_gateway_gone_for_a_ttl_then_one_back(redis_url: str, key_prefix: str) -> None:
+ROOM_ANNOUNCED: dict[str, Any] = {"leave_delay": 0, "announce": {"room"}}
+
+
+async def outlive(seconds: float, what: str) -> None:
+    """Return once ``seconds`` have passed (a report's ttl running out)."""
+    end = time.monotonic() + seconds
+    await async_wait_until(lambda: time.monotonic() >= end, timeout=5, message=what)
+
+
+async def test_a_report_without_sweep_leaves_expired_fields_to_a_later_one(redis_b: RedisBackend) -> None:
+    b, args = redis_b, ROOM_ANNOUNCED
+    await b.report_presence_users("g1", {"room": {"gone": (1, None)}}, 0.3, **args)
+    await b.report_presence_users("g2", {"room": {"stay": (1, None)}}, 30, **args)
+    await outlive(0.5, "g1's report to expire")
+    partial = await b.report_presence_users("g2", {"room": {}}, 30, sweep=(), **args)
+    assert kinds(partial["room"]) == [], "no sweep: the expired field is not looked at"
+    swept = await b.report_presence_users("g2", {"room": {}}, 30, **args)
+    assert kinds(swept["room"]) == [("leave", "gone")]
+
+
+async def test_every_gateway_gone_for_a_ttl_then_one_back(redis_b: RedisBackend) -> None:
     """The users hash expired whole while users were announced: the next report departs them all."""
-    b = RedisBackend(redis_url, key_prefix=key_prefix)
-    await b.start()
-    try:
-        args: dict[str, Any] = {"leave_delay": 0, "announce": {"room"}}
-        await b.report_presence_users("g1", {"room": {"old": (1, None)}}, 0.3, **args)
-        end = time.monotonic() + 0.5
-        await async_wait_until(lambda: time.monotonic() >= end, timeout=5, message="everything to expire")
-        back = await b.report_presence_users("g2", {"room": {"new": (1, None)}}, 30, **args)
-        assert kinds(back["room"]) == [("join", "new"), ("leave", "old")]
-    finally:
-        await b.close()
+    b, args = redis_b, ROOM_ANNOUNCED
+    await b.report_presence_users("g1", {"room": {"old": (1, None)}}, 0.3, **args)
+    await outlive(0.5, "everything to expire")
+    back = await b.report_presence_users("g2", {"room": {"new": (1, None)}}, 30, **args)
+    assert kinds(back["room"]) == [("join", "new"), ("leave", "old")]
 
 
 class RecordingMemory(MemoryBackend):
