@@ -14,13 +14,12 @@ the websockets sans-I/O implementation, no access log.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import resource
 from collections.abc import AsyncIterator
 
 import anyio
 import uvicorn
+from peer_cli import peer_args
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -70,13 +69,7 @@ def create_app(redis_url: str, prefix: str) -> Starlette:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=8002)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--prefix", default="bc")
-    args = parser.parse_args()
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args = peer_args(__doc__, 8002)
     uvicorn.run(create_app(args.redis_url, args.prefix), host="127.0.0.1", port=args.port, loop="uvloop",
                 http="httptools", ws="websockets-sansio", log_level="warning", access_log=False)
 

@@ -17,11 +17,9 @@ resume. It is the cost floor of "one frame per message", not a product.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
-import resource
 import struct
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -29,6 +27,7 @@ from urllib.parse import parse_qs, urlparse
 import hiredis
 import msgpack
 import orjson
+from peer_cli import peer_args
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CLOSE_FRAME = b"\x88\x02\x03\xe8"  # close, code 1000
@@ -218,13 +217,7 @@ async def serve(port: int, redis_url: str, prefix: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--prefix", default="bc")
-    args = parser.parse_args()
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args = peer_args(__doc__, 8001)
     runner: Any
     try:
         import uvloop

@@ -15,13 +15,12 @@ answers 200.
 
 from __future__ import annotations
 
-import argparse
-import resource
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import socketio
 import uvicorn
+from peer_cli import peer_args
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -52,13 +51,7 @@ def create_app(redis_url: str, prefix: str) -> socketio.ASGIApp:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=8003)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--prefix", default="bc")
-    args = parser.parse_args()
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args = peer_args(__doc__, 8003)
     uvicorn.run(create_app(args.redis_url, args.prefix), host="127.0.0.1", port=args.port, loop="uvloop",
                 http="httptools", ws="websockets-sansio", log_level="warning", access_log=False, backlog=2048,
                 lifespan="off")
