@@ -32,6 +32,23 @@ const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from
 
 const { startServer, makeClient } = fakeServerFixture();
 
+/**
+ * Subscribe `client` to c1 and wait for its "refreshed": it came before `exp0`, on the one connection,
+ * after `refreshes` ws.refresh, with these error codes and `failures` counted.
+ */
+async function expectRefreshedBeforeExp(server, client, exp0, { refreshes, errors: codes, failures }) {
+  const errors = record(client, "error");
+  const ok = nextEmit(client, "refreshed", () => true, 10_000);
+  client.subscribe("c1");
+  const conn = await server.connection(0);
+  await ok;
+  assert.ok(Date.now() / 1000 < exp0, "refreshed before exp");
+  assert.equal(conn.messages("ws.refresh").length, refreshes);
+  assert.deepEqual(errors.map((e) => e.code), codes);
+  assert.equal(client.stats.refreshFailures, failures);
+  assert.equal(server.connections.length, 1);
+}
+
 /** A fake server answering ws.refresh as `answer(conn, msg, n)` says (n: 0-based count of refreshes so far). */
 function refreshingServer(answer) {
   let n = 0;
@@ -125,16 +142,7 @@ test("bad_refresh and a throwing getToken are retried before exp", async () => {
       return fakeJwt({ sub: "u", exp: calls === 1 ? exp0 : Date.now() / 1000 + 60 });
     },
   });
-  const errors = record(client, "error");
-  const ok = nextEmit(client, "refreshed", () => true, 10_000);
-  client.subscribe("c1");
-  const conn = await server.connection(0);
-  await ok;
-  assert.ok(Date.now() / 1000 < exp0, "refreshed before exp");
-  assert.equal(conn.messages("ws.refresh").length, 3);
-  assert.deepEqual(errors.map((e) => e.code), ["bad_refresh", "token", "bad_refresh"]);
-  assert.equal(client.stats.refreshFailures, 3);
-  assert.equal(server.connections.length, 1);
+  await expectRefreshedBeforeExp(server, client, exp0, { refreshes: 3, errors: ["bad_refresh", "token", "bad_refresh"], failures: 3 });
 });
 
 test("an unanswered ws.refresh counts as failed and is retried before exp", async () => {
@@ -145,16 +153,7 @@ test("an unanswered ws.refresh counts as failed and is retried before exp", asyn
     url: server.url,
     getToken: () => fakeJwt({ sub: "u", exp: ++calls === 1 ? exp0 : exp0 + 60, n: calls }),
   });
-  const errors = record(client, "error");
-  const ok = nextEmit(client, "refreshed", () => true, 10_000);
-  client.subscribe("c1");
-  const conn = await server.connection(0);
-  await ok;
-  assert.ok(Date.now() / 1000 < exp0, "refreshed before exp");
-  assert.equal(conn.messages("ws.refresh").length, 2);
-  assert.deepEqual(errors.map((e) => e.code), ["refresh_timeout"]);
-  assert.equal(client.stats.refreshFailures, 1);
-  assert.equal(server.connections.length, 1);
+  await expectRefreshedBeforeExp(server, client, exp0, { refreshes: 2, errors: ["refresh_timeout"], failures: 1 });
 });
 
 test("a gateway without ws.refresh (unknown_type): one try, then reconnect with a fresh token at exp", async () => {
