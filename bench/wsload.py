@@ -61,6 +61,10 @@ _now = time.time
 _CONTROL = b'{"type":"ws.'
 
 
+FIRST_CONNECT_ATTEMPTS = 5
+"""Attempts of a client's first connect before the harness counts it as failed."""
+
+
 def backoff_delay(mode: str, attempt: int, initial: float, maximum: float) -> float:
     """Seconds before reconnect attempt ``attempt`` (0 = the first after a loss).
 
@@ -328,8 +332,16 @@ class Driver:
         self.followers += fresh
 
         async def first(follower: Follower) -> None:
-            async with gate:
-                why = await self._open(follower, host, port, source)
+            # A refused first connect (a gateway's 503 past --max-pending-handshakes, a full accept
+            # queue) is retried with the backoff, as a real client does; only the last refusal counts.
+            for attempt in range(FIRST_CONNECT_ATTEMPTS):
+                async with gate:
+                    why = await self._open(follower, host, port, source)
+                if why is None:
+                    break
+                STATE.failed_handshakes[why[:80]] += 1
+                if attempt + 1 < FIRST_CONNECT_ATTEMPTS:
+                    await asyncio.sleep(backoff_delay(backoff["mode"], attempt, backoff["initial"], backoff["max"]))
             if why is not None:
                 errors[why[:160]] += 1
                 return
