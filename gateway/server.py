@@ -14,7 +14,9 @@ feature off, logged at WARNING and exported as ``broadcaster_compat_fallback``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -55,6 +57,13 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)  # type: ignore[arg-type]
+        if self.started:
+            # Served and shut down (sockets drained, the gateway stopped, its backend closed): the
+            # process ends here rather than in asyncio's teardown, which waits for every name lookup
+            # still running in a resolver thread. With Redis gone (compose down, a deleted pod) a
+            # lookup of its name can take the resolver's timeout several times over - longer than
+            # the orchestrator's grace period, which then kills a gateway that had drained.
+            exit_now()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None or self._drain_task is not None or sig not in (signal.SIGTERM, signal.SIGINT):
@@ -255,6 +264,15 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         timeout_graceful_shutdown=2,
         timeout_keep_alive=30,
     )
+
+
+def exit_now(status: int = 0) -> None:
+    """Flush the logs and standard streams, then end the process with ``status`` at once."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
