@@ -148,13 +148,15 @@ export interface BroadcasterEventMap {
   pong: PongMessage;
   /** Every object received, before the client handles it. */
   message: { type: string; [field: string]: unknown };
-  /** `transport: "auto"` fell back to SSE (the websocket could not open). */
-  transport: { transport: "sse"; reason: string };
+  /** `transport: "auto"` fell back to SSE (the websocket failed to open sseAfterFailures times in a row),
+   * or, on a reconnect websocketRetryMs later, tries the websocket again. */
+  transport: { transport: "sse" | "websocket"; reason: string };
   /** An entity changed (ws.state, upsert, append or delete): the whole entity, never a chunk. */
   entity: EntityDetail;
 }
 
-/** "websocket": /ws; "sse": one /sse stream per conversation (fetch); "auto": the websocket, SSE once it cannot open. */
+/** "websocket": /ws; "sse": one /sse stream per conversation (fetch); "auto": the websocket, SSE once it
+ * failed to open sseAfterFailures times in a row, the websocket tried again websocketRetryMs later. */
 export type Transport = "websocket" | "sse" | "auto";
 
 export interface BackoffOptions {
@@ -202,6 +204,12 @@ export interface BroadcasterClientOptions {
   params?: Record<string, string>;
   /** Default "websocket". With "sse" the token goes as `Authorization: Bearer`, and no WebSocket is needed. */
   transport?: Transport;
+  /** "auto": websocket opens that may fail in a row (none opening: a 503 from a busy gateway, a proxy
+   * refusing the upgrade) before SSE takes over. Default 3 (AUTO_SSE_AFTER_FAILURES). */
+  sseAfterFailures?: number;
+  /** "auto" on SSE: the first reconnect this long after falling back tries the websocket once; it stays
+   * if it opens, else SSE again at once. Default 300000 (AUTO_WEBSOCKET_RETRY_MS); Infinity: never. */
+  websocketRetryMs?: number;
   /** fetch for the SSE transport; default globalThis.fetch. */
   fetch?: typeof fetch;
 }
@@ -281,6 +289,10 @@ export declare class SseSocket {
 export declare const FATAL_CLOSE_CODES: readonly number[];
 /** 1012: the gateway is draining; the client reconnects at once to the next URL. */
 export declare const CLOSE_DRAINING: 1012;
+/** 3: `transport: "auto"` falls back to SSE after this many websocket opens failed in a row (sseAfterFailures). */
+export declare const AUTO_SSE_AFTER_FAILURES: 3;
+/** 300000: `transport: "auto"` on SSE tries the websocket again on a reconnect this long after (websocketRetryMs). */
+export declare const AUTO_WEBSOCKET_RETRY_MS: 300000;
 /** "token expired": the reason of the 4401 after which the client reconnects with a fresh token. */
 export declare const TOKEN_EXPIRED_REASON: "token expired";
 

@@ -18,7 +18,11 @@
  * `GET /sse` stream per subscribed conversation, read with `fetch` (so the token goes in an
  * `Authorization` header, and every event type is seen, named or not); an SseSocket stands in
  * for the websocket, so resume, dedup, hydrate and reconnect work exactly as over /ws. "auto":
- * the websocket first; when it cannot open (a proxy refuses the upgrade), SSE from then on.
+ * the websocket first; SSE once it failed to open `sseAfterFailures` times in a row (default 3)
+ * with none opening: one refusal is no proof of a proxy that blocks upgrades, since a busy gateway
+ * answers 503 past its handshake or connection limits. On SSE, the first reconnect at least
+ * `websocketRetryMs` (default 5 min) after falling back tries the websocket once more: it stays
+ * if it opens, else SSE again at once (a healthy SSE stream is never closed just to try).
  *
  * Tokens. `getToken()` is called before every connect and, on an open websocket, ahead of the
  * token's `exp` (read from the JWT payload, never verified here): the client sends
@@ -36,6 +40,12 @@
 
 /** Close codes after which reconnecting cannot help: the request itself is refused. */
 export const FATAL_CLOSE_CODES = Object.freeze([4400, 4401, 4403, 4404]);
+
+/** "auto": websocket opens that may fail in a row (none opening) before SSE takes over. */
+export const AUTO_SSE_AFTER_FAILURES = 3;
+
+/** "auto" on SSE: the first reconnect this long after falling back tries the websocket again. */
+export const AUTO_WEBSOCKET_RETRY_MS = 300_000;
 
 /** Close code of a gateway that is draining: reconnect at once, to another URL. */
 export const CLOSE_DRAINING = 1012;
@@ -200,6 +210,10 @@ export class BroadcasterClient extends EventTarget {
    *   refuses names it does not know (close 4400) unless they start with `_`
    * @param {"websocket" | "sse" | "auto"} [options.transport] "websocket" (default); "sse": /sse streams
    *   (one per conversation) next to each /ws URL; "auto": the websocket, and SSE once it cannot open
+   *   (see sseAfterFailures, websocketRetryMs)
+   * @param {number} [options.sseAfterFailures] "auto": websocket opens failing in a row before SSE, default 3
+   * @param {number} [options.websocketRetryMs] "auto" on SSE: retry the websocket on the first reconnect
+   *   this long after falling back, default 300000 (Infinity: never)
    * @param {typeof fetch} [options.fetch]       fetch for the SSE transport (default: globalThis.fetch)
    */
   constructor(options = {}) {
@@ -221,6 +235,14 @@ export class BroadcasterClient extends EventTarget {
       throw new TypeError("BroadcasterClient: the SSE transport needs fetch (pass options.fetch)");
     }
     if (this._transportOption === "auto" && typeof this._WebSocket !== "function") this._useSse = true;
+    this._sseAfterFailures = Math.max(1, options.sseAfterFailures ?? AUTO_SSE_AFTER_FAILURES);
+    this._websocketRetryMs = options.websocketRetryMs ?? AUTO_WEBSOCKET_RETRY_MS;
+    /** "auto": websocket opens that failed since the last one that opened. */
+    this._wsFailures = 0;
+    /** "auto": when it fell back to SSE (Date.now()), null while on the websocket. */
+    this._sseSince = /** @type {number | null} */ (null);
+    /** "auto": this websocket is a retry from SSE: one failure sends the client back. */
+    this._wsRetry = false;
     if (this._useSse) this._WebSocket ??= null;
     else if (typeof this._WebSocket !== "function") {
       throw new TypeError(
@@ -482,6 +504,7 @@ export class BroadcasterClient extends EventTarget {
       this._scheduleReconnect({ code: 1006, reason: "token provider failed" });
       return;
     }
+    this._retryWebsocket();
     let socket;
     try {
       socket = this._useSse ? new SseSocket(url, this._fetch) : new this._WebSocket(url);
@@ -509,6 +532,8 @@ export class BroadcasterClient extends EventTarget {
     socket.onopen = () => {
       if (socket !== this._socket) return;
       socket.__opened = true;
+      if (!(socket instanceof SseSocket)) this._wsFailures = 0;
+      this._wsRetry = false;
       clearTimer(this._timers, "connect");
       this._setStatus("open", { url: base });
       this._timers.stable = setTimeout(() => {
@@ -531,12 +556,30 @@ export class BroadcasterClient extends EventTarget {
     };
   }
 
-  /** "auto": a websocket that closed without ever opening (an upgrade refused on the way) -> SSE from now on. */
+  /**
+   * "auto": a websocket that closed without ever opening (an upgrade refused on the way) counts a
+   * failure; the sseAfterFailures-th in a row (or the first of a retry from SSE) -> SSE.
+   */
   _fallBack(/** @type {any} */ socket) {
     if (this._transportOption !== "auto" || this._useSse || socket.__opened) return;
+    this._wsFailures += 1;
+    if (!this._wsRetry && this._wsFailures < this._sseAfterFailures) return;
     this._useSse = true;
+    this._sseSince = Date.now();
+    this._wsFailures = 0;
+    this._wsRetry = false;
     this._attempt = 0;
     this._emit("transport", { transport: "sse", reason: "the websocket could not open" });
+  }
+
+  /** "auto" on SSE: the connection about to open tries the websocket once websocketRetryMs have passed. */
+  _retryWebsocket() {
+    if (this._transportOption !== "auto" || !this._useSse || this._sseSince === null) return;
+    if (Date.now() - this._sseSince < this._websocketRetryMs) return;
+    this._useSse = false;
+    this._sseSince = null;
+    this._wsRetry = true;
+    this._emit("transport", { transport: "websocket", reason: "retrying the websocket" });
   }
 
   /** Abandon a socket that does not answer, and reconnect. */
