@@ -231,6 +231,10 @@ class JoinLeave:
     ``ws.join`` / ``ws.leave`` for this gateway's subscribers of the conversation
     (:meth:`Hub.broadcast_control`), where its namespace has ``join_leave``. Delivery is
     at most once, as the control channel's.
+
+    Counters (plain ints, read by the gateway's metrics): ``announced`` / ``announced_by_kind``
+    the transitions this gateway published, ``delivered`` / ``sent`` the ``ws.join`` /
+    ``ws.leave`` objects queued to its subscribers.
     """
 
     KINDS = ("join", "leave")
@@ -239,6 +243,8 @@ class JoinLeave:
         self._backend, self._hub, self._policies = backend, hub, policies
         self.announced = 0
         self.delivered = 0
+        self.announced_by_kind = dict.fromkeys(self.KINDS, 0)
+        self.sent = dict.fromkeys(self.KINDS, 0)
 
     @property
     def enabled(self) -> bool:
@@ -265,6 +271,7 @@ class JoinLeave:
                             transition.user, transition.conv, exc, len(transitions) - index)
                 return
             self.announced += 1
+            self.announced_by_kind[transition.kind] = self.announced_by_kind.get(transition.kind, 0) + 1
 
     def on_control(self, message: dict[str, Any]) -> None:
         """A control message: send a join or leave to the local subscribers; ignore every other kind."""
@@ -276,4 +283,6 @@ class JoinLeave:
         fields: dict[str, Any] = {"user": user}
         if kind == "join" and message.get("info") is not None:
             fields["info"] = message["info"]
-        self.delivered += self._hub.broadcast_control(conv, f"ws.{kind}", **fields)
+        sent = self._hub.broadcast_control(conv, f"ws.{kind}", **fields)
+        self.delivered += sent
+        self.sent[kind] += sent

@@ -7,7 +7,7 @@ three counter objects and a few live readings, and reads only those."""
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from broadcaster.backend import BackendStats
     from broadcaster.hub import HubStats
+    from broadcaster.presence import JoinLeave
     from gateway.connection import PoolStats
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -182,8 +183,75 @@ class LoopHistogram(Collector):
         yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=self._sum)
 
 
+class LoopCounter(Collector):
+    """A labelled Prometheus counter for the event loop's thread: ``inc("ws")`` is one dict update.
+
+    ``series``: the label values exported from the start (at 0), so a rate over them exists
+    before the first increment; :meth:`inc` with other values adds a series.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], series: Iterable[Sequence[str]],
+                 registry: CollectorRegistry) -> None:
+        self._name, self._documentation, self._labels = name, documentation, tuple(labels)
+        self._counts: dict[tuple[str, ...], int] = {}
+        for values in series:
+            self._counts[self._key(values)] = 0
+        registry.register(self)
+
+    def _key(self, values: Sequence[str]) -> tuple[str, ...]:
+        if len(values) != len(self._labels):
+            raise ValueError(f"{self._name} takes {len(self._labels)} label values {self._labels}, got {values!r}")
+        return tuple(values)
+
+    def inc(self, *values: str) -> None:
+        key = self._key(values)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def value(self, *values: str) -> int:
+        return self._counts.get(self._key(values), 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for values, count in sorted(self._counts.items()):
+            family.add_metric(values, count)
+        yield family
+
+
+REFRESH_OUTCOMES = ("ok", "narrowed", "bad_refresh", "forbidden", "expired")
+"""``ws.refresh`` outcomes: accepted; accepted, some subscriptions ended ``forbidden``; refused
+(ws.error bad_refresh, the old token stays); the profile no longer allowed (closed 4403); too late
+(closed 4401, also counted in the token expiry closes)."""
+
+
+class JoinLeaveCollector(Collector):
+    """``ws.join`` / ``ws.leave`` objects sent to this gateway's subscribers, and the transitions
+    this gateway announced to every gateway (:class:`broadcaster.presence.JoinLeave`'s counts)."""
+
+    def __init__(self, join_leave: JoinLeave) -> None:
+        self._join_leave = join_leave
+
+    def collect(self) -> Iterator[Metric]:
+        sent = CounterMetricFamily("broadcaster_presence_sent", "ws.join / ws.leave sent to subscribers, by kind",
+                                   labels=["kind"])
+        announced = CounterMetricFamily("broadcaster_presence_announced",
+                                        "Joins / leaves this gateway announced to all gateways, by kind",
+                                        labels=["kind"])
+        for kind, count in sorted(self._join_leave.sent.items()):
+            sent.add_metric([kind], count)
+        for kind, count in sorted(self._join_leave.announced_by_kind.items()):
+            announced.add_metric([kind], count)
+        yield sent
+        yield announced
+
+
 class Metrics:
-    """The registry of one gateway (not the global one: tests run several apps per process)."""
+    """The registry of one gateway (not the global one: tests run several apps per process).
+
+    The counters bumped at their call sites, one ``inc`` each: ``token_expiry_closes.inc(transport)``
+    where a connection is closed 4401 "token expired" (``"ws"``, ``"sse"``), ``refreshes.inc(outcome)``
+    once per ``ws.refresh`` (an outcome of :data:`REFRESH_OUTCOMES`). :meth:`watch_join_leave` exports
+    a :class:`~broadcaster.presence.JoinLeave`'s counts.
+    """
 
     def __init__(self, sources: MetricSources) -> None:
         self.registry = CollectorRegistry()
@@ -194,3 +262,13 @@ class Metrics:
         self.queue_wait = LoopHistogram(
             "broadcaster_queue_wait_seconds", "From first queued object to its frame being written",
             LATENCY_BUCKETS, self.registry)
+        self.token_expiry_closes = LoopCounter(
+            "broadcaster_token_expiry_closes", "Connections closed 4401 token expired, by transport", ["transport"],
+            [("ws",), ("sse",)], self.registry)
+        self.refreshes = LoopCounter(
+            "broadcaster_token_refreshes", "ws.refresh requests, by outcome", ["outcome"],
+            [(outcome,) for outcome in REFRESH_OUTCOMES], self.registry)
+
+    def watch_join_leave(self, join_leave: JoinLeave) -> None:
+        """Export ``join_leave``'s counts (call it once per gateway: twice would export each series twice)."""
+        self.registry.register(JoinLeaveCollector(join_leave))
