@@ -17,7 +17,10 @@ round starts.
 
 ``--jwt``: the gateway verifies an HS256 token per connect (one per client, each its own ``sub``,
 sent as the ``token`` query parameter, as the JS client does). ``--py-spy FILE``: profile the first
-gateway's connect phases (raw folded stacks). Loopback only; every wait is bounded by ``--timeout``.
+gateway's connect phases (raw folded stacks). ``--callgrind``: the gateways run under valgrind's
+callgrind, instrumented during the rounds only, and report instructions per connect and per close:
+repeatable on a busy box where CPU seconds are not (use a few hundred clients; ~50x slower).
+Loopback only; every wait is bounded by ``--timeout``.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class Gateway:
     """One gateway process from ``root`` (its ``gateway`` package first on the path)."""
 
     def __init__(self, root: Path, args: argparse.Namespace, logdir: Path, index: int) -> None:
+        """Start it (not waiting for it to serve: :meth:`wait_ready`)."""
         self.root, self.port = root, free_port()
         self.name = f"{chr(ord('A') + index)}:{root}"
         argv = [sys.executable, "-m", "gateway.cli", "--host", "127.0.0.1", "--port", str(self.port),
@@ -79,6 +83,9 @@ class Gateway:
         if args.jwt:
             argv += ["--auth-secret", SECRET]
         argv += args.gateway_arg or []
+        if args.callgrind:  # instrumented only while a round runs (callgrind_control -i on / off)
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    f"--callgrind-out-file={logdir}/callgrind-{index}.out", *argv, "--handshake-timeout", "0"]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
         self.logfile = (logdir / f"gateway-{index}.log").open("wb")
         self.proc = subprocess.Popen(argv, cwd=root, env=env, stdout=self.logfile, stderr=subprocess.STDOUT)
@@ -108,6 +115,17 @@ class Gateway:
             with urllib.request.urlopen(request, timeout=10) as response:
                 result = json.loads(response.read())
         return int(result["seq"]), str(result["epoch"])
+
+    def callgrind(self, *options: str) -> str:
+        """Run ``callgrind_control`` on this gateway; its output."""
+        done = subprocess.run(["callgrind_control", *options, str(self.proc.pid)], capture_output=True, text=True,
+                              timeout=60, check=True)
+        return done.stdout
+
+    def instructions(self) -> int:
+        """Instructions counted since the last zeroing, all threads."""
+        lines = self.callgrind("-e", "Ir").splitlines()
+        return sum(int(line.split()[2].replace(",", "")) for line in lines if line.strip().startswith("Th "))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -267,11 +285,17 @@ async def rounds(gateways: list[Gateway], args: argparse.Namespace, heads: dict[
         for gw in gateways:
             pid = gw.proc.pid
             await settle(pid)
+            if args.callgrind:
+                gw.callgrind("-i", "on")
+                gw.callgrind("-z")
             cpu0, t0 = cpu_seconds(pid), time.perf_counter()
             clients, errors = await connect_all(gw, args, heads[gw.name], tokens)
             t1 = time.perf_counter()
             await settle(pid, 2.0)
             cpu1 = cpu_seconds(pid)
+            if args.callgrind:
+                ir_connect = gw.instructions()
+                gw.callgrind("-z")
             await close_all(clients, args.timeout)
             await settle(pid)
             cpu2 = cpu_seconds(pid)
@@ -281,6 +305,12 @@ async def rounds(gateways: list[Gateway], args: argparse.Namespace, heads: dict[
             row["close_us"].append(round((cpu2 - cpu1) / max(1, args.clients) * 1e6))
             row["connects_per_s"].append(round(args.clients / (t1 - t0)))
             row["errors"].extend(errors[:5])
+            if args.callgrind:
+                row.setdefault("connect_kinstr", []).append(round(ir_connect / max(1, args.clients) / 1000))
+                row.setdefault("close_kinstr", []).append(round(gw.instructions() / max(1, args.clients) / 1000))
+                gw.callgrind("-i", "off")
+                log(f"  {gw.name}: {row['connect_kinstr'][-1]} k instructions/connect, "
+                    f"{row['close_kinstr'][-1]} k/close (callgrind)")
             log(f"round {round_ + 1} {gw.name}: {row['connect_us'][-1]} us/connect, "
                 f"{row['close_us'][-1]} us/close, {row['connects_per_s'][-1]} connects/s, "
                 f"ok {ok}, errors {len(errors)}; load {os.getloadavg()[0]:.2f}")
@@ -294,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spy: subprocess.Popen[bytes] | None = None
     try:
         for gw in gateways:
-            gw.wait_ready(30)
+            gw.wait_ready(180 if args.callgrind else 30)
         convs = [f"cc-{i}" for i in range(args.convs)]
         heads = {gw.name: {conv: gw.publish(conv, args.events) for conv in convs} for gw in gateways}
         # one token per client, as in a storm (each user its own): no gateway sees a token twice
@@ -334,6 +364,8 @@ def main() -> None:
     parser.add_argument("--gateway-root", action="append", help="run a gateway from this tree (repeat to A/B)")
     parser.add_argument("--gateway-arg", action="append", help="one more gateway argument (repeatable)")
     parser.add_argument("--py-spy", help="record the first gateway with py-spy (raw format) to this file")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count instructions per connect under callgrind (slow: fewer clients)")
     parser.add_argument("--timeout", type=float, default=60.0, help="bound of each wait (s)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -346,6 +378,8 @@ def main() -> None:
         pass
     results = run(args)
     for name, row in results["gateways"].items():
+        if "connect_kinstr" in row:
+            print(f"{name}: connect {row['connect_kinstr']} k instructions, close {row['close_kinstr']} k")
         print(f"{name}: connect {row['connect_us']} us, close {row['close_us']} us, "
               f"{row['connects_per_s']} connects/s, errors {len(row['errors'])}")
     print(f"load before {results['load'][0]:.2f}, after {results['load_after'][0]:.2f}")
