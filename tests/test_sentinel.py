@@ -20,6 +20,8 @@ import redis
 
 from broadcaster.backends import backend_from_url, scripts
 from broadcaster.backends.redis import RedisBackend
+from broadcaster.backends.redis.clients import make_async_client
+from broadcaster.backends.redis.topology import MasterSwitches, Topology
 from broadcaster.envelope import PublishResult
 from broadcaster.errors import NotReplicated, ValidationError
 from broadcaster.urls import redact_url, url_addresses
@@ -391,6 +393,64 @@ async def test_a_demoted_master_is_left_for_the_new_one(sentinels: SentinelSetup
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _moved_from(topology: Topology, old: tuple[str, int] | None) -> bool:
+    return await topology.master_address() != old
+
+
+def _switch_listeners(setup: SentinelSetup) -> list[int]:
+    """Per sentinel, its clients subscribed to a channel (CLIENT LIST: PUBSUB is no sentinel command)."""
+    counts = []
+    for sentinel in setup.sentinels:
+        with contextlib.closing(sentinel.client()) as c:
+            listed = c.execute_command("CLIENT", "LIST")
+        text = listed.decode() if isinstance(listed, bytes) else str(listed)
+        counts.append(sum(" sub=1 " in f" {line} " for line in text.splitlines()))
+    return counts
+
+
+async def test_the_sentinels_announce_a_switch_no_later_than_they_name_the_new_master(
+        sentinels: SentinelSetup) -> None:
+    """Topology.master_switches(): the +switch-master of a SENTINEL FAILOVER arrives with the new master's
+    address, and no later than SENTINEL MASTERS (what redis-py's master_address asks) names it."""
+    assert Topology(make_async_client(scripts.parse_redis_url(sentinels.master().url))).master_switches() is None
+    client = make_async_client(scripts.parse_redis_url(sentinels.url))
+    topology = Topology(client)
+    switches = topology.master_switches()
+    assert isinstance(switches, MasterSwitches)
+    baseline = _switch_listeners(sentinels)
+    try:
+        async with switches:
+            await poll(lambda: _true(all(now > before for now, before in
+                                         zip(_switch_listeners(sentinels), baseline, strict=True))),
+                       10, "a +switch-master listener on every sentinel")
+            old = await topology.master_address()
+            assert await switches.wait(0.05) is None
+            started = time.monotonic()
+            named: list[float] = []
+
+            async def ask_sentinels() -> None:  # what the subscriber's poll would see, every 50 ms
+                await poll(lambda: _moved_from(topology, old), 30, "SENTINEL MASTERS naming another master")
+                named.append(time.monotonic() - started)
+
+            async def listen() -> tuple[tuple[str, int] | None, float]:
+                announced = None
+                while announced is None and time.monotonic() - started < 30:
+                    announced = await switches.wait(0.05)
+                return announced, time.monotonic() - started
+
+            asking, listening = asyncio.create_task(ask_sentinels()), asyncio.create_task(listen())
+            new = await asyncio.to_thread(sentinels.failover)
+            announced, heard = await asyncio.wait_for(listening, 30)
+            await asyncio.wait_for(asking, 30)
+            assert announced == ("127.0.0.1", new.port) and announced != old
+            print(f"\n+switch-master heard {heard:.2f}s after SENTINEL FAILOVER was asked; "
+                  f"SENTINEL MASTERS named the new master after {named[0]:.2f}s")
+            assert heard <= named[0] + 0.25
+        assert _switch_listeners(sentinels) == baseline, "closed: no listener left on the sentinels"
+    finally:
+        await client.aclose()
 
 
 def ours(client: redis.Redis) -> list[dict[str, str]]:

@@ -1,6 +1,13 @@
-"""Which node a pub/sub channel lives on, and fresh pub/sub connections to a node."""
+"""Which node a pub/sub channel lives on, fresh pub/sub connections to a node, and a sentinel
+master's switches as the sentinels announce them."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from types import TracebackType
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -11,8 +18,80 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from broadcaster.backends.redis.clients import AsyncClient
 
+log = logging.getLogger("broadcaster.backend.redis")
+
 MAIN = "main"
 """The one node of a standalone server."""
+SWITCH_CHANNEL = "+switch-master"
+"""The sentinels' pub/sub channel announcing a new master: ``<service> <old ip> <old port> <new ip> <new port>``."""
+SWITCH_RETRY = 1.0
+"""Seconds before listening again to a sentinel that could not be reached or dropped the connection."""
+_SENTINEL_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+class MasterSwitches:
+    """While open (``async with``): the ``+switch-master`` announcements of one service's sentinels.
+
+    One pub/sub connection per sentinel, since each announces a switch once it knows of
+    it (the failover's leader first, the others when its hello reaches them, up to about
+    2 s later); one that cannot be reached is tried again every :data:`SWITCH_RETRY`
+    seconds. Missing announcements (every sentinel unreachable) only make :meth:`wait` wait
+    its full timeout, so a caller still polls the sentinels then.
+    """
+
+    def __init__(self, sentinels: Sequence[Redis], service: str, retry: float = SWITCH_RETRY) -> None:
+        self._sentinels, self._service, self._retry = list(sentinels), service, retry
+        self._announced: tuple[str, int] | None = None
+        self._event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> MasterSwitches:
+        self._tasks = [asyncio.create_task(self._listen(sentinel)) for sentinel in self._sentinels]
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def wait(self, timeout: float) -> tuple[str, int] | None:
+        """The master announced since the last call (at once if one was), or None after ``timeout`` seconds."""
+        if not self._event.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._event.wait()
+        if not self._event.is_set():
+            return None
+        self._event.clear()
+        announced, self._announced = self._announced, None
+        return announced
+
+    def announce(self, data: bytes | str) -> None:
+        """One message of :data:`SWITCH_CHANNEL`: remember its new master if it is this service's."""
+        parts = (data.decode() if isinstance(data, bytes) else data).split()
+        if len(parts) != 5 or parts[0] != self._service or not parts[4].isdigit():
+            return
+        self._announced = (parts[3], int(parts[4]))
+        self._event.set()
+
+    async def _listen(self, sentinel: Redis) -> None:
+        while True:
+            pubsub = sentinel.pubsub()
+            try:
+                await pubsub.subscribe(SWITCH_CHANNEL)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._retry)
+                    if message is not None and message.get("type") == "message":
+                        self.announce(message["data"])
+            except _SENTINEL_ERRORS as exc:
+                log.debug("listening to %s on a sentinel failed: %r", SWITCH_CHANNEL, exc)
+            finally:
+                with contextlib.suppress(*_SENTINEL_ERRORS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(self._retry)
 
 
 class Topology:
@@ -58,6 +137,15 @@ class Topology:
             return None
         host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
         return str(host), int(port)
+
+    def master_switches(self) -> MasterSwitches | None:
+        """The sentinels' announcements of a new master (None unless :attr:`sentinel`); open it with ``async with``."""
+        if self._single is None:
+            return None
+        pool = self._single.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return None
+        return MasterSwitches(pool.sentinel_manager.sentinels, str(pool.service_name))
 
     def primaries(self) -> list[str]:
         if self._cluster is None:
