@@ -78,6 +78,36 @@ def fd_count(pid: int) -> int:
         return 0
 
 
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (a /proc scan), in pid order."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+class ProcGroup:
+    """Processes measured as one (a ``--workers`` supervisor and its workers): summed CPU, RSS and open files."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p) for p in self.pids)
+
+    def rss(self) -> int:
+        return sum(rss_bytes(p) for p in self.pids)
+
+    def fds(self) -> int:
+        return sum(fd_count(p) for p in self.pids)
+
+
 def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
             "python": sys.version.split()[0], "kernel": os.uname().release,
