@@ -109,6 +109,9 @@ class Authenticator:
             raise ValueError("give --auth-secret or --auth-public-key, not both")
         self._key: Any = None
         self._algorithms: list[str] = []
+        self._key_warns = True
+        """PyJWT may warn (InsecureKeyLengthWarning) on every decode with this key: silenced per decode.
+        False only for an HS256 secret of at least 32 bytes, where PyJWT never warns (digest size)."""
         if secret:
             if len(secret.encode()) < MIN_SECRET_BYTES:
                 log.warning("--auth-secret is shorter than %d bytes; use a long random secret in production",
@@ -118,6 +121,7 @@ class Authenticator:
             except jwt.PyJWTError as exc:
                 raise ValueError(f"--auth-secret: {exc}") from None
             self._key, self._algorithms = key, ["HS256"]
+            self._key_warns = len(secret.encode()) < MIN_SECRET_BYTES
         elif public_key:
             self._key, self._algorithms = load_public_key(public_key)
         self._audience = audience or None
@@ -161,10 +165,12 @@ class Authenticator:
 
     def _decode(self, token: str) -> dict[str, Any]:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)  # warned once at start-up
-                claims = jwt.decode(token, self._key, algorithms=self._algorithms, audience=self._audience,
-                                    issuer=self._issuer, options={"require": ["exp"]})
+            if self._key_warns:  # warned once at start-up; catch_warnings would cost every handshake otherwise
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
+                    claims = self._jwt_decode(token)
+            else:
+                claims = self._jwt_decode(token)
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "token expired") from None
         except jwt.PyJWTError as exc:
@@ -174,6 +180,10 @@ class Authenticator:
         if not isinstance(claims, dict):
             raise AuthError(401, "invalid token: claims are not a JSON object")
         return claims
+
+    def _jwt_decode(self, token: str) -> Any:
+        return jwt.decode(token, self._key, algorithms=self._algorithms, audience=self._audience,
+                          issuer=self._issuer, options={"require": ["exp"]})
 
 
 def bearer(authorization: str | None) -> str | None:

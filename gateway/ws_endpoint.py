@@ -16,8 +16,8 @@ import asyncio
 import logging
 import secrets
 import time
+from urllib.parse import parse_qsl
 
-from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -234,9 +234,18 @@ class Session:
 
 
 def _origin_allowed(gw: Gateway, websocket: WebSocket) -> bool:
-    origin = websocket.headers.get("origin")
     allowed = gw.settings.allowed_origins
-    return not allowed or origin is None or origin in allowed or "*" in allowed
+    if not allowed:  # the usual case: no header lookup
+        return True
+    origin = websocket.headers.get("origin")
+    return origin is None or origin in allowed or "*" in allowed
+
+
+def _connect_query(websocket: WebSocket) -> dict[str, str]:
+    """The ``/ws`` query as Starlette's ``QueryParams`` reads it (latin-1, blanks kept, the last of a
+    repeated name wins), parsed from the scope: ``websocket.query_params`` would keep that copy for the
+    socket's life, and a plain dict costs less to build than its multi-dict."""
+    return dict(parse_qsl(websocket.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -270,8 +279,7 @@ async def _serve(websocket: WebSocket, gw: Gateway, slot: AdmissionSlot) -> None
         await websocket.send_denial_response(JSONResponse({"error": "origin not allowed"}, status_code=403))
         return
     try:
-        # parsed from the scope, not websocket.query_params: Starlette would keep that copy for the socket's life
-        request = parse_connect_query(QueryParams(websocket.scope.get("query_string", b"")))
+        request = parse_connect_query(_connect_query(websocket))
     except ProtocolError as exc:
         await _refuse(websocket, int(exc.code), exc.message)
         return
