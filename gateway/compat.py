@@ -1,6 +1,6 @@
 """Start-up check of the uvicorn, websockets and Starlette internals the gateway uses.
 
-Eight features reach below the public APIs (the mechanics are in
+Nine features reach below the public APIs (the mechanics are in
 :mod:`broadcaster.compat`; the redis-py ones are there too):
 
 ``request_deadline`` (gateway.handshake)
@@ -19,6 +19,15 @@ Eight features reach below the public APIs (the mechanics are in
     :func:`gateway.connection.text_frame` builds (the pause it watches is asyncio's own
     ``pause_writing`` / ``resume_writing`` contract). Needs ``direct_send``.
     Fallback: each socket's payload is framed on its own (direct send).
+``shared_deflate`` (gateway.server, gateway.deflate, gateway.connection)
+    ``--ws-compression shared``: the permessage-deflate factory uvicorn builds in its
+    protocol's ``__init__`` (``conn.available_extensions``) replaced by one without context
+    takeover; websockets' PerMessageDeflate (``local_no_context_takeover``,
+    ``local_max_window_bits``, ``compress_settings``) then keeps no zlib state between
+    messages and compresses each message as :func:`gateway.deflate.deflate_frame` does, so
+    one compressed frame serves every such socket. Fallback: uvicorn's factory, with
+    context takeover (``--ws-compression deflate``: ~36 KiB of zlib state per socket, each
+    socket compresses every event itself).
 ``light_waits`` (gateway.server, gateway.inbox)
     the per-socket ``queue`` (an ``asyncio.Queue``) and ``writable`` (an ``asyncio.Event``)
     of uvicorn's sans-I/O protocol, replaced by lighter objects with the methods the
@@ -268,6 +277,59 @@ def _probe_shared_frames() -> list[str]:
     return missing
 
 
+_DEFLATE_UPGRADE = _UPGRADE[:-2] + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+_DEFLATE_PAYLOADS = (b"", b"x", b'{"type":"chat.message","seq":1}', b'{"k":"' + b"ab" * 40 + b'"}', b"y" * 70000,
+                     bytes(range(256)) * 300)
+"""Payloads that do not compress and do, with each form of the length field."""
+
+
+def _probe_shared_deflate() -> list[str]:
+    """uvicorn's protocol keeps its extension factories in ``conn.available_extensions``; websockets, given
+    gateway.deflate's factory, negotiates permessage-deflate without context takeover either way for a
+    client that offered it without parameters, keeps no zlib state, and frames every message (twice in a
+    row) as :func:`gateway.deflate.deflate_frame` does."""
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
+
+    from gateway.deflate import WINDOW_BITS, deflate_frame, frame_kind, shared_factories
+
+    _, ws, _ = _protocols()  # uvicorn's default config: ws_per_message_deflate on
+    missing = lacking(ws, "uvicorn WebSocketsSansIOProtocol", "conn")
+    if hasattr(ws, "conn"):
+        missing += lacking(ws.conn, "websockets ServerProtocol", "available_extensions", "extensions")
+        if not getattr(ws.conn, "available_extensions", None):
+            missing.append("websockets ServerProtocol.available_extensions (uvicorn's permessage-deflate factory)")
+    server = ServerProtocol(extensions=shared_factories(), max_size=None)
+    server.receive_data(_DEFLATE_UPGRADE)
+    requests = [event for event in server.events_received() if isinstance(event, Request)]
+    if len(requests) != 1:
+        return [*missing, "websockets ServerProtocol.events_received (the upgrade request)"]
+    response = server.accept(requests[0])
+    server.send_response(response)
+    server.data_to_send()
+    offered = response.headers.get("Sec-WebSocket-Extensions", "")
+    wanted = ("permessage-deflate", "server_no_context_takeover", "client_no_context_takeover",
+              f"server_max_window_bits={WINDOW_BITS}")
+    if not all(word in offered for word in wanted):
+        missing.append(f"websockets ServerPerMessageDeflateFactory (answered {offered!r})")
+    ext: Any = server.extensions[0] if server.extensions else None
+    missing += lacking(ext, "websockets PerMessageDeflate", "local_no_context_takeover", "local_max_window_bits",
+                       "compress_settings")
+    if missing:
+        return missing
+    if frame_kind(server.extensions) != WINDOW_BITS or hasattr(ext, "encoder") or hasattr(ext, "decoder"):
+        return [f"websockets PerMessageDeflate without context takeover (negotiated {ext!r})"]
+    for payload in (*_DEFLATE_PAYLOADS, *_DEFLATE_PAYLOADS):
+        server.send_text(payload)
+        got = b"".join(server.data_to_send())
+        ours = deflate_frame(payload, WINDOW_BITS)
+        if (ours is not None and got != ours) or hasattr(ext, "encoder"):
+            missing.append(f"websockets PerMessageDeflate.encode (a fresh compressor per message, the frame "
+                           f"deflate_frame builds, {len(payload)}-byte payload)")
+            break
+    return missing
+
+
 def _probe_light_waits() -> list[str]:
     """uvicorn's protocol has ``queue`` and ``writable`` per instance, and its source calls on them only
     methods gateway.inbox's replacements have."""
@@ -459,6 +521,9 @@ FEATURES: tuple[Feature, ...] = (
             "every frame goes through the ASGI send and a writer task (slower)", (*_WEB, "starlette")),
     Feature("shared_frames", "one frame per payload written to every uncompressed socket", _probe_shared_frames,
             "each socket frames its payloads itself (direct send)", _WEB),
+    Feature("shared_deflate", "permessage-deflate without context takeover, compressed once per event",
+            _probe_shared_deflate, "permessage-deflate with context takeover (~36 KiB of zlib state per socket, "
+            "compressed per socket)", _WEB),
     Feature("light_waits", "lighter per-socket receive queue and write gate", _probe_light_waits,
             "each socket keeps uvicorn's asyncio.Queue and asyncio.Event (~4 KB)", ("uvicorn",)),
     Feature("shared_ping_timer", "one timer per tick for every socket's keepalive ping", _probe_shared_ping_timer,

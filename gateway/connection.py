@@ -18,9 +18,14 @@ Shared frames. The hub queues the same bytes object to every member of a profile
 group, and a server frame is unmasked, so on every uncompressed socket that frame
 is the same bytes. In its flush pass the pool builds the frame of a payload once
 (:func:`text_frame`) and hands it to each connection whose queue holds just that
-payload, through the server's :data:`FrameWrite` (``scope["extensions"][DIRECT_FRAME]``,
-offered only to sockets without permessage-deflate); a connection that cannot take
-it as it is (paused, output pending, closing) goes its own way above, in order.
+payload, through the server's :data:`FrameWrite` (``scope["extensions"][DIRECT_FRAME]``);
+a connection that cannot take it as it is (paused, output pending, closing) goes its
+own way above, in order. The frame depends on the socket's *frame kind*
+(``scope["extensions"][FRAME_KIND]``, :func:`gateway.deflate.frame_kind`): plain for a
+socket without extensions, or compressed once per payload for every socket with
+permessage-deflate without server context takeover and the same window
+(:func:`gateway.deflate.deflate_frame`; the plain frame when compressing does not
+shrink it). A socket with context takeover is offered no frame write.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from dataclasses import dataclass, field
 from types import MethodType
 from typing import Any
 
+from gateway.deflate import PLAIN, deflate_frame
+
 log = logging.getLogger("gateway.connection")
 
 AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -46,7 +53,9 @@ CLOSE_TOO_SLOW = 4408
 DIRECT_SEND = "gateway.direct_send"
 """ASGI scope extension holding the server's :data:`DirectSend` for the socket."""
 DIRECT_FRAME = "gateway.direct_frame"
-"""ASGI scope extension holding the server's :data:`FrameWrite` for an uncompressed socket."""
+"""ASGI scope extension holding the server's :data:`FrameWrite` for a socket that can take shared frames."""
+FRAME_KIND = "gateway.frame_kind"
+"""ASGI scope extension: the frame kind of that socket (:func:`gateway.deflate.frame_kind`; absent: plain)."""
 
 _HEADS = [bytes((0x81, size)) for size in range(126)]
 
@@ -78,19 +87,20 @@ def direct_send_of(send: AsgiSend) -> DirectSend | None:
     return _writers_of(send)[0]
 
 
-def _writers_of(send: AsgiSend) -> tuple[DirectSend | None, FrameWrite | None]:
-    """The :data:`DirectSend` and :data:`FrameWrite` in the scope of ``send``'s websocket; the frame write
-    only with the direct send."""
+def _writers_of(send: AsgiSend) -> tuple[DirectSend | None, FrameWrite | None, int]:
+    """The :data:`DirectSend`, :data:`FrameWrite` and frame kind in the scope of ``send``'s websocket; the
+    frame write only with the direct send."""
     if not _direct_send_enabled or not isinstance(send, MethodType):
-        return None, None
+        return None, None, PLAIN
     websocket: Any = send.__self__  # Starlette's WebSocket: its ``scope`` is checked at start-up by gateway.compat
     scope = getattr(websocket, "scope", None)
     extensions = (scope.get("extensions") if isinstance(scope, dict) else None) or {}  # optional in ASGI
     direct = extensions.get(DIRECT_SEND)
     if not callable(direct):
-        return None, None
+        return None, None, PLAIN
     frame = extensions.get(DIRECT_FRAME)
-    return direct, frame if callable(frame) else None
+    kind = extensions.get(FRAME_KIND, PLAIN)
+    return direct, frame if callable(frame) else None, kind if isinstance(kind, int) else PLAIN
 
 
 @dataclass(slots=True)
@@ -102,6 +112,10 @@ class PoolStats:
     bytes_written: int = 0
     objects_written: int = 0
     slow_consumer_closes: int = 0
+    deflated_built: int = 0
+    """Payloads compressed once for every permessage-deflate socket of one window (shared frames)."""
+    deflated_written: int = 0
+    """Shared frames written to permessage-deflate sockets (compressed, or plain where that was smaller)."""
     queued_bytes: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
@@ -115,6 +129,7 @@ class Connection:
     __slots__ = (
         "_close",
         "_direct",
+        "_frame_kind",
         "_frame_write",
         "_gone",
         "_queue",
@@ -147,7 +162,7 @@ class Connection:
         """The token's ``info`` claim, if any."""
         self.observe_wait = observe_wait
         self._send = send
-        self._direct, self._frame_write = _writers_of(send)
+        self._direct, self._frame_write, self._frame_kind = _writers_of(send)
         self._sending = False
         self._gone = False
         self._queue: list[bytes] = []
@@ -327,22 +342,29 @@ class ConnectionPool:
         every connection it was queued to (module docstring), anything else through ``flush``."""
         dirty, self._dirty = self._dirty, []
         frames: dict[bytes, bytes] = {}
+        deflated: dict[int, dict[bytes, bytes]] = {}  # frame kind -> payload -> frame
         wait = time.monotonic() - self._dirty_since
-        written = size = same = 0
+        written = size = same = to_deflate = 0
         observe: Callable[[float], None] | None = None  # the last connection's, seen ``same`` times in a row
         for conn in dirty:
             write = conn._frame_write
             queue = conn._queue
             if write is not None and len(queue) == 1 and not conn._sending:
                 payload = queue[0]
-                frame = frames.get(payload)
-                if frame is None:
-                    frame = frames[payload] = text_frame(payload)
+                kind = conn._frame_kind
+                if kind == PLAIN:
+                    frame = frames.get(payload)
+                    if frame is None:
+                        frame = frames[payload] = text_frame(payload)
+                else:
+                    frame = self._deflated(deflated, frames, payload, kind)
                 if write(frame):
                     conn._queue = []
                     size += conn._queued
                     conn._queued = 0
                     written += 1
+                    if kind != PLAIN:
+                        to_deflate += 1
                     if conn.observe_wait == observe:  # the same histogram's bound method: counted, observed once
                         same += 1
                     else:
@@ -357,6 +379,25 @@ class ConnectionPool:
             stats.frames_written += written
             stats.objects_written += written
             stats.bytes_written += size
+            stats.deflated_written += to_deflate
+
+    def _deflated(self, deflated: dict[int, dict[bytes, bytes]], plain: dict[bytes, bytes], payload: bytes,
+                  kind: int) -> bytes:
+        """The shared frame of ``payload`` for sockets of frame kind ``kind`` (deflate, its window bits),
+        compressed on first need in this pass; the plain frame when compressing does not shrink it."""
+        by_payload = deflated.get(kind)
+        if by_payload is None:
+            by_payload = deflated[kind] = {}
+        frame = by_payload.get(payload)
+        if frame is None:
+            self.stats.deflated_built += 1
+            frame = deflate_frame(payload, kind)
+            if frame is None:
+                frame = plain.get(payload)
+                if frame is None:
+                    frame = plain[payload] = text_frame(payload)
+            by_payload[payload] = frame
+        return frame
 
     def __len__(self) -> int:
         return len(self.connections)

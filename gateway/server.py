@@ -34,7 +34,8 @@ from websockets.protocol import State
 
 from gateway import compat
 from gateway.compat import CompatCollector, CompatReport
-from gateway.connection import DIRECT_FRAME, DIRECT_SEND, enable_direct_send, text_frame
+from gateway.connection import DIRECT_FRAME, DIRECT_SEND, FRAME_KIND, enable_direct_send, text_frame
+from gateway.deflate import PLAIN, frame_kind, shared_factories
 from gateway.handshake import http_protocol
 from gateway.inbox import Inbox, WriteGate
 from gateway.keepalive import wheel_of
@@ -104,9 +105,15 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     pool a writer-task wake-up and the Starlette / ASGI call chain per frame:
     the largest cost after the socket write itself in py-spy profiles (BENCHMARKS.md).
 
-    A socket without extensions (no permessage-deflate) also gets
+    A socket that can share frames (no extensions, or permessage-deflate without server
+    context takeover: :func:`gateway.deflate.frame_kind`) also gets
     ``scope["extensions"][DIRECT_FRAME]``: :meth:`write_frame`, which writes a frame the
-    pool built once for every socket it goes to, when nothing could come between.
+    pool built once for every socket it goes to, when nothing could come between; and its
+    kind as ``scope["extensions"][FRAME_KIND]``.
+
+    With ``shared_deflate`` (``--ws-compression shared``) the permessage-deflate websockets
+    negotiates is gateway.deflate's, without context takeover, instead of the one uvicorn
+    builds per socket in its ``__init__`` (with it).
     """
 
     __slots__ = tuple(name for name in _SLOTTED if not hasattr(WebSocketsSansIOProtocol, name))
@@ -118,7 +125,9 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     shared_ping_timer: bool = True
     """Arm the next keepalive ping on gateway.keepalive's wheel rather than a TimerHandle per socket (same)."""
     shared_frames: bool = True
-    """Offer :meth:`write_frame` to uncompressed sockets (same; only with ``direct_send``)."""
+    """Offer :meth:`write_frame` to sockets that can share frames (same; only with ``direct_send``)."""
+    shared_deflate: bool = False
+    """Negotiate permessage-deflate without context takeover (``--ws-compression shared``; compat)."""
     paused = False
     """The transport asked us to stop writing (``pause_writing``) and has not resumed yet."""
     release_handshake: bool = True
@@ -129,14 +138,19 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         if self.light_waits:
             self.queue = Inbox()  # type: ignore[assignment]
             self.writable = WriteGate(self.writable.is_set())  # type: ignore[assignment]
+        if self.shared_deflate and self.conn.available_extensions:  # uvicorn's factory: ws_per_message_deflate
+            self.conn.available_extensions = shared_factories()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         if self.direct_send and not self.close_sent:  # close_sent: refused, uvicorn made no scope
             extensions: Any = self.scope["extensions"]
             extensions[DIRECT_SEND] = self.send_text_now
-            if self.shared_frames and not self.conn.extensions:  # negotiated by the accept above
+            kind = frame_kind(self.conn.extensions) if self.shared_frames else None  # negotiated by the accept
+            if kind is not None:
                 extensions[DIRECT_FRAME] = self.write_frame
+                if kind != PLAIN:
+                    extensions[FRAME_KIND] = kind
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -202,7 +216,7 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
         return True
 
     def write_frame(self, frame: bytes) -> bool:
-        """Write ``frame`` (a whole text frame, :func:`gateway.connection.text_frame`) as it is now; False if
+        """Write ``frame`` (a whole text frame of this socket's frame kind) as it is now; False if
         it cannot go out unchanged and at once: paused, closing or closed, or websockets has output pending
         (the caller then sends the payload through :meth:`send_text_now` or the ASGI send, in order)."""
         if self.paused or self.close_sent or self.disconnected:
@@ -223,6 +237,7 @@ def protocol_classes(settings: Settings, report: CompatReport) -> tuple[type[Htt
     ws = type("DirectSendProtocol", (DirectSendProtocol,), {
         "direct_send": report.ok("direct_send"), "release_handshake": report.ok("handshake_release"),
         "shared_frames": report.ok("direct_send") and report.ok("shared_frames"),
+        "shared_deflate": settings.ws_compression == "shared" and report.ok("shared_deflate"),
         "light_waits": report.ok("light_waits"), "shared_ping_timer": report.ok("shared_ping_timer")})
     return http, ws
 
@@ -255,7 +270,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         http=http,
         ws=ws,
         ws_max_size=settings.max_client_message_bytes,
-        ws_per_message_deflate=settings.ws_compression == "deflate",
+        ws_per_message_deflate=settings.ws_compression != "off",  # shared: DirectSendProtocol swaps the factory
         ws_ping_interval=settings.ping_interval or None,
         ws_ping_timeout=settings.ping_interval or None,
         lifespan="on",

@@ -45,7 +45,7 @@ class Settings:
     drain_seconds: float = 10.0
     ping_interval: float = 20.0
     handshake_timeout: float = 10.0
-    ws_compression: str = "deflate"
+    ws_compression: str = "shared"
     sse_ping_interval: float = 15.0
     sse_retry_ms: int = 1000
     presence_ttl: float = 15.0
@@ -104,8 +104,10 @@ HELP: dict[str, str] = {
                      "is closed 1011 (0: off)",
     "handshake_timeout": "seconds a client has to send a complete HTTP request (websocket upgrade included) "
                          "once it connected or started a request; slower: connection dropped (0: off)",
-    "ws_compression": "deflate: accept permessage-deflate when a client offers it (browsers do; about 37 KiB "
-                      "more per socket); off: never compress",
+    "ws_compression": "permessage-deflate when a client offers it (browsers do). shared: without context "
+                      "takeover, so an idle socket keeps no zlib state and an event is compressed once for "
+                      "every socket; deflate: with context takeover (smaller small messages, ~36 KiB of zlib "
+                      "state per socket, each socket compresses every event itself); off: never compress",
     "sse_ping_interval": "seconds between keep-alive comment lines on an idle /sse stream (0: none)",
     "sse_retry_ms": "reconnect delay /sse suggests to EventSource clients (its 'retry:' line), milliseconds",
     "redis_probe_interval": "seconds of silence on a Redis pub/sub link before it is probed with PING",
@@ -125,6 +127,9 @@ HELP: dict[str, str] = {
               "feature on its slower fallback, logged at WARNING and exported as broadcaster_compat_fallback "
               "(without it the gateway refuses to start, naming what is missing)",
 }
+
+WS_COMPRESSION = ("shared", "deflate", "off")
+"""The ``--ws-compression`` modes (gateway.deflate)."""
 
 LIST_OPTIONS = {"plugin", "publish_key", "allowed_origins"}
 
@@ -179,8 +184,8 @@ def check(settings: Settings) -> None:
         raise ValueError("--port must be 1-65535")
     if settings.log_format not in ("json", "text"):
         raise ValueError("--log-format must be json or text")
-    if settings.ws_compression not in ("deflate", "off"):
-        raise ValueError("--ws-compression must be deflate or off")
+    if settings.ws_compression not in WS_COMPRESSION:
+        raise ValueError("--ws-compression must be shared, deflate or off")
     for name in ("ping_interval", "handshake_timeout", "drain_seconds", "sse_ping_interval", "sse_retry_ms",
                  "redis_wait_replicas", "redis_wait_timeout_ms", "join_leave_delay", "max_pending_handshakes"):
         if getattr(settings, name) < 0:

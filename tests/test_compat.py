@@ -78,7 +78,7 @@ def test_the_installed_versions_have_everything() -> None:
     report = compat.check(allow_fallback=False)
     assert report.missing == {}
     assert set(report.fallbacks()) == {"request_deadline", "handshake_deadline", "direct_send", "handshake_release",
-                                       "shared_frames", "light_waits", "shared_ping_timer",
+                                       "shared_frames", "shared_deflate", "light_waits", "shared_ping_timer",
                                        "sse_direct_write", "redis_one_write_send",
                                        "redis_pubsub_links"}
     assert set(report.fallbacks().values()) == {0}

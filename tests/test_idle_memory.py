@@ -64,8 +64,10 @@ async def test_write_gate_waits_while_closed_and_set_wakes_every_waiter() -> Non
     assert gate.is_set() and gate._waiters is None
 
 
-def _protocol_bytes(ws_cls: type[Any], count: int = 300) -> float:
-    """Bytes allocated per protocol object of ``ws_cls`` that received an upgrade (compat's stand-ins)."""
+def _protocol_bytes(ws_cls: type[Any], count: int = 300, upgrade: bytes = compat._UPGRADE,
+                    negotiated: list[str] | None = None) -> float:
+    """Bytes allocated per protocol object of ``ws_cls`` that received ``upgrade`` (compat's stand-ins); each
+    negotiated the extensions named ``negotiated`` (default none)."""
     config = uvicorn.Config(compat._app, ws="websockets-sansio", lifespan="off", log_config=None)
     config.load()
     state, loop = ServerState(), compat._Loop()
@@ -73,7 +75,8 @@ def _protocol_bytes(ws_cls: type[Any], count: int = 300) -> float:
     def make() -> Any:
         proto = ws_cls(config, state, {}, _loop=loop)
         proto.connection_made(compat._Transport())
-        proto.data_received(compat._UPGRADE)
+        proto.data_received(upgrade)
+        assert [ext.name for ext in proto.conn.extensions] == (negotiated or [])
         return proto
 
     keep = [make() for _ in range(5)]
@@ -97,6 +100,20 @@ def test_light_waits_and_slots_cut_several_kb_per_socket() -> None:
     assert saved > 3000, f"only {saved:.0f} bytes per socket saved"
     plain = _protocol_bytes(uvicorn.protocols.websockets.websockets_sansio_impl.WebSocketsSansIOProtocol)
     assert plain - _protocol_bytes(light) > 4000
+
+
+def test_deflate_without_context_takeover_keeps_no_zlib_state_per_socket() -> None:
+    """--ws-compression shared: permessage-deflate negotiated costs a socket next to nothing; with context
+    takeover (deflate) each keeps a compressor and a decompressor (~36 KiB)."""
+    report = compat.check(allow_fallback=False)
+    _, shared = protocol_classes(Settings(ws_compression="shared"), report)
+    _, context = protocol_classes(Settings(ws_compression="deflate"), report)
+    deflate = ["permessage-deflate"]
+    plain = _protocol_bytes(shared)
+    squeezed = _protocol_bytes(shared, upgrade=compat._DEFLATE_UPGRADE, negotiated=deflate)
+    kept = _protocol_bytes(context, upgrade=compat._DEFLATE_UPGRADE, negotiated=deflate)
+    assert squeezed - plain < 1500, f"{squeezed - plain:.0f} bytes more per socket with deflate negotiated"
+    assert kept - squeezed > 30000, f"context takeover only {kept - squeezed:.0f} bytes more"
 
 
 async def test_an_accepted_socket_holds_light_waits_and_no_handshake_headers() -> None:
