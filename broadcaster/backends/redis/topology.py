@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from types import TracebackType
 
 from redis.asyncio import Redis
@@ -37,10 +36,15 @@ class MasterSwitches:
     2 s later); one that cannot be reached is tried again every :data:`SWITCH_RETRY`
     seconds. Missing announcements (every sentinel unreachable) only make :meth:`wait` wait
     its full timeout, so a caller still polls the sentinels then.
+
+    ``sentinels`` is the very list redis-py's ``Sentinel`` asks in order (``discover_master``
+    takes the first sentinel naming a master in good state): the sentinel that announced a
+    switch is moved to its front, so the next connection, of the pub/sub link or of the
+    command pool, asks it first instead of one still naming the old master.
     """
 
-    def __init__(self, sentinels: Sequence[Redis], service: str, retry: float = SWITCH_RETRY) -> None:
-        self._sentinels, self._service, self._retry = list(sentinels), service, retry
+    def __init__(self, sentinels: list[Redis], service: str, retry: float = SWITCH_RETRY) -> None:
+        self._order, self._sentinels, self._service, self._retry = sentinels, list(sentinels), service, retry
         self._announced: tuple[str, int] | None = None
         self._event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -69,13 +73,17 @@ class MasterSwitches:
         announced, self._announced = self._announced, None
         return announced
 
-    def announce(self, data: bytes | str) -> None:
-        """One message of :data:`SWITCH_CHANNEL`: remember its new master if it is this service's."""
+    def announce(self, data: bytes | str, source: Redis | None = None) -> None:
+        """One message of :data:`SWITCH_CHANNEL` from sentinel ``source``: remember its new master if it is
+        this service's, and ask ``source`` first from now on."""
         parts = (data.decode() if isinstance(data, bytes) else data).split()
         if len(parts) != 5 or parts[0] != self._service or not parts[4].isdigit():
             return
         self._announced = (parts[3], int(parts[4]))
         self._event.set()
+        if source is not None and source in self._order:
+            at = self._order.index(source)
+            self._order[0], self._order[at] = self._order[at], self._order[0]  # as discover_master reorders it
 
     async def _listen(self, sentinel: Redis) -> None:
         while True:
@@ -85,7 +93,7 @@ class MasterSwitches:
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._retry)
                     if message is not None and message.get("type") == "message":
-                        self.announce(message["data"])
+                        self.announce(message["data"], sentinel)
             except _SENTINEL_ERRORS as exc:
                 log.debug("listening to %s on a sentinel failed: %r", SWITCH_CHANNEL, exc)
             finally:
