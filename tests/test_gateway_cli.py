@@ -28,6 +28,15 @@ def test_every_option_has_an_env_var_and_cli_wins() -> None:
         assert required in option_names()
 
 
+def test_ws_compression_defaults_to_shared_and_takes_each_mode() -> None:
+    assert settings_from({}, {}).ws_compression == "shared"
+    for mode in ("shared", "deflate", "off"):
+        assert settings_from({}, {"BROADCASTER_WS_COMPRESSION": mode}).ws_compression == mode
+        assert settings_from({"ws_compression": mode}, {"BROADCASTER_WS_COMPRESSION": "gzip"}).ws_compression == mode
+    result = run_cli("--help")
+    assert result.returncode == 0 and "--ws-compression" in result.stdout and "shared" in result.stdout
+
+
 @pytest.mark.parametrize("env, message", [
     ({"BROADCASTER_PORT": "abc"}, "BROADCASTER_PORT"),
     ({"BROADCASTER_LOG_FORMAT": "xml"}, "--log-format"),
