@@ -128,6 +128,9 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
     """Offer :meth:`write_frame` to sockets that can share frames (same; only with ``direct_send``)."""
     shared_deflate: bool = False
     """Negotiate permessage-deflate without context takeover (``--ws-compression shared``; compat)."""
+    deflate_frames: bool = True
+    """Offer :meth:`write_frame` to sockets with permessage-deflate without server context takeover, whatever
+    the mode negotiated it (a client may ask for it; compat ``shared_deflate``)."""
     paused = False
     """The transport asked us to stop writing (``pause_writing``) and has not resumed yet."""
     release_handshake: bool = True
@@ -147,7 +150,7 @@ class DirectSendProtocol(WebSocketsSansIOProtocol):
             extensions: Any = self.scope["extensions"]
             extensions[DIRECT_SEND] = self.send_text_now
             kind = frame_kind(self.conn.extensions) if self.shared_frames else None  # negotiated by the accept
-            if kind is not None:
+            if kind is not None and (kind == PLAIN or self.deflate_frames):
                 extensions[DIRECT_FRAME] = self.write_frame
                 if kind != PLAIN:
                     extensions[FRAME_KIND] = kind
@@ -238,6 +241,7 @@ def protocol_classes(settings: Settings, report: CompatReport) -> tuple[type[Htt
         "direct_send": report.ok("direct_send"), "release_handshake": report.ok("handshake_release"),
         "shared_frames": report.ok("direct_send") and report.ok("shared_frames"),
         "shared_deflate": settings.ws_compression == "shared" and report.ok("shared_deflate"),
+        "deflate_frames": report.ok("shared_deflate"),
         "light_waits": report.ok("light_waits"), "shared_ping_timer": report.ok("shared_ping_timer")})
     return http, ws
 

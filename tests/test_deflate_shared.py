@@ -116,7 +116,7 @@ def test_shared_deflate_is_probed_at_start_up(monkeypatch: pytest.MonkeyPatch) -
         from gateway.server import protocol_classes
 
         _, ws = protocol_classes(Settings(), report)
-        assert ws.shared_deflate is False and ws.shared_frames is True
+        assert ws.shared_deflate is False and ws.deflate_frames is False and ws.shared_frames is True
     compat.check(allow_fallback=False)
 
 
@@ -209,6 +209,26 @@ async def test_negotiation_per_mode(mode: str, bare: str | None, websockets_offe
         assert not hello_plain[0]
         raw.close()
         plain.close()
+
+
+async def test_deflate_mode_shares_frames_with_a_client_that_asks_for_no_server_context_takeover() -> None:
+    asks = ClientPerMessageDeflateFactory(server_no_context_takeover=True, client_max_window_bits=True)
+    async with InProcessGateway(Settings(ws_compression="deflate")) as gw:
+        light = await WsClient.connect(gw.ws_url("conv_id=ask"), compression=None, extensions=[asks])
+        heavy = await WsClient.connect(gw.ws_url("conv_id=ask"), compression="deflate")
+        for client in (light, heavy):
+            await client.expect("ws.subscribed")
+        assert "server_no_context_takeover" in light.ws.response.headers["Sec-WebSocket-Extensions"]
+        kinds = sorted((c._frame_write is not None, c._frame_kind) for c in gw.gateway.pool.connections.values())
+        assert kinds == [(False, 0), (True, WINDOW_BITS)]
+        built = gw.gateway.pool.stats.deflated_built
+        for i in range(3):
+            await gw.gateway.backend.publish("ask", "chat.msg", {"i": i, "text": "again " * 30})
+            await async_wait_until(lambda i=i: gw.gateway.pool.stats.deflated_built - built > i, timeout=10,
+                                   message=f"event {i} compressed once for the shared path")
+        for client in (light, heavy):
+            assert [e["data"]["i"] for e in await client.events(3)] == [0, 1, 2]
+            await client.close()
 
 
 async def _events(client: WsClient, count: int) -> list[dict[str, Any]]:
