@@ -4,7 +4,9 @@
   a paced publisher, one gateway SIGKILLed: every client must end with every event exactly
   once (no gap, no duplicate, no reset), every moved client must have recovered.
 * ``bench/many_sockets.py --smoke``: 1,000 sockets on one gateway, then a little fan-out:
-  every socket connected, nothing lost or duplicated.
+  every socket connected, nothing lost or duplicated, the event-loop stall probe answered.
+  With ``--workers 2`` the same over two worker processes: sums over the supervisor and both
+  workers, sockets on each worker, the probe's connections on each worker.
 
 Each runs as a subprocess with this python (nginx and redis-server as the cluster tests use
 them) and is judged on its JSON output. The seq checker of the load client
@@ -75,6 +77,7 @@ def _run(script: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(out.read_text())
     assert summary.read_text().startswith(("Reconnect storm", "Many sockets")), summary.read_text()[:200]
     result["_returncode"], result["_stderr"] = done.returncode, done.stderr[-3000:]
+    result["summary_head"] = summary.read_text()[:200]
     return result
 
 
@@ -105,4 +108,28 @@ def test_many_sockets_smoke_every_socket_connected_and_served(tmp_path: Path) ->
     assert steps and all(s["received"] > 0 and s["lost"] == 0 for s in steps), steps
     check = result["check"]
     assert check["complete"] == 1000 and check["incomplete"] == 0 and check["dups"] == check["gaps"] == 0, check
+    lag = result["loop_lag"]
+    assert lag["all"]["samples"] > 20 and lag["all"]["errors"] == 0 and lag["idle"]["samples"] > 0, lag["all"]
+    assert lag["all"]["max_ms"] >= lag["all"]["p99_ms"] > 0, lag["all"]
+    assert result["ok"] and result["_returncode"] == 0, result["_stderr"]
+
+
+def test_many_sockets_smoke_over_two_workers(tmp_path: Path) -> None:
+    result = _run("many_sockets", tmp_path, "--workers", "2")
+    assert result["connected"] == result["target"] == 1000, result["ramp"]
+    workers = result["per_worker"]
+    assert [w["index"] for w in workers] == [0, 1], workers
+    assert result["gateway_pids"]["supervisor"] not in [w["pid"] for w in workers]
+    # SO_REUSEPORT spreads by a hash of the source port: neither worker is left out
+    assert sum(w["sockets"] for w in workers) == 1000 and all(w["sockets"] > 200 for w in workers), workers
+    assert sorted(result["sockets_per_gateway_id"]) == ["many-0-w0", "many-0-w1"], result["sockets_per_gateway_id"]
+    # the sums cover both workers and the supervisor, not one process
+    assert result["gateway_after_ramp"]["rss_mb"] > sum(w["rss_mb"] for w in workers), result["gateway_after_ramp"]
+    assert result["gateway_after_ramp"]["open_files"] >= sum(w["sockets"] for w in workers)
+    per_worker_lag = result["loop_lag"]["per_worker"]
+    assert sorted(per_worker_lag) == sorted(str(w["pid"]) for w in workers)
+    assert all(x["samples"] > 0 for x in per_worker_lag.values()), per_worker_lag
+    check = result["check"]
+    assert check["complete"] == 1000 and check["incomplete"] == 0 and check["dups"] == check["gaps"] == 0, check
+    assert result["summary_head"].startswith("Many sockets on one gateway of 2 workers"), result["summary_head"]
     assert result["ok"] and result["_returncode"] == 0, result["_stderr"]
