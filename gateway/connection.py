@@ -128,6 +128,7 @@ class Connection:
 
     __slots__ = (
         "_close",
+        "_deflate_write",
         "_direct",
         "_frame_kind",
         "_frame_write",
@@ -163,6 +164,9 @@ class Connection:
         self.observe_wait = observe_wait
         self._send = send
         self._direct, self._frame_write, self._frame_kind = _writers_of(send)
+        self._deflate_write: FrameWrite | None = None
+        if self._frame_kind != PLAIN:  # kept apart: the pool's plain path then tests nothing more per socket
+            self._deflate_write, self._frame_write = self._frame_write, None
         self._sending = False
         self._gone = False
         self._queue: list[bytes] = []
@@ -211,7 +215,7 @@ class Connection:
         if self._close is not None:
             return
         self._close = (code, reason[:120])
-        self._frame_write = None
+        self._frame_write = self._deflate_write = None
         self.pool.stats.queued_bytes -= self._queued
         self._queue, self._queued = [], 0
         self.wake_writer()
@@ -259,7 +263,7 @@ class Connection:
     def discard(self) -> None:
         """The socket is gone and its writer (if any) finished: drop what is queued, write nothing more."""
         self._gone = True
-        self._frame_write = None
+        self._frame_write = self._deflate_write = None
         if self._queued:
             self.pool.stats.queued_bytes -= self._queued
         self._queue, self._queued = [], 0
@@ -344,33 +348,40 @@ class ConnectionPool:
         frames: dict[bytes, bytes] = {}
         deflated: dict[int, dict[bytes, bytes]] = {}  # frame kind -> payload -> frame
         wait = time.monotonic() - self._dirty_since
-        written = size = same = to_deflate = 0
+        written = size = same = squeezed = 0
         observe: Callable[[float], None] | None = None  # the last connection's, seen ``same`` times in a row
         for conn in dirty:
             write = conn._frame_write
             queue = conn._queue
             if write is not None and len(queue) == 1 and not conn._sending:
                 payload = queue[0]
-                kind = conn._frame_kind
-                if kind == PLAIN:
-                    frame = frames.get(payload)
-                    if frame is None:
-                        frame = frames[payload] = text_frame(payload)
-                else:
-                    frame = self._deflated(deflated, frames, payload, kind)
-                if write(frame):
-                    conn._queue = []
-                    size += conn._queued
-                    conn._queued = 0
-                    written += 1
-                    if kind != PLAIN:
-                        to_deflate += 1
-                    if conn.observe_wait == observe:  # the same histogram's bound method: counted, observed once
-                        same += 1
-                    else:
-                        _observe(observe, wait, same)
-                        observe, same = conn.observe_wait, 1
+                frame = frames.get(payload)
+                if frame is None:
+                    frame = frames[payload] = text_frame(payload)
+            else:  # a permessage-deflate socket's lone payload: the frame its kind shares, or its own way
+                write = conn._deflate_write
+                if write is None or len(queue) != 1 or conn._sending:
+                    conn.flush()
                     continue
+                payload, kind = queue[0], conn._frame_kind
+                by_payload = deflated.get(kind)
+                frame = by_payload.get(payload) if by_payload is not None else None
+                if frame is None:
+                    frame = self._deflated(deflated, frames, payload, kind)
+                squeezed += 1
+            if write(frame):
+                conn._queue = []
+                size += conn._queued
+                conn._queued = 0
+                written += 1
+                if conn.observe_wait == observe:  # the same histogram's bound method: counted, observed once
+                    same += 1
+                else:
+                    _observe(observe, wait, same)
+                    observe, same = conn.observe_wait, 1
+                continue
+            if conn._frame_write is None:  # a compressed frame not taken after all
+                squeezed -= 1
             conn.flush()
         _observe(observe, wait, same)
         if written:
@@ -379,7 +390,7 @@ class ConnectionPool:
             stats.frames_written += written
             stats.objects_written += written
             stats.bytes_written += size
-            stats.deflated_written += to_deflate
+            stats.deflated_written += squeezed
 
     def _deflated(self, deflated: dict[int, dict[bytes, bytes]], plain: dict[bytes, bytes], payload: bytes,
                   kind: int) -> bytes:

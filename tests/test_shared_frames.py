@@ -53,9 +53,10 @@ def frames_built(monkeypatch: pytest.MonkeyPatch) -> Iterator[FrameCounter]:
 
 
 def record_writes(conn: Connection) -> list[bytes]:
-    """Every frame the pool hands to ``conn``'s shared-frame write (and that it took)."""
+    """Every frame the pool hands to ``conn``'s shared-frame write, plain or compressed (and that it took)."""
     written: list[bytes] = []
-    original = conn._frame_write
+    name = "_frame_write" if conn._frame_write is not None else "_deflate_write"  # plain, or compressed frames
+    original = getattr(conn, name)
     assert original is not None, "this connection was not offered the shared-frame write"
 
     def write(frame: bytes) -> bool:
@@ -64,7 +65,7 @@ def record_writes(conn: Connection) -> list[bytes]:
             written.append(frame)
         return ok
 
-    conn._frame_write = write
+    setattr(conn, name, write)
     return written
 
 
