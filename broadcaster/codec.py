@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import orjson
 
-from broadcaster.envelope import Envelope
+from broadcaster.envelope import Envelope, make_envelope
 from broadcaster.errors import PayloadDecodeError, PayloadTooLarge, ValidationError
 from broadcaster.validation import is_valid_name
 
@@ -33,6 +33,7 @@ class _ThreadPackers(threading.local):
 
 
 _packers = _ThreadPackers()
+_unpackb = msgpack.unpackb
 
 
 def _pack(obj: Any) -> bytes:
@@ -93,15 +94,16 @@ def encode_envelope(env: Envelope) -> bytes:
 def decode_envelope(payload: bytes) -> Envelope:
     """Parse a backend payload; raise :class:`PayloadDecodeError` for anything invalid."""
     try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        body = _unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises many unrelated types on garbage
         raise PayloadDecodeError(f"not msgpack: {exc.__class__.__name__}") from None
     if not isinstance(body, dict):
         raise PayloadDecodeError("payload is not a map")
-    if body.get("v") != ENVELOPE_VERSION:
-        raise PayloadDecodeError(f"unsupported envelope version {body.get('v')!r}")
-    conv, seq, eid, etype = body.get("conv"), body.get("seq"), body.get("id"), body.get("type")
-    ts, epoch, key = body.get("ts"), body.get("epoch"), body.get("key")
+    get = body.get
+    if get("v") != ENVELOPE_VERSION:
+        raise PayloadDecodeError(f"unsupported envelope version {get('v')!r}")
+    conv, seq, eid, etype, ts, epoch = get("conv"), get("seq"), get("id"), get("type"), get("ts"), get("epoch")
+    key, op = get("key"), get("op")
     if not is_valid_name(conv):
         raise PayloadDecodeError("bad conv")
     if type(seq) is not int or seq < 1:
@@ -112,10 +114,9 @@ def decode_envelope(payload: bytes) -> Envelope:
         raise PayloadDecodeError("bad ts or epoch")
     if key is not None and not is_valid_name(key):
         raise PayloadDecodeError("bad key")
-    op = body.get("op")
     if op is not None and (op != APPEND or key is None):
         raise PayloadDecodeError("bad op")
-    return Envelope(conv, seq, eid, etype, ts, body.get("data"), epoch, key, op)
+    return make_envelope(conv, seq, eid, etype, ts, get("data"), epoch, key, op)
 
 
 def dumps(obj: Any) -> bytes:

@@ -43,6 +43,30 @@ class Envelope:
         return obj
 
 
+_FIELDS = ("conv", "seq", "id", "type", "ts", "data", "epoch", "key", "op")
+_new = object.__new__
+_set_conv, _set_seq, _set_id, _set_type, _set_ts, _set_data, _set_epoch, _set_key, _set_op = (
+    Envelope.__dict__[name].__set__ for name in _FIELDS)
+
+
+def make_envelope(conv: str, seq: int, event_id: str, etype: str, ts: int, data: Any, epoch: str,
+                  key: str | None = None, op: str | None = None) -> Envelope:
+    """``Envelope(conv, seq, event_id, etype, ts, data, epoch, key, op)``, the same object, built without the
+    frozen dataclass's ``__init__``: that one goes through ``object.__setattr__`` once per field, which was
+    most of the cost of decoding a live payload. No checks: the caller has made them."""
+    env: Envelope = _new(Envelope)
+    _set_conv(env, conv)
+    _set_seq(env, seq)
+    _set_id(env, event_id)
+    _set_type(env, etype)
+    _set_ts(env, ts)
+    _set_data(env, data)
+    _set_epoch(env, epoch)
+    _set_key(env, key)
+    _set_op(env, op)
+    return env
+
+
 def apply_append(entry: Any, chunk: dict[str, Any]) -> dict[str, Any]:
     """The data of a state entry ``entry`` after the append ``chunk`` (what publish.lua does in Redis).
 

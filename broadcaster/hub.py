@@ -117,6 +117,8 @@ class _Member:
 
     sub: Subscriber
     group: _Group
+    send: Callable[[bytes], None]
+    """``sub.send``, looked up once."""
     position: int = 0
     epoch: str = ""
     pending: list[_Pending] | None = field(default_factory=list)
@@ -137,9 +139,45 @@ class _Group:
     delta_members: int = 0
     versions: dict[str, tuple[str, int, Any]] = field(default_factory=dict)
     """While ``delta_members``: key -> (epoch, seq, data) of the last version of that key this group rendered live."""
+    live: _Live | None = None
+    """The members as one :class:`_Live` when every one is live in one epoch (else ``NOT_LIVE``); None: to be
+    worked out at the next event. Reset to None whenever a member joins, leaves, goes live or is reset."""
 
     def wants(self, event_type: str) -> bool:
         return self.types is None or self.types.matches(event_type)
+
+
+@dataclass(slots=True, eq=False)
+class _Live:
+    """A group whose members are all live in ``epoch``, none past ``after``: each event of that epoch past it
+    goes to every one of them, so :meth:`Hub._deliver` calls their sends without looking at each member."""
+
+    epoch: str
+    after: int
+    sends: list[Callable[[bytes], None]]
+    event_sends: list[EventSend]
+
+
+NOT_LIVE = _Live("", 0, [], [])
+"""A group with a member still in its preamble or in another epoch: its members are looked at one by one."""
+
+
+def _live_of(group: _Group) -> _Live:
+    """``group``'s members as one :class:`_Live`, or ``NOT_LIVE``."""
+    members = iter(group.members.values())
+    first = next(members, None)
+    if first is None or first.pending is not None:
+        return NOT_LIVE
+    live = _Live(first.epoch, 0, [], [])
+    for member in (first, *members):
+        if member.pending is not None or member.epoch != live.epoch:
+            return NOT_LIVE
+        live.after = max(live.after, member.position)
+        if member.send_event is None:
+            live.sends.append(member.send)
+        else:
+            live.event_sends.append(member.send_event)
+    return live
 
 
 @dataclass(slots=True, eq=False)
@@ -315,7 +353,7 @@ class Hub:
                 if member.pending is not None:
                     member.pending.append((CONTROL_QUEUED, payload, False, member.epoch, kind))
                 else:
-                    member.sub.send(payload)
+                    member.send(payload)
                 sent += 1
         return sent
 
@@ -352,7 +390,8 @@ class Hub:
             group = feed.groups.get(key)
             if group is None:
                 group = feed.groups[key] = _Group(profile, types)
-            member = _Member(sub, group, send_event=getattr(sub, "send_event", None), held={} if delta else None)
+            member = _Member(sub, group, sub.send, send_event=getattr(sub, "send_event", None),
+                             held={} if delta else None)
             user = getattr(sub, "user", None)
             if isinstance(user, str):
                 member.user = user
@@ -367,6 +406,7 @@ class Hub:
             if delta:
                 group.delta_members += 1
             group.members[sub] = member
+            group.live = None
             feed.members[sub] = member
             self._dirty.add(conv)
             return feed, member
@@ -378,6 +418,7 @@ class Hub:
                 return
             group = member.group
             group.members.pop(sub, None)
+            group.live = None
             if member.user is not None:
                 self._user_changed(feed.conv, member.user)
                 entry = feed.users.get(member.user)
@@ -484,7 +525,8 @@ class Hub:
         """Send what the feed queued for ``member`` during its preamble; from now on it is sent live."""
         pending = member.pending or []
         member.pending = None
-        send, epoch, send_event = member.sub.send, member.epoch, member.send_event
+        member.group.live = None
+        send, epoch, send_event = member.send, member.epoch, member.send_event
         for seq, payload, is_reset, item_epoch, kind in pending:
             if is_reset:
                 send(payload)
@@ -544,12 +586,22 @@ class Hub:
                     deltas = {}
                 self._deliver_keyed(group, env, payload, deltas)
                 continue
+            live = group.live
+            if live is None:
+                live = group.live = _live_of(group)
+            if live is not NOT_LIVE and live.epoch == epoch and seq > live.after:
+                for send in live.sends:
+                    send(payload)
+                for send_event in live.event_sends:
+                    send_event(payload, env.type, seq, epoch)
+                self.stats.deliveries += len(live.sends) + len(live.event_sends)
+                continue
             for member in group.members.values():
                 if member.pending is not None:
                     member.pending.append((seq, payload, False, epoch, env.type))
                 elif seq > member.position and member.epoch == epoch:
                     if member.send_event is None:
-                        member.sub.send(payload)
+                        member.send(payload)
                     else:
                         member.send_event(payload, env.type, seq, epoch)
                     self.stats.deliveries += 1
@@ -610,20 +662,22 @@ class Hub:
                 else:
                     held.pop(key, None)
             if member.send_event is None:
-                member.sub.send(out)
+                member.send(out)
             else:
                 member.send_event(out, env.type, seq, epoch)
             self.stats.deliveries += 1
 
     def _broadcast_reset(self, feed: _Feed, reason: str, epoch: str, seq: int) -> None:
         payload = self._reset(feed.conv, reason, epoch, seq)
+        for group in feed.groups.values():
+            group.live = None
         for member in feed.members.values():
             if member.held:
                 member.held.clear()  # the client empties its entities on a reset: it holds no base
             if member.pending is not None:
                 member.pending.append((seq, payload, True, epoch, "ws.reset"))
             else:
-                member.sub.send(payload)
+                member.send(payload)
                 member.position, member.epoch = seq, epoch
 
     def _start_sync(self, feed: _Feed) -> None:
@@ -747,7 +801,7 @@ class Hub:
     # ---- rendering -----------------------------------------------------------------------
 
     def _intercept(self, env: Envelope) -> Envelope | None:
-        if self.hooks is None:
+        if self.hooks is None or not self.hooks.interceptors:
             return env
         current: Envelope | None = env
         for interceptor in self.hooks.interceptors:
@@ -765,6 +819,8 @@ class Hub:
     def _shape(self, obj: dict[str, Any], env: Envelope, profile: Profile) -> dict[str, Any] | None:
         if not profile.allows(env.type):
             return None
+        if not profile.drop_fields and not profile.enrich:
+            return obj
         try:
             return profile.shape(obj, EnrichContext(profile.name, env.conv, self.gateway_id))
         except Exception:
