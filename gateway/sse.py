@@ -414,7 +414,7 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     stream.user, stream.info = grant.subject, grant.info
     stream.send_raw(retry)
     gw.pool.add(stream)
-    expiry = _arm_expiry(stream, grant)
+    expiry = _arm_expiry(gw, stream, grant)
     stats = transport.stats
     stats.open += 1
     stats.opened += 1
@@ -440,12 +440,17 @@ async def sse_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         await gw.pool.remove(stream)
 
 
-def _arm_expiry(stream: SseStream, grant: Grant) -> asyncio.TimerHandle | None:
+def _arm_expiry(gw: Gateway, stream: SseStream, grant: Grant) -> asyncio.TimerHandle | None:
     """The timer that ends ``stream`` at its token's ``exp`` (None with auth off)."""
     if grant.expires is None:
         return None
-    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), stream.close,
-                                                 CLOSE_UNAUTHORIZED, "token expired")
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires - time.time()), _expire, gw, stream)
+
+
+def _expire(gw: Gateway, stream: SseStream) -> None:
+    """End ``stream``: its token expired (counted in ``broadcaster_token_expiry_closes_total``)."""
+    gw.metrics.token_expiry_closes.inc("sse")
+    stream.close(CLOSE_UNAUTHORIZED, "token expired")
 
 
 async def _subscribe_and_watch(gw: Gateway, stream: SseStream, request: SubscribeRequest, profile: Any,

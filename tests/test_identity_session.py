@@ -18,9 +18,8 @@ import websockets
 
 from broadcaster.errors import ValidationError
 from broadcaster.validation import is_valid_conv_id, validate_conv_id
-from gateway import ws_endpoint
+from gateway import sse, ws_endpoint
 from gateway.settings import Settings
-from gateway.sse import SseStream
 from producers import AsyncProducer
 from tests.support.gateway import InProcessGateway
 from tests.support.polling import async_wait_until
@@ -159,6 +158,7 @@ async def test_sse_stream_ends_at_exp() -> None:
             assert stream.ended
             assert exp - 0.05 <= ended_at <= exp + CLOSE_SLACK, ended_at - exp
             assert all(e.event != "chat.msg" for e in rest), rest
+        assert gw.gateway.metrics.token_expiry_closes.value("sse") == 1
         await async_wait_until(lambda: len(gw.gateway.pool) == 0, 5, "the expired stream leaving the pool")
         # EventSource's reconnect resends the expired token: refused, the client needs a new one
         async with await SseClient.open(gw.settings.port, f"/sse?conv_id=sse-a&token={tok}") as again:
@@ -172,7 +172,7 @@ def expiry_timers() -> int:
     for handle in loop._scheduled:
         callback = getattr(handle, "_callback", None)  # None once cancelled
         owner = getattr(callback, "__self__", None)
-        if isinstance(owner, ws_endpoint.Session) or (isinstance(owner, SseStream) and handle._args):
+        if isinstance(owner, ws_endpoint.Session) or callback is sse._expire:
             count += 1
     return count
 
