@@ -5,8 +5,12 @@ warnings filters (bench/connect_cost.py measures what they save)."""
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from starlette.datastructures import QueryParams
@@ -20,6 +24,7 @@ from tests.support.gateway import InProcessGateway
 from tests.support.wsclient import WsClient
 
 pytestmark = pytest.mark.timeout(30)
+ROOT = Path(__file__).resolve().parent.parent
 LONG_SECRET = "x" * 40
 
 
@@ -95,3 +100,17 @@ def test_short_secret_decodes_without_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning on verify fails the test
         assert auth.verify(token).subject == "u2"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("options", [["--mode", "query"], ["--mode", "message", "--jwt"]])
+def test_connect_cost_bench_smoke(tmp_path: Path, options: list[str]) -> None:
+    """bench/connect_cost.py end to end, small: every socket resumed and replayed, a cost per connect."""
+    out = tmp_path / "cost.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "connect_cost.py"), "--clients", "60", "--convs", "6",
+                           "--rounds", "1", "--concurrency", "20", "--timeout", "30", "--json", str(out), *options],
+                          capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["gateways"].values()
+    assert row["errors"] == []
+    assert row["connect_us"][0] > 0 and row["connects_per_s"][0] > 0
