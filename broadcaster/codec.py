@@ -8,7 +8,7 @@ for state upserts. Every decoding failure raises :class:`PayloadDecodeError`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
@@ -119,9 +119,9 @@ def decode_envelope(payload: bytes) -> Envelope:
     return make_envelope(conv, seq, eid, etype, ts, get("data"), epoch, key, op)
 
 
-def dumps(obj: Any) -> bytes:
-    """Compact JSON for client-facing objects; raises ``TypeError`` for non-JSON values."""
-    return orjson.dumps(obj)
+dumps: Callable[[Any], bytes] = orjson.dumps
+"""Compact JSON for client-facing objects; raises ``TypeError`` for non-JSON values (orjson's own function,
+not a wrapper: the hub calls it once per event and profile)."""
 
 
 def json_array(items: Iterable[bytes]) -> bytes:
