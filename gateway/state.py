@@ -40,11 +40,11 @@ GC_GEN0_THRESHOLD = 10_000
 """Allocations between young-generation collections (CPython's default: 700).
 
 Every websocket a gateway accepts leaves a few hundred tracked objects alive (protocol, scope,
-session, subscription, buffers); at 700 the collector ran several young collections per
-connect and, through them, a full collection every ~1,000 connects, each walking every live
-socket's objects: with 3,000 sockets resuming, 130 ms per full collection and 14 % of the
-gateway's CPU in the collector (bench/connect_cost.py). At 10,000: a tenth of the full
-collections; young ones cost more each, ~8 % of CPU in all. Cyclic garbage just waits a
+session, subscription, buffers). At 700 the young collections promoted them fast enough to
+start a full collection about every 1,000 connects, each walking every live socket's objects
+and stalling the event loop meanwhile: 10,000 resumes onto 5,000 held sockets (Redis, JWT,
+bench/connect_cost.py) ran 10 full collections of ~200 ms, 16 % of the gateway's CPU in the
+collector. At 10,000: one full collection, 8 % of the CPU in all. Cyclic garbage waits a
 little longer; reference counting frees everything else at once, as before."""
 
 
