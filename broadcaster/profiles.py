@@ -104,9 +104,17 @@ class Profile:
     exclude: GlobSet = field(default_factory=lambda: GlobSet([]))
     drop_fields: tuple[tuple[str, ...], ...] = ()
     enrich: tuple[Enricher, ...] = ()
+    _allowed: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """``allows`` by event type, as GlobSet caches ``matches``: one lookup per event and profile, not two."""
 
     def allows(self, event_type: str) -> bool:
-        return self.include.matches(event_type) and not self.exclude.matches(event_type)
+        hit = self._allowed.get(event_type)
+        if hit is None:
+            hit = self.include.matches(event_type) and not self.exclude.matches(event_type)
+            if len(self._allowed) >= _CACHE_LIMIT:
+                self._allowed.clear()
+            self._allowed[event_type] = hit
+        return hit
 
     def shape(self, event: EventObject, ctx: EnrichContext) -> EventObject | None:
         """Apply drop_fields then enrich hooks to an event object this profile allows.
