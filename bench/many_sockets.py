@@ -173,7 +173,7 @@ async def run(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
     return results
 
 
-LAG_PHASES = ("ramp", "idle", "fanout", "check")
+LAG_PHASES = ("ramp", "idle", "fanout", "check", "close")
 
 
 async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis_pid: int, gateway: ProcGroup,
@@ -316,6 +316,7 @@ async def _measure(args: argparse.Namespace, logdir: Path, redis_url: str, redis
         out["check"] = check
         out["ok"] = connected == args.sockets and check["incomplete"] == 0 and bool(steps)
     finally:
+        probe.phase = "close"  # every socket closed at once: a stall of its own
         await finish_all(clients, publisher, close_timeout=60)
     return out
 
