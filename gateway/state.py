@@ -108,6 +108,7 @@ class Gateway:
         self.revocations = Revocations(self.backend, self.pool, self.auth, registry=self.metrics.registry)
         self.join_leave = JoinLeave(self.backend, self.hub, self.policies)
         self.join_leave.listen()
+        self.metrics.watch_join_leave(self.join_leave)
         self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,
                                          heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl,
                                          policies=self.policies, leave_delay=settings.join_leave_delay,

@@ -124,6 +124,11 @@ class Session:
 
     def _expired(self) -> None:
         self._expiry = None
+        self.close_expired()
+
+    def close_expired(self) -> None:
+        """Close the socket 4401 ``token expired`` (counted in ``broadcaster_token_expiry_closes_total``)."""
+        self.gateway.metrics.token_expiry_closes.inc("ws")
         self.conn.close(CLOSE_UNAUTHORIZED, "token expired")
 
     def expired(self) -> bool:
@@ -133,19 +138,24 @@ class Session:
     async def refresh(self, token: str) -> None:
         """Replace the grant with ``token``'s (same ``sub``); a refused token leaves the old one in force."""
         conn, gw = self.conn, self.gateway
+        refreshes = gw.metrics.refreshes
         if not gw.auth.enabled:
+            refreshes.inc("bad_refresh")
             conn.send(_error("bad_refresh", "auth is off on this gateway: there is no token to refresh"))
             return
         if self.expired():  # too late: the connection ended with its token (the timer may lag)
-            conn.close(CLOSE_UNAUTHORIZED, "token expired")
+            refreshes.inc("expired")
+            self.close_expired()
             return
         try:
             grant = gw.auth.verify(token)
         except AuthError as exc:
+            refreshes.inc("bad_refresh")
             conn.send(_error("bad_refresh", f"refresh refused ({exc.status}): {exc.message}; the current token "
                                             "stays in force until its exp"))
             return
         if grant.subject != self.grant.subject:
+            refreshes.inc("bad_refresh")
             conn.send(_error("bad_refresh", "refresh refused: the token is for another sub; the current token "
                                             "stays in force until its exp"))
             return
@@ -155,16 +165,20 @@ class Session:
         try:
             grant.check_profile(self.profile.name)
         except AuthError as exc:
+            refreshes.inc("forbidden")
             conn.close(CLOSE_FORBIDDEN, exc.message)
             return
+        narrowed = False
         for conv_id in sorted(conn.convs):
             try:
                 grant.check_conv(conv_id)
             except AuthError:
+                narrowed = True
                 await gw.hub.unsubscribe(conn, conv_id)
                 conn.convs.discard(conv_id)
                 conn.send(dumps({"type": "ws.unsubscribed", "conv_id": conv_id, "reason": "forbidden"}))
         assert grant.expires is not None  # verify requires exp
+        refreshes.inc("narrowed" if narrowed else "ok")
         conn.send(dumps({"type": "ws.refreshed", "exp": int(grant.expires)}))
 
     # ---- subscriptions ---------------------------------------------------------------------
@@ -172,7 +186,7 @@ class Session:
     async def subscribe(self, request: SubscribeRequest, *, initial: bool = False) -> None:
         conn, gw = self.conn, self.gateway
         if self.expired():
-            conn.close(CLOSE_UNAUTHORIZED, "token expired")
+            self.close_expired()
             return
         try:
             self.grant.check_conv(request.conv_id)

@@ -212,6 +212,7 @@ async def test_refresh_extends_life_past_the_old_exp() -> None:
         await client.send_json({"type": "ws.refresh", "token": fresh})
         refreshed = await client.expect("ws.refreshed")
         assert refreshed == {"type": "ws.refreshed", "exp": new_exp}
+        assert gw.gateway.metrics.refreshes.value("ok") == 1
         await until_time(exp + CLOSE_SLACK)
         await receives(gw, client, "ref-a")  # still open, still subscribed
         await client.send_json({"type": "ws.subscribe", "conv_id": "ref-b"})
@@ -238,6 +239,9 @@ async def test_bad_refresh_is_an_error_and_the_old_exp_stays() -> None:
         code, reason, _, at = await closed(client)
         assert (code, reason) == (4401, "token expired")
         assert exp - 0.05 <= at <= exp + CLOSE_SLACK, at - exp
+        metrics = gw.gateway.metrics
+        assert (metrics.refreshes.value("bad_refresh"), metrics.refreshes.value("ok")) == (4, 0)
+        assert metrics.token_expiry_closes.value("ws") == 1
 
 
 async def test_refresh_narrowing_convs_ends_disallowed_subscriptions_only() -> None:
@@ -249,6 +253,7 @@ async def test_refresh_narrowing_convs_ends_disallowed_subscriptions_only() -> N
         got = await client.until(lambda objs: bool(objs) and objs[-1]["type"] == "ws.refreshed")
         assert got == [{"type": "ws.unsubscribed", "conv_id": "n-b", "reason": "forbidden"},
                        {"type": "ws.refreshed", "exp": new_exp}]
+        assert gw.gateway.metrics.refreshes.value("narrowed") == 1
         assert "n-b" not in gw.gateway.hub.conversations()
         await publish(gw, "n-b", {"hidden": True})
         await receives(gw, client, "n-a")  # the n-b event, published first, would have come before

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,10 @@ async def test_one_gateway_on_the_memory_backend(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=gw.http_url) as http:
             body = (await http.get("/v1/conversations/jl-1/presence", params={"token": token("r")})).json()
         assert {x["user"]: x["connections"] for x in body["users"]} == {"u1": 1, "watch": 1}
+        async with httpx.AsyncClient(base_url=gw.http_url) as http:
+            exposition = (await http.get("/metrics")).text
+        sent = re.search(r'^broadcaster_presence_sent_total\{kind="join"\} (\S+)$', exposition, re.M)
+        assert sent is not None and float(sent.group(1)) >= 1, exposition[-2000:]
         await u.close()
         await w.until(lambda objs: bool(objs), 10, keep=lambda o: o["type"] == "ws.leave" and o["user"] == "u1")
         # an SSE stream is a subscriber like any other: it gets them as events without an id
