@@ -306,13 +306,18 @@ async def test_publish_key_required_when_set() -> None:
             assert ok.status_code == 200 and ok.json()["seq"] == 1
 
 
-@pytest.mark.parametrize("setting", ["deflate", "off"])
+@pytest.mark.parametrize("setting", ["shared", "deflate", "off"])
 async def test_ws_compression_option_decides_permessage_deflate(setting: str) -> None:
-    """A client offering permessage-deflate (as browsers do) gets it unless --ws-compression off."""
+    """A client offering permessage-deflate (as browsers do) gets it unless --ws-compression off; under
+    ``shared`` (the default) without context takeover either way, under ``deflate`` with it."""
     async with InProcessGateway(Settings(ws_compression=setting)) as gw:
         async with websockets.connect(gw.ws_url("conv_id=z"), compression="deflate") as ws:
             negotiated = [ext.name for ext in ws.protocol.extensions]
-            assert negotiated == (["permessage-deflate"] if setting == "deflate" else [])
+            assert negotiated == ([] if setting == "off" else ["permessage-deflate"])
+            if setting != "off":
+                stateless = setting == "shared"
+                ext: Any = ws.protocol.extensions[0]
+                assert (ext.local_no_context_takeover, ext.remote_no_context_takeover) == (stateless, stateless)
             await gw.gateway.backend.publish("z", "chat.msg", {"n": 1})
             seen = ""
             while '"chat.msg"' not in seen:
