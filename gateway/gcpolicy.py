@@ -5,8 +5,9 @@ and the event loop runs nothing meanwhile. An idle websocket is ~57 tracked obje
 (coroutines, bound methods, lists of uvicorn and websockets): at 18,000 sockets 1.25 M
 objects, and a full collection took 1.0-1.1 s of CPU on the bench VM (1.3-1.7 s of wall
 time under load; bench/many_sockets.py) - long enough for a Redis pub/sub probe to miss
-its PONG. With those survivors frozen, the next full collection took 0.1 ms. Full collections come each time the heap grew by a quarter (a ramp of
-connections, a reconnect storm) and from objects promoted while idle.
+its PONG; with those survivors frozen, the next full collection took 0.1 ms. Full
+collections come each time the heap grew by a quarter (a ramp of connections, a reconnect
+storm) and from objects promoted while idle.
 
 :class:`FrozenSurvivors`: after every full collection its survivors move to the permanent
 generation (``gc.freeze``), so the next full collections walk only what is newer than the
