@@ -32,7 +32,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 from websockets.protocol import State
 
-from gateway import compat
+from gateway import compat, gcpolicy
 from gateway.compat import CompatCollector, CompatReport
 from gateway.connection import DIRECT_FRAME, DIRECT_SEND, FRAME_KIND, enable_direct_send, text_frame
 from gateway.deflate import PLAIN, frame_kind, shared_factories
@@ -305,4 +305,5 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
         print(f"broadcaster-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     server = DrainingServer(config, app.state.gateway)
+    gcpolicy.install()  # a served process only: tests embedding the app keep the interpreter's collector
     server.run(sockets=sockets)

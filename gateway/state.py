@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import inspect
 import logging
 import os
@@ -22,6 +21,7 @@ from broadcaster.importing import import_callable
 from broadcaster.namespaces import load_namespaces
 from broadcaster.presence import JoinLeave, PresenceReporter
 from broadcaster.profiles import ProfileRegistry
+from gateway import gcpolicy
 from gateway.admission import Admission
 from gateway.auth import Authenticator, PublishKeys
 from gateway.connection import ConnectionPool
@@ -34,26 +34,6 @@ log = logging.getLogger("gateway")
 
 class StartupError(RuntimeError):
     """A configuration problem found at start-up (bad profiles file, plugin that does not import...)."""
-
-
-GC_GEN0_THRESHOLD = 10_000
-"""Allocations between young-generation collections (CPython's default: 700).
-
-Every websocket a gateway accepts leaves a few hundred tracked objects alive (protocol, scope,
-session, subscription, buffers). At 700 the young collections promoted them fast enough to
-start a full collection about every 1,000 connects, each walking every live socket's objects
-and stalling the event loop meanwhile: 10,000 resumes onto 5,000 held sockets (Redis, JWT,
-bench/connect_cost.py) ran 10 full collections of ~200 ms, 16 % of the gateway's CPU in the
-collector. At 10,000: one full collection, 8 % of the CPU in all. Cyclic garbage waits a
-little longer; reference counting frees everything else at once, as before."""
-
-
-def tune_gc(gen0: int = GC_GEN0_THRESHOLD) -> None:
-    """Raise the collector's young-generation threshold to ``gen0`` (never lower it, nor turn on a
-    collector set to 0); the older generations' thresholds stay as they are. Process-wide."""
-    current, gen1, gen2 = gc.get_threshold()
-    if 0 < current < gen0:
-        gc.set_threshold(gen0, gen1, gen2)
 
 
 def default_gateway_id() -> str:
@@ -130,7 +110,7 @@ class Gateway:
         self.metrics.dispatch_latency.observe(max(0.0, time.time() - env.ts / 1000))
 
     async def start(self) -> None:
-        tune_gc()
+        gcpolicy.tune_young()
         await self.backend.start()
         await self.revocations.start()
         self._tasks.append(asyncio.create_task(self.revocations.run()))

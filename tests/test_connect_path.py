@@ -17,8 +17,8 @@ from starlette.datastructures import QueryParams
 from starlette.websockets import WebSocket
 
 from gateway.auth import Authenticator, mint_token
+from gateway.gcpolicy import GC_GEN0_THRESHOLD, tune_young
 from gateway.settings import Settings
-from gateway.state import GC_GEN0_THRESHOLD, tune_gc
 from gateway.ws_endpoint import _connect_query
 from tests.support.gateway import InProcessGateway
 from tests.support.wsclient import WsClient
@@ -38,15 +38,15 @@ def gc_threshold() -> Iterator[None]:
         gc.set_threshold(*saved)
 
 
-def test_tune_gc_raises_young_threshold_only(gc_threshold: None) -> None:
+def test_tune_young_raises_young_threshold_only(gc_threshold: None) -> None:
     gc.set_threshold(700, 7, 9)
-    tune_gc()
+    tune_young()
     assert gc.get_threshold() == (GC_GEN0_THRESHOLD, 7, 9)
     gc.set_threshold(GC_GEN0_THRESHOLD * 3, 10, 10)  # someone chose more: kept
-    tune_gc()
+    tune_young()
     assert gc.get_threshold() == (GC_GEN0_THRESHOLD * 3, 10, 10)
     gc.set_threshold(0, 10, 10)  # the collector turned off by threshold: left off
-    tune_gc()
+    tune_young()
     assert gc.get_threshold() == (0, 10, 10)
 
 

@@ -92,3 +92,16 @@ def test_young_collections_and_a_disabled_policy_freeze_nothing(clock: Clock) ->
     assert off not in gc.callbacks
     gc.collect()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_served_gateway_installs_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gateway.server.serve (every gateway process and every --workers worker) installs it before serving."""
+    from gateway import gcpolicy, server
+    from gateway.app import create_app
+    from gateway.settings import Settings
+
+    order: list[str] = []
+    monkeypatch.setattr(gcpolicy, "install", lambda rescan=gcpolicy.RESCAN_SECONDS: order.append("install"))
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self, sockets=None: order.append("run"))
+    server.serve(create_app(Settings()), Settings())
+    assert order == ["install", "run"]
