@@ -11,12 +11,15 @@ storm) and from objects promoted while idle.
 
 :class:`FrozenSurvivors`: after every full collection its survivors move to the permanent
 generation (``gc.freeze``), so the next full collections walk only what is newer than the
-last one. A cycle among frozen objects that later becomes garbage (the protocol, task and
-bound methods of a closed socket) is not freed by those; every ``rescan`` seconds the
-permanent generation is unfrozen, so the next full collection walks, and frees, everything
-once. So: one long pause per ``rescan`` instead of one per quarter of heap growth, and
-memory held in cycles by closed sockets waits up to ``rescan`` (plus one full collection)
-to be freed.
+last one. A cycle among frozen objects that later becomes garbage is not freed by those -
+and a closed socket is such a cycle (its protocol, transport, the scope's bound methods and
+websockets' parser generator refer to each other: ~30 objects, ~10 KB, freed only by the
+cycle collector). So the permanent generation is unfrozen, and the next full collection
+walks and frees everything once, when either comes first: ``rescan`` seconds passed, or
+the connections closed since the last whole-heap walk reach ``turnover`` of those open at
+it (the frozen dead then stay under about a quarter of the live ones, as CPython's own rule keeps
+them without freezing). So a ramp or a reconnect storm (the heap growing) costs short full
+collections only, and steady churn costs what it costs without the policy.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ log = logging.getLogger("gateway.gc")
 
 RESCAN_SECONDS = 600.0
 """Default seconds between full collections that walk the whole heap."""
+TURNOVER = 0.25
+"""Connections closed since the last freeze, as a share of those open then, that make the next full
+collection walk the whole heap (CPython starts a full collection when the heap grew by a quarter)."""
+MIN_SOCKETS = 1_000
+"""The open count the turnover applies to at least: below it a whole-heap walk is short anyway."""
 
 
 GC_GEN0_THRESHOLD = 10_000
@@ -56,9 +64,16 @@ def tune_young(gen0: int = GC_GEN0_THRESHOLD) -> None:
 class FrozenSurvivors:
     """The gc callback of the policy (see the module docstring); :meth:`install` / :meth:`uninstall` it."""
 
-    def __init__(self, rescan: float = RESCAN_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rescan: float = RESCAN_SECONDS, clock: Callable[[], float] = time.monotonic, *,
+                 sockets: Callable[[], tuple[int, int]] | None = None, turnover: float = TURNOVER) -> None:
+        """``sockets``: (connections closed so far, connections open now), read at each full collection;
+        None: rescan by time only."""
         self.rescan, self.clock = rescan, clock
         self.rescan_at = clock() + rescan
+        self.sockets, self.turnover = sockets, turnover
+        self._closed_at_freeze, self._open_at_freeze = 0, 0
+        self._walked_all = True
+        """Nothing is frozen: the next full collection walks the whole heap (the counts are taken then)."""
         self.frozen = 0
         """Full collections whose survivors were frozen."""
         self.rescans = 0
@@ -67,16 +82,24 @@ class FrozenSurvivors:
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase != "stop" or info.get("generation") != 2:
             return
-        now = self.clock()
-        if now >= self.rescan_at:
-            # The next full collection walks everything (and frees the cycles frozen since the last rescan);
-            # its survivors are frozen again after it.
-            self.rescan_at = now + self.rescan
-            self.rescans += 1
-            gc.unfreeze()
-            return
+        closed, opened = self.sockets() if self.sockets is not None else (0, 0)
+        if not self._walked_all:
+            now = self.clock()
+            churned = (self.sockets is not None and closed - self._closed_at_freeze
+                       >= self.turnover * max(self._open_at_freeze, MIN_SOCKETS))
+            if now >= self.rescan_at or churned:
+                # The next full collection walks everything (and frees the cycles frozen since the last
+                # whole-heap walk); its survivors are frozen after it.
+                self.rescan_at = now + self.rescan
+                self.rescans += 1
+                self._walked_all = True
+                gc.unfreeze()
+                return
         gc.freeze()  # safe in a "stop" callback: the collection is over, freeze only moves lists
         self.frozen += 1
+        if self._walked_all:  # this collection walked the whole heap: what dies from now on is held
+            self._walked_all = False
+            self._closed_at_freeze, self._open_at_freeze = closed, opened
 
     def install(self) -> FrozenSurvivors:
         if self not in gc.callbacks:
@@ -90,12 +113,13 @@ class FrozenSurvivors:
         gc.unfreeze()
 
 
-def install(rescan: float = RESCAN_SECONDS) -> FrozenSurvivors:
-    """Freeze each full collection's survivors from now on in this process; rescan every ``rescan`` s.
+def install(rescan: float = RESCAN_SECONDS, sockets: Callable[[], tuple[int, int]] | None = None) -> FrozenSurvivors:
+    """Freeze each full collection's survivors from now on in this process; rescan every ``rescan`` s or
+    after a turnover of ``sockets`` (see :class:`FrozenSurvivors`).
 
     Meant for a gateway once it started (its imported modules and start-up state are frozen by
     the first full collection). ``rescan`` <= 0: do nothing (the interpreter's own behaviour)."""
-    policy = FrozenSurvivors(rescan)
+    policy = FrozenSurvivors(rescan, sockets=sockets)
     if rescan > 0:
         policy.install()
         log.debug("gc: survivors of full collections frozen, whole heap walked every %.0fs", rescan)

@@ -305,5 +305,7 @@ def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None 
         print(f"broadcaster-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     server = DrainingServer(config, app.state.gateway)
-    gcpolicy.install()  # a served process only: tests embedding the app keep the interpreter's collector
+    pool = app.state.gateway.pool
+    # a served process only: tests embedding the app keep the interpreter's collector
+    gcpolicy.install(sockets=lambda: (pool.stats.connections_opened - len(pool), len(pool)))
     server.run(sockets=sockets)

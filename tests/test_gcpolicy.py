@@ -80,6 +80,29 @@ def test_a_cycle_frozen_then_dropped_is_freed_after_the_rescan(clock: Clock) -> 
         policy.uninstall()
 
 
+def test_a_quarter_of_the_sockets_closed_since_the_freeze_brings_the_rescan_forward(clock: Clock) -> None:
+    counts = {"closed": 0, "open": 4_000}
+    policy = FrozenSurvivors(rescan=600, clock=clock, sockets=lambda: (counts["closed"], counts["open"])).install()
+    try:
+        node = Node()  # stands for a socket open at the freeze
+        alive = weakref.ref(node)
+        gc.collect()  # frozen, with 4,000 sockets open
+        del node
+        counts.update(closed=999, open=3_001)
+        gc.collect()
+        assert alive() is not None and policy.rescans == 0  # 999 < a quarter of 4,000: still frozen
+        counts.update(closed=1_000, open=3_000)
+        gc.collect()  # a quarter closed: this one unfreezes (long before the 600 s)
+        assert policy.rescans == 1
+        gc.collect()
+        assert alive() is None  # the dead socket's cycle freed by the whole-heap walk
+        counts.update(closed=1_100)  # counted from the new freeze on: 100 of 3,000 is no turnover
+        gc.collect()
+        assert policy.rescans == 1
+    finally:
+        policy.uninstall()
+
+
 def test_young_collections_and_a_disabled_policy_freeze_nothing(clock: Clock) -> None:
     policy = FrozenSurvivors(rescan=600, clock=clock).install()
     try:
@@ -101,7 +124,8 @@ def test_a_served_gateway_installs_the_policy(monkeypatch: pytest.MonkeyPatch) -
     from gateway.settings import Settings
 
     order: list[str] = []
-    monkeypatch.setattr(gcpolicy, "install", lambda rescan=gcpolicy.RESCAN_SECONDS: order.append("install"))
+    monkeypatch.setattr(gcpolicy, "install", lambda rescan=gcpolicy.RESCAN_SECONDS, sockets=None:
+                        order.append("install" if sockets is not None and sockets() == (0, 0) else "bad install"))
     monkeypatch.setattr(server.DrainingServer, "run", lambda self, sockets=None: order.append("run"))
     server.serve(create_app(Settings()), Settings())
     assert order == ["install", "run"]
