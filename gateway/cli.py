@@ -202,13 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.server import serve
     from gateway.state import StartupError
 
+    worker = workers.Worker(slot, settings) if slot is not None else None  # tags this worker's log lines
     fit_open_files(settings)
     try:
         app = create_app(settings)
     except (StartupError, ValueError) as exc:
         print(f"broadcaster-gateway: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    sockets = workers.Worker(slot, settings).prepare(app) if slot is not None else None
+    sockets = worker.prepare(app) if worker is not None else None
     watch = StartupWatch(verbose=settings.log_level.lower() == "debug")
     watch.install()
     app.router.lifespan_context = watch.watch(app.router.lifespan_context)
