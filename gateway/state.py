@@ -25,6 +25,7 @@ from gateway import gcpolicy
 from gateway.admission import Admission
 from gateway.auth import Authenticator, PublishKeys
 from gateway.connection import ConnectionPool
+from gateway.looplag import LoopLag
 from gateway.metrics import Metrics, MetricSources
 from gateway.revocation import Revocations
 from gateway.settings import Settings
@@ -89,6 +90,7 @@ class Gateway:
         self.join_leave = JoinLeave(self.backend, self.hub, self.policies)
         self.join_leave.listen()
         self.metrics.watch_join_leave(self.join_leave)
+        self.loop_lag = LoopLag(self.metrics.registry)
         self.presence = PresenceReporter(self.hub, self.backend, self.gateway_id,
                                          heartbeat=settings.presence_ttl / 3, ttl=settings.presence_ttl,
                                          policies=self.policies, leave_delay=settings.join_leave_delay,
@@ -114,6 +116,7 @@ class Gateway:
         await self.backend.start()
         await self.revocations.start()
         self._tasks.append(asyncio.create_task(self.revocations.run()))
+        self._tasks.append(asyncio.create_task(self.loop_lag.run()))
         for setup in self.plugin_setups:
             result = setup(self.plugins)
             if inspect.isawaitable(result):
