@@ -24,6 +24,9 @@ from broadcaster.backend import BackendSettings
 from broadcaster.backends import scripts
 from broadcaster.backends.base import prepare_publish
 from broadcaster.backends.redis import RedisBackend, make_async_client
+from broadcaster.backends.redis import backend as redis_backend_module
+from broadcaster.backends.redis.link import Link
+from broadcaster.backends.redis.subscriber import settles_within
 from broadcaster.codec import decode_envelope, encode_envelope
 from broadcaster.envelope import Envelope, PublishRequest
 from broadcaster.errors import BackendUnavailable
@@ -236,6 +239,46 @@ async def test_quiet_healthy_link_is_not_rebuilt(own_redis: RedisServer, backend
     await async_wait_until(lambda: own_redis.command_calls("ping") - pings >= 5, timeout=15,
                            message="five probe PINGs on the quiet link")
     assert b.stats.reconnects == 0 and b.connected
+
+
+async def test_a_stalled_event_loop_is_no_dead_link(own_redis: RedisServer, backends: list[RedisBackend],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's PONG may sit unread while our own loop is blocked (a full collection of a big heap,
+    a long callback): that time does not count against the link (it used to drop and resubscribe)."""
+    # No policy check in flight during a stall: a command cancelled there keeps close() waiting for its
+    # pooled connection (the retry budget, 10 s; seen with this test, left as it is).
+    monkeypatch.setattr(redis_backend_module, "POLICY_CHECK_INTERVAL", 3600.0)
+    b = await started(backends, own_redis.url, probe_interval=0.1, probe_timeout=0.4)
+    await b.subscribe("stalled", Inbox())
+    stalls: list[float] = []
+    send = Link.send
+
+    async def send_then_stall(link: Link, command: Any) -> None:
+        await send(link, command)
+        if command == ("PING",) and len(stalls) < 3:  # the loop stalls 2.5x the timeout, the PONG unread
+            stalls.append(time.monotonic())
+            asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+
+    monkeypatch.setattr(Link, "send", send_then_stall)
+    await async_wait_until(lambda: len(stalls) == 3, timeout=20, message="three probes with a stall each")
+    await asyncio.sleep(0.5)  # let a wrongly lost link be noticed
+    assert b.stats.reconnects == 0 and b.connected
+
+
+async def test_settles_within_counts_loop_time_not_wall_time() -> None:
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[str] = loop.create_future()
+
+    def stall_then_answer() -> None:
+        time.sleep(0.6)  # twice the timeout, with the answer coming right after
+        loop.call_soon(answered.set_result, "PONG")
+
+    loop.call_soon(stall_then_answer)
+    assert await settles_within(answered, 0.3, tick=0.05)
+    never: asyncio.Future[str] = loop.create_future()
+    began = time.monotonic()
+    assert not await settles_within(never, 0.3, tick=0.05)
+    assert 0.25 <= time.monotonic() - began < 2.0
 
 
 async def test_resubscribe_callbacks_name_the_conversations_of_the_rebuilt_link(

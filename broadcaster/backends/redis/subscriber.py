@@ -43,6 +43,23 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterExceptio
 """What an unreachable node or a failing pub/sub connection raises (the builtin ConnectionError is an OSError)."""
 
 
+async def settles_within(future: asyncio.Future[Any], timeout: float, tick: float = 0.1) -> bool:
+    """Whether ``future`` is done within ``timeout`` seconds of this loop running, checked every ``tick``:
+    a loop stalled between two checks counts as two ticks at most (meanwhile a reply may sit unread in
+    the socket, so the wall-clock time says nothing about the peer)."""
+    loop = asyncio.get_running_loop()
+    tick = min(tick, timeout)
+    left, last = timeout, loop.time()
+    while not future.done():
+        if left <= 0:
+            return False
+        await asyncio.wait((future,), timeout=tick)
+        now = loop.time()
+        left -= min(now - last, 2 * tick)
+        last = now
+    return True
+
+
 class Subscriber:
     """Live delivery over pub/sub: one :class:`Link` per node, each reconnected on its own.
 
@@ -390,25 +407,30 @@ class Subscriber:
                                   "not the master (a failover is under way)")
 
     async def _watch_master(self, link: Link) -> None:
-        """Every MASTER_CHECK_INTERVAL, ask the sentinels where the master is; another address = a lost link.
+        """Where the sentinels say the master is, on their ``+switch-master`` announcement or every
+        MASTER_CHECK_INTERVAL otherwise; another address than the link's = a lost link.
 
         A demoted master keeps our connection open and may stay silent (partitioned from
         the producers): the idle probe's PONG would still come, this does not.
         """
         conn = link.conn
-        assert conn is not None
+        switches = self._topology.master_switches()
+        assert conn is not None and switches is not None
         here = (str(getattr(conn, "host", "")), int(getattr(conn, "port", 0)))
-        while True:
-            await asyncio.sleep(MASTER_CHECK_INTERVAL)
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
-                    master = await self._topology.master_address()
-            except LINK_ERRORS as exc:  # no sentinel answers, or none knows a master: the reader tells a loss
-                log.debug("asking the sentinels for the master failed: %r", exc)
-                continue
-            if master is not None and master != here:
-                self._lose(link, f"the sentinels name {master[0]}:{master[1]} the master now, not {here[0]}:{here[1]}")
-                return
+        async with switches:
+            while True:
+                master = await switches.wait(MASTER_CHECK_INTERVAL)  # an announcement at once, else the poll
+                if master is None:
+                    try:
+                        async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
+                            master = await self._topology.master_address()
+                    except LINK_ERRORS as exc:  # no sentinel answers, or none knows a master: the reader tells
+                        log.debug("asking the sentinels for the master failed: %r", exc)
+                        continue
+                if master is not None and master != here:
+                    self._lose(link, f"the sentinels name {master[0]}:{master[1]} the master now, "
+                                     f"not {here[0]}:{here[1]}")
+                    return
 
     async def _resubscribe(self, link: Link, channels: list[bytes]) -> None:
         if self._sharded:  # SSUBSCRIBE takes channels of a single slot only
@@ -566,7 +588,8 @@ class Subscriber:
         self._dispatch(env)
 
     async def _probe(self, link: Link) -> None:
-        """PING a connection quiet for ``probe_interval``; no PONG within ``probe_timeout`` = dead link."""
+        """PING a connection quiet for ``probe_interval``; no PONG within ``probe_timeout`` of the loop running
+        = dead link (a stalled loop - a long callback, a full collection - does not count against the link)."""
         loop = asyncio.get_running_loop()
         seen, quiet_since = link.received, loop.time()
         tick = max(self._probe_interval / 4, 0.01)
@@ -581,8 +604,10 @@ class Subscriber:
             link.pong = loop.create_future()
             try:
                 await link.send(link.protocol.ping())
-                async with asyncio.timeout(self._probe_timeout):
-                    await link.pong
+                if not await settles_within(link.pong, self._probe_timeout):
+                    self._lose(link, f"no PONG within {self._probe_timeout:g}s")
+                    return
+                await link.pong  # what the reader set on it: a PONG, or the error that ended the link
             except TimeoutError:
                 self._lose(link, f"no PONG within {self._probe_timeout:g}s")
                 return
