@@ -207,11 +207,32 @@ def _probe_redis_pubsub_links() -> list[str]:
     return missing
 
 
+def _probe_redis_sentinel_switches() -> list[str]:
+    """broadcaster.backends.redis.topology's MasterSwitches: the sentinel that announced ``+switch-master``
+    moved to the front of the very list ``Sentinel.discover_master`` asks in order."""
+    import inspect
+
+    from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+    sentinel = Sentinel([("127.0.0.1", 26379)])  # type: ignore[no-untyped-call]  # no I/O until asked
+    missing = lacking(sentinel, "redis.asyncio.sentinel.Sentinel", "sentinels", "discover_master")
+    if not isinstance(getattr(sentinel, "sentinels", None), list):
+        missing.append("redis.asyncio.sentinel.Sentinel.sentinels as a list")
+    elif "self.sentinels" not in inspect.getsource(Sentinel.discover_master):
+        missing.append("redis.asyncio.sentinel.Sentinel.discover_master asking self.sentinels")
+    pool = SentinelConnectionPool("svc", sentinel)  # type: ignore[no-untyped-call]
+    missing += lacking(pool, "redis.asyncio.sentinel.SentinelConnectionPool",
+                       "sentinel_manager", "service_name", "get_master_address")
+    return missing
+
+
 REDIS_FEATURES: tuple[Feature, ...] = (
     Feature("redis_one_write_send", "a batch of commands in one write on one pooled connection",
             _probe_redis_one_write_send, distributions=("redis", "hiredis")),
     Feature("redis_pubsub_links", "pub/sub connections built from the client's pool or cluster nodes",
             _probe_redis_pubsub_links, distributions=("redis",)),
+    Feature("redis_sentinel_switches", "the sentinel announcing +switch-master asked first from then on",
+            _probe_redis_sentinel_switches, distributions=("redis",)),
 )
 """No fallback for these: the Redis backend and the SDK have no other way to do them."""
 

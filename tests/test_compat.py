@@ -80,7 +80,7 @@ def test_the_installed_versions_have_everything() -> None:
     assert set(report.fallbacks()) == {"request_deadline", "handshake_deadline", "direct_send", "handshake_release",
                                        "shared_frames", "shared_deflate", "light_waits", "shared_ping_timer",
                                        "sse_direct_write", "redis_one_write_send",
-                                       "redis_pubsub_links"}
+                                       "redis_pubsub_links", "redis_sentinel_switches"}
     assert set(report.fallbacks().values()) == {0}
     assert compat.passed("sse_direct_write")
 
@@ -344,3 +344,17 @@ def test_cli_with_compat_serves_warns_and_exports_the_fallback(tmp_path: Path) -
         assert gauge["direct_send"] == 0 and gauge["handshake_release"] == 0
         output = gw.output()
         assert re.search(r"WARNING broadcaster\.compat: .*request_deadline.*send_400_response", output), output
+
+
+def test_a_sentinel_list_asked_elsewhere_stops_the_redis_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MasterSwitches reorders Sentinel.sentinels in place: if discover_master stopped asking that list, the
+    reordering would silently do nothing, so the start refuses (no fallback for the Redis features)."""
+    from redis.asyncio.sentinel import Sentinel
+
+    async def discover_master(self: Any, service_name: str) -> Any:
+        return ("127.0.0.1", 6379)
+
+    monkeypatch.setattr(Sentinel, "discover_master", discover_master)
+    with pytest.raises(broadcaster.compat.CompatError) as refused:
+        broadcaster.compat.check_redis()
+    assert "discover_master asking self.sentinels" in str(refused.value)
