@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 from collections.abc import Callable, Iterator
 from types import MethodType
 from typing import Any, cast
@@ -252,6 +253,10 @@ _FRAME_SIZES = (0, 1, 125, 126, 65535, 65536)
 """Payload sizes at each edge of the frame header's three length forms."""
 
 
+_PROBE_LOG = logging.getLogger("gateway.compat.probes")
+_PROBE_LOG.disabled = True  # the probes' websockets connections are no connections: no "connection open" lines
+
+
 def _probe_shared_frames() -> list[str]:
     """websockets' server text frame of a payload (an accepted, uncompressed ServerProtocol) is exactly
     :func:`text_frame` of it, for every form of the length field."""
@@ -261,7 +266,7 @@ def _probe_shared_frames() -> list[str]:
     from gateway.connection import text_frame
 
     missing: list[str] = []
-    server = ServerProtocol(max_size=None)
+    server = ServerProtocol(max_size=None, logger=_PROBE_LOG)
     server.receive_data(_UPGRADE)
     requests = [event for event in server.events_received() if isinstance(event, Request)]
     if len(requests) != 1:
@@ -299,7 +304,7 @@ def _probe_shared_deflate() -> list[str]:
         missing += lacking(ws.conn, "websockets ServerProtocol", "available_extensions", "extensions")
         if not getattr(ws.conn, "available_extensions", None):
             missing.append("websockets ServerProtocol.available_extensions (uvicorn's permessage-deflate factory)")
-    server = ServerProtocol(extensions=shared_factories(), max_size=None)
+    server = ServerProtocol(extensions=shared_factories(), max_size=None, logger=_PROBE_LOG)
     server.receive_data(_DEFLATE_UPGRADE)
     requests = [event for event in server.events_received() if isinstance(event, Request)]
     if len(requests) != 1:
