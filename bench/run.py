@@ -455,6 +455,9 @@ class Load:
         if failed:
             errors = [r["errors"] for r in replies if r["errors"]]
             log(f"  {failed} connections failed: {errors}")
+        retried = sum(r.get("retried", 0) for r in replies)
+        if retried:  # refused and tried again (a 503 past --max-pending-handshakes): part of connecting
+            log(f"  {retried} connects refused and retried: {[r.get('retry_reasons') for r in replies]}")
         return {"ok": sum(r["ok"] for r in replies), "failed": failed}
 
     async def ready(self) -> dict[str, int]:
