@@ -577,7 +577,7 @@ class Hub:
                 payload = rendered[name]
             else:
                 payload = rendered[name] = self._render(obj, intercepted, group.profile)
-            if payload is None or (group.types is not None and not group.types.matches(env.type)):
+            if payload is None or not group.wants(env.type):
                 if group.delta_members and env.key is not None:
                     group.versions.pop(env.key, None)  # its members do not get this change: no base any more
                 continue

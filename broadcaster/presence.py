@@ -232,19 +232,25 @@ class JoinLeave:
     (:meth:`Hub.broadcast_control`), where its namespace has ``join_leave``. Delivery is
     at most once, as the control channel's.
 
-    Counters (plain ints, read by the gateway's metrics): ``announced`` / ``announced_by_kind``
-    the transitions this gateway published, ``delivered`` / ``sent`` the ``ws.join`` /
-    ``ws.leave`` objects queued to its subscribers.
+    Counters by kind (read by the gateway's metrics): ``announced_by_kind`` the transitions this
+    gateway published, ``sent`` the ``ws.join`` / ``ws.leave`` objects queued to its subscribers;
+    ``announced`` / ``delivered`` their totals.
     """
 
     KINDS = ("join", "leave")
 
     def __init__(self, backend: Backend, hub: Hub, policies: PolicyTable) -> None:
         self._backend, self._hub, self._policies = backend, hub, policies
-        self.announced = 0
-        self.delivered = 0
         self.announced_by_kind = dict.fromkeys(self.KINDS, 0)
         self.sent = dict.fromkeys(self.KINDS, 0)
+
+    @property
+    def announced(self) -> int:
+        return sum(self.announced_by_kind.values())
+
+    @property
+    def delivered(self) -> int:
+        return sum(self.sent.values())
 
     @property
     def enabled(self) -> bool:
@@ -270,7 +276,6 @@ class JoinLeave:
                 log.warning("could not announce %s of %r in %s (%s); %d joins/leaves dropped", transition.kind,
                             transition.user, transition.conv, exc, len(transitions) - index)
                 return
-            self.announced += 1
             self.announced_by_kind[transition.kind] = self.announced_by_kind.get(transition.kind, 0) + 1
 
     def on_control(self, message: dict[str, Any]) -> None:
@@ -283,6 +288,4 @@ class JoinLeave:
         fields: dict[str, Any] = {"user": user}
         if kind == "join" and message.get("info") is not None:
             fields["info"] = message["info"]
-        sent = self._hub.broadcast_control(conv, f"ws.{kind}", **fields)
-        self.delivered += sent
-        self.sent[kind] += sent
+        self.sent[kind] += self._hub.broadcast_control(conv, f"ws.{kind}", **fields)

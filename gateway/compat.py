@@ -257,22 +257,33 @@ _PROBE_LOG = logging.getLogger("gateway.compat.probes")
 _PROBE_LOG.disabled = True  # the probes' websockets connections are no connections: no "connection open" lines
 
 
-def _probe_shared_frames() -> list[str]:
-    """websockets' server text frame of a payload (an accepted, uncompressed ServerProtocol) is exactly
-    :func:`text_frame` of it, for every form of the length field."""
+def _accepted(upgrade: bytes, extensions: Any = None) -> tuple[Any, Any] | None:
+    """A websockets ServerProtocol (offering ``extensions``) that received ``upgrade`` and sent its
+    accept, and that response; None when it did not parse the request."""
     from websockets.http11 import Request
     from websockets.server import ServerProtocol
 
-    from gateway.connection import text_frame
-
-    missing: list[str] = []
-    server = ServerProtocol(max_size=None, logger=_PROBE_LOG)
-    server.receive_data(_UPGRADE)
+    server = ServerProtocol(extensions=extensions, max_size=None, logger=_PROBE_LOG)
+    server.receive_data(upgrade)
     requests = [event for event in server.events_received() if isinstance(event, Request)]
     if len(requests) != 1:
-        return ["websockets ServerProtocol.events_received (the upgrade request)"]
-    server.send_response(server.accept(requests[0]))
+        return None
+    response = server.accept(requests[0])
+    server.send_response(response)
     server.data_to_send()
+    return server, response
+
+
+def _probe_shared_frames() -> list[str]:
+    """websockets' server text frame of a payload (an accepted, uncompressed ServerProtocol) is exactly
+    :func:`text_frame` of it, for every form of the length field."""
+    from gateway.connection import text_frame
+
+    accepted = _accepted(_UPGRADE)
+    if accepted is None:
+        return ["websockets ServerProtocol.events_received (the upgrade request)"]
+    server, _ = accepted
+    missing: list[str] = []
     for size in _FRAME_SIZES:
         payload = b"x" * size
         server.send_text(payload)
@@ -293,9 +304,6 @@ def _probe_shared_deflate() -> list[str]:
     gateway.deflate's factory, negotiates permessage-deflate without context takeover either way for a
     client that offered it without parameters, keeps no zlib state, and frames every message (twice in a
     row) as :func:`gateway.deflate.deflate_frame` does."""
-    from websockets.http11 import Request
-    from websockets.server import ServerProtocol
-
     from gateway.deflate import WINDOW_BITS, deflate_frame, frame_kind, shared_factories
 
     _, ws, _ = _protocols()  # uvicorn's default config: ws_per_message_deflate on
@@ -304,14 +312,10 @@ def _probe_shared_deflate() -> list[str]:
         missing += lacking(ws.conn, "websockets ServerProtocol", "available_extensions", "extensions")
         if not getattr(ws.conn, "available_extensions", None):
             missing.append("websockets ServerProtocol.available_extensions (uvicorn's permessage-deflate factory)")
-    server = ServerProtocol(extensions=shared_factories(), max_size=None, logger=_PROBE_LOG)
-    server.receive_data(_DEFLATE_UPGRADE)
-    requests = [event for event in server.events_received() if isinstance(event, Request)]
-    if len(requests) != 1:
+    accepted = _accepted(_DEFLATE_UPGRADE, shared_factories())
+    if accepted is None:
         return [*missing, "websockets ServerProtocol.events_received (the upgrade request)"]
-    response = server.accept(requests[0])
-    server.send_response(response)
-    server.data_to_send()
+    server, response = accepted
     offered = response.headers.get("Sec-WebSocket-Extensions", "")
     wanted = ("permessage-deflate", "server_no_context_takeover", "client_no_context_takeover",
               f"server_max_window_bits={WINDOW_BITS}")

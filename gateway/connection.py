@@ -351,38 +351,42 @@ class ConnectionPool:
         written = size = same = squeezed = 0
         observe: Callable[[float], None] | None = None  # the last connection's, seen ``same`` times in a row
         for conn in dirty:
-            write = conn._frame_write
             queue = conn._queue
-            if write is not None and len(queue) == 1 and not conn._sending:
-                payload = queue[0]
+            if len(queue) != 1 or conn._sending:
+                conn.flush()
+                continue
+            payload = queue[0]
+            write = conn._frame_write
+            if write is not None:
                 frame = frames.get(payload)
                 if frame is None:
                     frame = frames[payload] = text_frame(payload)
             else:  # a permessage-deflate socket's lone payload: the frame its kind shares, or its own way
                 write = conn._deflate_write
-                if write is None or len(queue) != 1 or conn._sending:
+                if write is None:
                     conn.flush()
                     continue
-                payload, kind = queue[0], conn._frame_kind
+                kind = conn._frame_kind
                 by_payload = deflated.get(kind)
-                frame = by_payload.get(payload) if by_payload is not None else None
+                if by_payload is None:
+                    by_payload = deflated[kind] = {}
+                frame = by_payload.get(payload)
                 if frame is None:
-                    frame = self._deflated(deflated, frames, payload, kind)
-                squeezed += 1
-            if write(frame):
-                conn._queue = []
-                size += conn._queued
-                conn._queued = 0
-                written += 1
-                if conn.observe_wait == observe:  # the same histogram's bound method: counted, observed once
-                    same += 1
-                else:
-                    _observe(observe, wait, same)
-                    observe, same = conn.observe_wait, 1
+                    frame = by_payload[payload] = self._deflated(frames, payload, kind)
+            if not write(frame):
+                conn.flush()
                 continue
-            if conn._frame_write is None:  # a compressed frame not taken after all
-                squeezed -= 1
-            conn.flush()
+            conn._queue = []
+            size += conn._queued
+            conn._queued = 0
+            written += 1
+            if conn._frame_write is None:  # written through the deflate write
+                squeezed += 1
+            if conn.observe_wait == observe:  # the same histogram's bound method: counted, observed once
+                same += 1
+            else:
+                _observe(observe, wait, same)
+                observe, same = conn.observe_wait, 1
         _observe(observe, wait, same)
         if written:
             stats = self.stats
@@ -392,22 +396,15 @@ class ConnectionPool:
             stats.bytes_written += size
             stats.deflated_written += squeezed
 
-    def _deflated(self, deflated: dict[int, dict[bytes, bytes]], plain: dict[bytes, bytes], payload: bytes,
-                  kind: int) -> bytes:
+    def _deflated(self, plain: dict[bytes, bytes], payload: bytes, kind: int) -> bytes:
         """The shared frame of ``payload`` for sockets of frame kind ``kind`` (deflate, its window bits),
-        compressed on first need in this pass; the plain frame when compressing does not shrink it."""
-        by_payload = deflated.get(kind)
-        if by_payload is None:
-            by_payload = deflated[kind] = {}
-        frame = by_payload.get(payload)
+        compressed now; the plain frame (from ``plain``, this pass's) when compressing does not shrink it."""
+        self.stats.deflated_built += 1
+        frame = deflate_frame(payload, kind)
         if frame is None:
-            self.stats.deflated_built += 1
-            frame = deflate_frame(payload, kind)
+            frame = plain.get(payload)
             if frame is None:
-                frame = plain.get(payload)
-                if frame is None:
-                    frame = plain[payload] = text_frame(payload)
-            by_payload[payload] = frame
+                frame = plain[payload] = text_frame(payload)
         return frame
 
     def __len__(self) -> int:

@@ -140,8 +140,7 @@ class Session:
         conn, gw = self.conn, self.gateway
         refreshes = gw.metrics.refreshes
         if not gw.auth.enabled:
-            refreshes.inc("bad_refresh")
-            conn.send(_error("bad_refresh", "auth is off on this gateway: there is no token to refresh"))
+            self._refuse_refresh("auth is off on this gateway: there is no token to refresh")
             return
         if self.expired():  # too late: the connection ended with its token (the timer may lag)
             refreshes.inc("expired")
@@ -150,14 +149,12 @@ class Session:
         try:
             grant = gw.auth.verify(token)
         except AuthError as exc:
-            refreshes.inc("bad_refresh")
-            conn.send(_error("bad_refresh", f"refresh refused ({exc.status}): {exc.message}; the current token "
-                                            "stays in force until its exp"))
+            self._refuse_refresh(f"refresh refused ({exc.status}): {exc.message}; the current token stays in "
+                                 "force until its exp")
             return
         if grant.subject != self.grant.subject:
-            refreshes.inc("bad_refresh")
-            conn.send(_error("bad_refresh", "refresh refused: the token is for another sub; the current token "
-                                            "stays in force until its exp"))
+            self._refuse_refresh("refresh refused: the token is for another sub; the current token stays in "
+                                 "force until its exp")
             return
         self.grant = grant
         conn.info = grant.info
@@ -180,6 +177,11 @@ class Session:
         assert grant.expires is not None  # verify requires exp
         refreshes.inc("narrowed" if narrowed else "ok")
         conn.send(dumps({"type": "ws.refreshed", "exp": int(grant.expires)}))
+
+    def _refuse_refresh(self, message: str) -> None:
+        """``ws.error bad_refresh``: the current token stays (counted as outcome ``bad_refresh``)."""
+        self.gateway.metrics.refreshes.inc("bad_refresh")
+        self.conn.send(_error("bad_refresh", message))
 
     # ---- subscriptions ---------------------------------------------------------------------
 
